@@ -1,0 +1,254 @@
+"""Load a dataset, detect its format, apply the chat template and tokenize with loss masks.
+
+Every example that does not make it into training is counted in a ``DataReport`` with its reason;
+nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from .errors import UserError
+from .presets import is_hub_id
+
+log = logging.getLogger(__name__)
+
+FORMATS = {
+    "messages": "a 'messages' list of {role, content} (chat)",
+    "alpaca": "'instruction', optional 'input', and 'output' (Alpaca)",
+    "text": "a 'text' string (plain language-model text)",
+}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+BUNDLED_DIR = Path(__file__).parent / "data"  # sample data inside an installed wheel
+SOURCE_DIR = Path(__file__).parent.parent  # the repository root in a source checkout
+
+
+@dataclass
+class DataReport:
+    """What happened to every input example."""
+
+    read: int = 0
+    used: int = 0
+    held_out: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "used": self.used,
+            "held_out": self.held_out,
+            "truncated": self.truncated,
+            "dropped": dict(self.dropped),
+            "dropped_total": sum(self.dropped.values()),
+        }
+
+
+def resolve_local_path(path: str) -> Optional[Path]:
+    """A local file for ``path``: as given, else the bundled sample data; None for a hub name."""
+    if any(ch in path for ch in "*?["):
+        raise UserError(f"data.path={path} is a glob pattern; pass one file (matches: {len(glob.glob(path))}).")
+    p = Path(path).expanduser()
+    for candidate in (p, BUNDLED_DIR / p.name, SOURCE_DIR / p) if not p.is_absolute() else (p,):
+        if candidate.is_dir():
+            raise UserError(f"data.path={path} is a directory; pass one .jsonl, .json or .parquet file in it.")
+        if candidate.is_file():
+            if candidate.suffix not in LOCAL_SUFFIXES:
+                raise UserError(f"data.path={path}: unsupported file type '{candidate.suffix}' (use .jsonl, .json or .parquet).")
+            return candidate
+    if p.suffix in LOCAL_SUFFIXES or "/" not in path or not is_hub_id(path):
+        raise UserError(f"data.path={path}: no such file (looked in {Path.cwd()} and the bundled sample data).")
+    return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 JSON ({exc}).") from exc
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+            rows.append(row)
+    return rows
+
+
+def load_records(path: str, split: str = "train") -> list[dict[str, Any]]:
+    local = resolve_local_path(path)
+    if local is None:
+        return load_hub_dataset(path, split)
+    if local.suffix == ".jsonl":
+        return read_jsonl(local)
+    if local.suffix == ".json":
+        try:
+            data = json.loads(local.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{local}: not valid UTF-8 JSON ({exc}).") from exc
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise UserError(f"{local}: expected a JSON list of objects.")
+        return data
+    import pyarrow.parquet as pq
+
+    return pq.read_table(local).to_pylist()
+
+
+def load_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, split=split))
+    except Exception as exc:  # offline shows up as ConnectionError or hub-specific types
+        text = f"{type(exc).__name__}: {exc}"
+        if any(s in text for s in ("Connect", "offline", "Offline", "resolve", "Couldn't reach", "Name or service")):
+            raise UserError(
+                f"Could not reach the Hugging Face hub to fetch dataset '{name}'. This machine looks offline. "
+                "Download it elsewhere, save it as .jsonl/.json/.parquet, and pass data.path=that/file."
+            ) from exc
+        raise
+
+
+def detect_format(rows: list[dict[str, Any]], requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    columns = set().union(*(r.keys() for r in rows[:100])) if rows else set()
+    if "messages" in columns:
+        return "messages"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    if "text" in columns:
+        return "text"
+    accepted = "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
+    raise UserError(
+        f"Could not detect the data format: columns found are {sorted(columns) or 'none'}. "
+        f"Accepted formats: {accepted}. Rename the columns or set data.format."
+    )
+
+
+def to_messages(row: dict[str, Any], fmt: str, system_prompt: Optional[str]) -> Optional[list[dict[str, str]]]:
+    """Chat messages for a row, or None for plain text; raises ValueError on unusable rows."""
+    if fmt == "text":
+        return None
+    if fmt == "alpaca":
+        instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get("output")
+        if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
+            raise ValueError("missing_field")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    else:
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("missing_field")
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+    if any(not isinstance(m["content"], str) or not m["content"].strip() for m in messages):
+        raise ValueError("empty_field")
+    if system_prompt and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def tokenize_rows(
+    rows: Iterable[dict[str, Any]],
+    fmt: str,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    truncation: str,
+    system_prompt: Optional[str],
+    report: DataReport,
+) -> list[dict[str, list[int]]]:
+    """Rows to ``input_ids`` + ``labels`` (-100 outside the assistant turns for chat data)."""
+    out = []
+    for row in rows:
+        try:
+            messages = to_messages(row, fmt, system_prompt)
+            if messages is None:
+                text = row.get("text")
+                if not isinstance(text, str):
+                    raise ValueError("missing_field")
+                if not text.strip():
+                    raise ValueError("empty_field")
+                ids = tokenizer.encode(text, add_bos=True, add_eos=True)
+                mask = [1] * len(ids)
+            else:
+                if messages[-1]["role"] != "assistant":
+                    raise ValueError("no_assistant_turn")
+                ids, mask = tokenizer.encode_chat(messages)
+        except ValueError as exc:
+            reason = str(exc) if str(exc) in ("missing_field", "empty_field", "no_assistant_turn") else "bad_roles"
+            report.dropped[reason] += 1
+            continue
+        if len(ids) > max_length:
+            if truncation == "drop":
+                report.dropped["too_long"] += 1
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+            report.truncated += 1
+        if not any(mask[1:]):
+            report.dropped["no_loss_tokens"] += 1  # truncation cut every assistant token
+            continue
+        # labels[i] is the token at i; the model shifts internally. The first token never counts.
+        out.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    return out
+
+
+def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
+    """Load, split off the holdout, tokenize. Returns (train Dataset, holdout rows, format, report)."""
+    from datasets import Dataset
+
+    rows = load_records(data_cfg.path, data_cfg.split)
+    report = DataReport(read=len(rows))
+    if not rows:
+        raise UserError(f"data.path={data_cfg.path} holds no examples.")
+    fmt = detect_format(rows, data_cfg.format)
+    order = list(range(len(rows)))
+    random.Random(data_cfg.seed).shuffle(order)
+    holdout_n = min(data_cfg.holdout, max(len(rows) - 1, 0))
+    holdout = [rows[i] for i in order[:holdout_n]]
+    train_rows = [rows[i] for i in sorted(order[holdout_n:])]
+    report.held_out = holdout_n
+    if data_cfg.max_samples is not None and len(train_rows) > data_cfg.max_samples:
+        report.dropped["over_max_samples"] += len(train_rows) - data_cfg.max_samples
+        train_rows = train_rows[: data_cfg.max_samples]
+    examples = tokenize_rows(
+        train_rows,
+        fmt,
+        tokenizer,
+        max_length=trainer_cfg.max_length,
+        truncation=trainer_cfg.truncation,
+        system_prompt=data_cfg.system_prompt,
+        report=report,
+    )
+    report.used = len(examples)
+    for reason, n in sorted(report.dropped.items()):
+        log.warning("data: dropped %d example(s): %s", n, reason)
+    if report.truncated:
+        log.warning("data: truncated %d example(s) to trainer.max_length=%d", report.truncated, trainer_cfg.max_length)
+    if not examples:
+        raise UserError(
+            f"No training examples left after filtering {report.read} rows of {data_cfg.path}: {dict(report.dropped)}."
+        )
+    log.info("data: %s format, %d read, %d training examples, %d held out", fmt, report.read, report.used, holdout_n)
+    return Dataset.from_list(examples), holdout, fmt, report
+
+
+def prompt_and_reference(row: dict[str, Any], fmt: str, system_prompt: Optional[str]):
+    """Split a held-out row into the conversation to prompt with and the reference answer."""
+    messages = to_messages(row, fmt, system_prompt)
+    if messages is None:
+        words = row["text"].split()
+        half = max(1, len(words) // 2)
+        return " ".join(words[:half]), " ".join(words[half:])
+    return messages[:-1], messages[-1]["content"]

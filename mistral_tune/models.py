@@ -1,0 +1,179 @@
+"""Resolve a preset, load the tokenizer and build the model with the chosen attention backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UserError
+from .presets import PRESETS, Preset, is_hub_id
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+
+
+@dataclass
+class ModelSource:
+    """Where weights and tokenizer come from, after resolving a preset id, a path or a hub id."""
+
+    preset: Optional[Preset]  # the built-in preset, when one was named
+    local_dir: Optional[Path]  # a local directory in Hugging Face layout
+    hub_repo: Optional[str]  # a hub repo id to download from
+
+    @property
+    def label(self) -> str:
+        return str(self.local_dir or self.hub_repo or (self.preset.id if self.preset else "?"))
+
+
+def resolve_source(name: str, path: Optional[str] = None) -> ModelSource:
+    """Map ``model.name``/``model.path`` to a source. Built-in ids never touch the filesystem."""
+    preset = PRESETS.get(name)
+    target = path or (None if preset else name)
+    if target is None:
+        return ModelSource(preset, None, preset.hf_repo)
+    if target.startswith("hf://"):
+        target = target[len("hf://") :]
+        if not is_hub_id(target):
+            raise UserError(f"'{target}' is not a valid Hugging Face repo id (expected org/name).")
+        return ModelSource(preset, None, target)
+    local = Path(target).expanduser()
+    if local.is_dir():
+        return ModelSource(preset, local.resolve(), None)
+    if is_hub_id(target) and not local.exists():
+        return ModelSource(preset, None, target)
+    known = ", ".join(PRESETS)
+    raise UserError(
+        f"Model '{target}' is neither a built-in preset ({known}), an existing local directory, "
+        "nor a Hugging Face repo id (org/name)."
+    )
+
+
+def offline_hint(repo: str) -> str:
+    return (
+        f"Could not reach the Hugging Face hub to fetch '{repo}'. This machine looks offline. "
+        f"Download the repo elsewhere (e.g. `huggingface-cli download {repo} --local-dir ./{repo.split('/')[-1]}`), "
+        "copy it here, and pass model.path=/path/to/that/directory."
+    )
+
+
+def fetch_hub_repo(repo: str, revision: Optional[str] = None, config_only: bool = False) -> Path:
+    """Download safetensors weights, config and tokenizer files of a hub repo; fail fast offline."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "tokenizer.model*"] + ([] if config_only else ["*.safetensors"])
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # network errors come in many types; all mean the same to the user
+        name = type(exc).__name__
+        if "Connect" in name or "Offline" in name or "Timeout" in name or "LocalEntryNotFound" in name:
+            raise UserError(offline_hint(repo)) from exc
+        raise
+
+
+def check_weight_files(directory: Path, allow_pickle: bool) -> None:
+    """Refuse pickle weights (arbitrary code on load) unless the user allowed them explicitly."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not allow_pickle:
+        raise UserError(
+            f"{directory} has only pickle weight files ({', '.join(pickles[:3])}). Loading pickle can run "
+            "arbitrary code, so mistral-tune loads safetensors only. Convert them to safetensors, or set "
+            "model.allow_pickle=true if you trust the source."
+        )
+    if not pickles:
+        raise UserError(f"{directory} holds no weight files (*.safetensors).")
+
+
+def pick_attn_implementation(requested: str) -> str:
+    """Resolve ``auto`` and check that an explicit choice can run here."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    flash_ok = False
+    if has_cuda:
+        try:
+            import flash_attn  # noqa: F401
+            from packaging.version import Version
+
+            flash_ok = Version(flash_attn.__version__) >= Version("2.3")  # 2.3 added sliding windows
+        except ImportError:
+            pass
+    if requested == "auto":
+        choice = "flash_attention_2" if flash_ok else "sdpa"
+        log.info("attention backend: %s (auto; flash-attn %s)", choice, "found" if flash_ok else "not usable")
+        return choice
+    if requested == "flash_attention_2" and not flash_ok:
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and flash-attn >= 2.3 "
+            f"(CUDA available: {has_cuda}). Install it with `pip install .[flash]` on a GPU machine, "
+            "or use model.attn_implementation=sdpa (also sliding-window correct)."
+        )
+    return requested
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def mistral_config(preset: Preset, **overrides: Any):
+    from transformers import MistralConfig
+
+    return MistralConfig(**{**preset.config, **overrides})
+
+
+def load_tokenizer(source: ModelSource):
+    """The exact sentencepiece tokenizer: a saved one, or the preset's file from mistral-common."""
+    from .tokenizer import MistralTokenizer
+
+    if source.local_dir is not None and (source.local_dir / "tokenizer.model").exists():
+        return MistralTokenizer.from_pretrained(source.local_dir)
+    preset = source.preset or PRESETS["mistral_7b_en"]
+    if source.preset is None:
+        log.warning("no tokenizer.model in %s; using the Mistral v1 tokenizer", source.label)
+    return MistralTokenizer.from_version(preset.tokenizer, chat_template=preset.chat_template or "v1")
+
+
+def load_model(model_cfg: Any, source: ModelSource, *, seed: int = 0, quantization_config: Any = None):
+    """Build the causal LM: embedded random init, a local directory, or a hub download."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralForCausalLM
+
+    attn = pick_attn_implementation(model_cfg.attn_implementation)
+    dtype = resolve_dtype(model_cfg.dtype)
+    random_init = source.preset is not None and (source.preset.hf_repo is None or not model_cfg.load_weights)
+    if random_init and source.local_dir is None and not (model_cfg.path and source.hub_repo):
+        torch.manual_seed(seed)  # the embedded preset is the same model for the same seed
+        config = mistral_config(source.preset, attn_implementation=attn)
+        model = MistralForCausalLM(config).to(dtype)
+        if quantization_config is None:
+            return model
+        # bitsandbytes quantizes while loading, so a random-init base goes through a temporary save.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mistral-tune-base-") as tmp:
+            model.save_pretrained(tmp)
+            return AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=dtype, attn_implementation=attn, quantization_config=quantization_config
+            )
+    directory = source.local_dir or fetch_hub_repo(source.hub_repo, model_cfg.revision)
+    check_weight_files(directory, model_cfg.allow_pickle)
+    return AutoModelForCausalLM.from_pretrained(
+        directory,
+        dtype=dtype,
+        attn_implementation=attn,
+        quantization_config=quantization_config,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=not model_cfg.allow_pickle,
+    )

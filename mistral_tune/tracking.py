@@ -1,0 +1,62 @@
+"""metrics.jsonl (always written) and the ``report_to`` value for W&B / TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+# Fields of each metrics.jsonl record. Users' scripts read these: keep them stable.
+METRIC_FIELDS = ("step", "loss", "learning_rate", "tokens_seen", "tokens_per_second", "elapsed_seconds")
+
+
+class MetricsJsonl(TrainerCallback):
+    """Appends one JSON object per logging step to ``metrics.jsonl`` (rank 0 only).
+
+    Each record has step, loss, learning_rate, tokens_seen (non-padding tokens so far),
+    tokens_per_second (over the interval since the previous record), elapsed_seconds, and
+    whatever else the trainer logged (grad_norm, epoch, eval_loss, ...).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        self._start = time.perf_counter()
+        self._last = (self._start, 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+        self._last = (self._start, 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.perf_counter()
+        tokens = int(logs.pop("tokens_seen", self._last[1]))
+        if "loss" not in logs and "eval_loss" not in logs:
+            return  # the end-of-training summary (train_runtime, ...) goes to summary.json instead
+        record = {"step": state.global_step}
+        record.update({k: _clean(v) for k, v in logs.items()})
+        interval = now - self._last[0]
+        record["tokens_seen"] = tokens
+        record["tokens_per_second"] = round((tokens - self._last[1]) / interval, 2) if interval > 0 else None
+        record["elapsed_seconds"] = round(now - self._start, 3)
+        if "loss" in logs:
+            self._last = (now, tokens)
+        self.records.append(record)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+def report_to(tracking_cfg: Any) -> list[str]:
+    return [] if tracking_cfg.name == "none" else [tracking_cfg.name]
