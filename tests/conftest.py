@@ -1,0 +1,18 @@
+import os
+
+import pytest
+
+# Tests never reach a model hub: an unroutable local endpoint makes hub calls fail at once, the same
+# way they do on an offline machine, whatever the network around CI looks like.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def compose():
+    """Compose a recipe exactly as the CLI does."""
+    from mistral_tune.cli import compose as _compose
+
+    return _compose
