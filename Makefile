@@ -23,8 +23,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check mistral_tune tests scripts bench
-	$(BIN)/ruff format --check mistral_tune tests scripts bench
+	$(BIN)/ruff check mistral_tune tests scripts $(wildcard bench)
+	$(BIN)/ruff format --check mistral_tune tests scripts $(wildcard bench)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -155,7 +155,9 @@ def cmd_train(args: list[str]) -> int:
         show = overrides[i + 1] if i + 1 < len(overrides) else "job"
         del overrides[i : i + 2]
     if recipe is None:
-        raise UserError("No recipe given. Pass recipe=NAME, e.g. `mistral-tune recipe=sft_lora`; see `mistral-tune --help`.")
+        raise UserError(
+            "No recipe given. Pass recipe=NAME, e.g. `mistral-tune recipe=sft_lora`; see `mistral-tune --help`."
+        )
     cfg = compose(recipe, overrides)
     if show is not None:
         print(OmegaConf.to_yaml(cfg))

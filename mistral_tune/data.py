@@ -61,7 +61,9 @@ def resolve_local_path(path: str) -> Optional[Path]:
             raise UserError(f"data.path={path} is a directory; pass one .jsonl, .json or .parquet file in it.")
         if candidate.is_file():
             if candidate.suffix not in LOCAL_SUFFIXES:
-                raise UserError(f"data.path={path}: unsupported file type '{candidate.suffix}' (use .jsonl, .json or .parquet).")
+                raise UserError(
+                    f"data.path={path}: unsupported file type '{candidate.suffix}' (use .jsonl, .json or .parquet)."
+                )
             return candidate
     if p.suffix in LOCAL_SUFFIXES or "/" not in path or not is_hub_id(path):
         raise UserError(f"data.path={path}: no such file (looked in {Path.cwd()} and the bundled sample data).")

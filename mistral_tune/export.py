@@ -86,8 +86,14 @@ def verify_export(out_dir: Path, tokenizer: Any, prompts: Sequence[str], expecte
 
 
 def export_merged(
-    model: Any, tokenizer: Any, out_dir: Path, *, dtype_name: str, prompts: Sequence[str],
-    max_shard_size: str = "2GB", verify: bool = True,
+    model: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    dtype_name: str,
+    prompts: Sequence[str],
+    max_shard_size: str = "2GB",
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Merge, write to a temporary sibling, verify, then rename into place.
 

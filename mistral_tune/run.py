@@ -17,7 +17,11 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger("mistral_tune")
 
-VERIFY_PROMPTS = ("The capital of France is", "def add(a, b):\n    return", "Sliding windows keep attention local. " * 6)
+VERIFY_PROMPTS = (
+    "The capital of France is",
+    "def add(a, b):\n    return",
+    "Sliding windows keep attention local. " * 6,
+)
 
 
 def default_output_dir(recipe: str) -> Path:
@@ -94,8 +98,13 @@ def run(cfg: Any) -> dict[str, Any]:
     merged_info = None
     if cfg.export.merged:
         merged_info = export.export_merged(
-            model, tokenizer, run_dir / "merged", dtype_name=cfg.export.dtype, prompts=VERIFY_PROMPTS,
-            max_shard_size=cfg.export.max_shard_size, verify=cfg.export.verify,
+            model,
+            tokenizer,
+            run_dir / "merged",
+            dtype_name=cfg.export.dtype,
+            prompts=VERIFY_PROMPTS,
+            max_shard_size=cfg.export.max_shard_size,
+            verify=cfg.export.verify,
         )
 
     losses = [r["loss"] for r in metrics.records if isinstance(r.get("loss"), float)]

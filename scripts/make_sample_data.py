@@ -435,9 +435,7 @@ def gen_plural(rng: random.Random) -> Example:
     )
 
 
-def _gen_sequence(
-    rng: random.Random, items: list[str], unit: str, family: str
-) -> Example:
+def _gen_sequence(rng: random.Random, items: list[str], unit: str, family: str) -> Example:
     idx = rng.randrange(len(items))
     item = items[idx]
     if rng.random() < 0.7:
@@ -598,9 +596,7 @@ def example_stream(rng: random.Random) -> Iterator[Example]:
             yield gen(rng)
 
 
-def unique_examples(
-    rng: random.Random, n: int, key: Callable[[Example], str]
-) -> list[Example]:
+def unique_examples(rng: random.Random, n: int, key: Callable[[Example], str]) -> list[Example]:
     """Draw ``n`` examples whose ``key`` is unique (falls back after many tries)."""
     seen: set[str] = set()
     out: list[Example] = []
@@ -661,9 +657,7 @@ def build_alpaca(rng: random.Random, n: int = N_ALPACA) -> list[dict]:
         if rng.random() < ALPACA_EMPTY_INPUT_FRACTION:
             rows.append({"instruction": ex.prompt, "input": "", "output": ex.answer})
         else:
-            rows.append(
-                {"instruction": ex.instruction, "input": ex.input, "output": ex.answer}
-            )
+            rows.append({"instruction": ex.instruction, "input": ex.input, "output": ex.answer})
     return rows
 
 

@@ -26,7 +26,13 @@ def test_every_recipe_composes_and_validates(recipe, compose):
 def test_hydra_overrides(compose):
     cfg = compose(
         "sft_lora",
-        ["model=mistral_7b_en", "train.max_steps=50", "train.learning_rate=2e-4", "output_dir=runs/x", "data.path=my.jsonl"],
+        [
+            "model=mistral_7b_en",
+            "train.max_steps=50",
+            "train.learning_rate=2e-4",
+            "output_dir=runs/x",
+            "data.path=my.jsonl",
+        ],
     )
     assert cfg.model.name == "mistral_7b_en"
     assert cfg.train.max_steps == 50 and cfg.train.learning_rate == 2e-4
@@ -96,7 +102,18 @@ def test_cli_entry_point_runs_without_source_tree_imports():
 
 def test_wheel_ships_recipes_conf_and_sample_data(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("mistral_tune-*.whl")

@@ -46,7 +46,9 @@ def test_alpaca_becomes_one_chat_turn():
 def test_chat_labels_cover_only_the_answer_and_eos(tok):
     report = data.DataReport()
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}]
-    (ex,) = data.tokenize_rows(rows, "messages", tok, max_length=64, truncation="truncate", system_prompt=None, report=report)
+    (ex,) = data.tokenize_rows(
+        rows, "messages", tok, max_length=64, truncation="truncate", system_prompt=None, report=report
+    )
     ids, labels = ex["input_ids"], ex["labels"]
     # mistral-common encodes the prompt and the answer as separate sentencepiece pieces
     assert ids == tok.encode("[INST] Hi [/INST]") + tok.encode("Hello there.", add_bos=False) + [tok.eos_id]
@@ -56,7 +58,9 @@ def test_chat_labels_cover_only_the_answer_and_eos(tok):
 
 def test_text_rows_learn_every_token_and_end_with_eos(tok):
     report = data.DataReport()
-    (ex,) = data.tokenize_rows([{"text": "one two"}], "text", tok, max_length=64, truncation="truncate", system_prompt=None, report=report)
+    (ex,) = data.tokenize_rows(
+        [{"text": "one two"}], "text", tok, max_length=64, truncation="truncate", system_prompt=None, report=report
+    )
     assert ex["labels"] == ex["input_ids"] and ex["input_ids"][-1] == tok.eos_id
 
 
@@ -64,16 +68,23 @@ def test_truncation_and_drops_are_counted(tok):
     long = {"messages": [{"role": "user", "content": "x " * 50}, {"role": "assistant", "content": "y " * 50}]}
     bad = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "z"}]}
     report = data.DataReport()
-    out = data.tokenize_rows([long, bad], "messages", tok, max_length=70, truncation="truncate", system_prompt=None, report=report)
+    out = data.tokenize_rows(
+        [long, bad], "messages", tok, max_length=70, truncation="truncate", system_prompt=None, report=report
+    )
     assert len(out) == 1 and len(out[0]["input_ids"]) == 70 and report.truncated == 1
     assert report.dropped["empty_field"] == 1
     report = data.DataReport()
-    out = data.tokenize_rows([long], "messages", tok, max_length=70, truncation="drop", system_prompt=None, report=report)
+    out = data.tokenize_rows(
+        [long], "messages", tok, max_length=70, truncation="drop", system_prompt=None, report=report
+    )
     assert out == [] and report.dropped["too_long"] == 1
 
 
 def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(10)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(10)
+    ]
     cfg = compose("sft_lora", [f"data.path={write_jsonl(tmp_path / 'd.jsonl', rows)}", "data.holdout=3"])
     ds, holdout, fmt, report = data.prepare_sft_data(cfg.data, cfg.trainer, tok)
     assert fmt == "messages" and len(ds) == 7 and len(holdout) == 3

@@ -20,7 +20,9 @@ def test_local_dir_and_path_override(tmp_path):
     assert src.local_dir == tmp_path.resolve() and src.preset.id == "mistral_7b_en"
 
 
-@pytest.mark.parametrize("bad", ["../../no-such-preset", "/nonexistent/dir", "a/b/c", "hf://../x", "org/../x", "mistral_7b_en/../../etc"])
+@pytest.mark.parametrize(
+    "bad", ["../../no-such-preset", "/nonexistent/dir", "a/b/c", "hf://../x", "org/../x", "mistral_7b_en/../../etc"]
+)
 def test_bad_ids_are_refused(bad):
     with pytest.raises(UserError):
         models.resolve_source(bad)

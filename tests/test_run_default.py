@@ -31,7 +31,13 @@ def test_run_directory_layout(run_dir):
         assert (run_dir / name).is_file(), name
     assert {p.name for p in (run_dir / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     merged = {p.name for p in (run_dir / "merged").iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= merged
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+    } <= merged
     assert any(n.endswith(".safetensors") for n in merged)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "no temporary export left behind"
 
