@@ -75,6 +75,16 @@ def fetch_hub_repo(repo: str, revision: Optional[str] = None, config_only: bool 
         raise
 
 
+def download_source(source: ModelSource, model_cfg: Any) -> ModelSource:
+    """Fetch a hub source to the local cache (cheap imports only, so offline fails within a second).
+
+    Built-in presets with ``load_weights=false`` need nothing from the hub: their architecture is data.
+    """
+    if source.hub_repo is None or (source.preset is not None and not model_cfg.load_weights and not model_cfg.path):
+        return source
+    return ModelSource(source.preset, fetch_hub_repo(source.hub_repo, model_cfg.revision), None)
+
+
 def check_weight_files(directory: Path, allow_pickle: bool) -> None:
     """Refuse pickle weights (arbitrary code on load) unless the user allowed them explicitly."""
     if any(directory.glob("*.safetensors")):
@@ -152,8 +162,11 @@ def load_model(model_cfg: Any, source: ModelSource, *, seed: int = 0, quantizati
 
     attn = pick_attn_implementation(model_cfg.attn_implementation)
     dtype = resolve_dtype(model_cfg.dtype)
-    random_init = source.preset is not None and (source.preset.hf_repo is None or not model_cfg.load_weights)
-    if random_init and source.local_dir is None and not (model_cfg.path and source.hub_repo):
+    if (
+        source.local_dir is None
+        and source.preset is not None
+        and (source.hub_repo is None or not model_cfg.load_weights)
+    ):
         torch.manual_seed(seed)  # the embedded preset is the same model for the same seed
         config = mistral_config(source.preset, attn_implementation=attn)
         model = MistralForCausalLM(config).to(dtype)
@@ -167,7 +180,7 @@ def load_model(model_cfg: Any, source: ModelSource, *, seed: int = 0, quantizati
             return AutoModelForCausalLM.from_pretrained(
                 tmp, dtype=dtype, attn_implementation=attn, quantization_config=quantization_config
             )
-    directory = source.local_dir or fetch_hub_repo(source.hub_repo, model_cfg.revision)
+    directory = source.local_dir or download_source(source, model_cfg).local_dir
     check_weight_files(directory, model_cfg.allow_pickle)
     return AutoModelForCausalLM.from_pretrained(
         directory,

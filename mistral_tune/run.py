@@ -51,16 +51,20 @@ def run(cfg: Any) -> dict[str, Any]:
     log.info("run directory: %s", run_dir)
     started = time.time()
 
+    from . import models
+
+    # Before the heavy imports, so an offline machine gets its answer in about a second.
+    source = models.download_source(models.resolve_source(cfg.model.name, cfg.model.path), cfg.model)
+
     import torch
     from transformers import set_seed
 
-    from . import adapters, data, export, models
+    from . import adapters, data, export
     from .generation import greedy_generate
     from .tracking import MetricsJsonl
     from .trainers.sft import build_sft_trainer
 
     set_seed(cfg.train.seed)
-    source = models.resolve_source(cfg.model.name, cfg.model.path)
     tokenizer = models.load_tokenizer(source)
     compute_dtype = models.resolve_dtype(cfg.model.dtype)
     quant = adapters.quantization_config(cfg.adapter, compute_dtype)
