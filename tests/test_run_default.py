@@ -90,7 +90,7 @@ def test_merged_loads_in_plain_transformers_with_logit_parity(run_dir):
     base = load_model(cfg.model, resolve_source("mistral_tiny"), seed=cfg.train.seed)
     reference = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
 
-    text = "The opposite of hot is cold. " * 8  # longer than the sliding window (32)
+    text = "The opposite of hot is cold. " * 12  # well past the sliding window (32)
     ids = hf_tok(text, return_tensors="pt").input_ids
     assert ids.shape[1] > 64 and ids[0, 0] == hf_tok.bos_token_id
     with torch.no_grad():
