@@ -18,11 +18,14 @@ PACKAGE_DIR = Path(__file__).parent
 USAGE = """\
 usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
        mistral-tune list
+       mistral-tune generate preset=ID_OR_PATH prompt="..." [sampler=greedy max_length=64 ...]
+       mistral-tune chat preset=ID_OR_PATH
        mistral-tune --help
 
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
 Swap parts: mistral-tune recipe=sft_lora model=mistral_7b_en adapter=qlora data.path=my.jsonl
 Inspect:    mistral-tune recipe=sft_lora --cfg job   (print the resolved config, run nothing)
+Generate:   mistral-tune generate preset=runs/x/merged prompt="Hello" sampler=greedy strip_prompt=true
 """
 
 
@@ -168,7 +171,19 @@ def cmd_train(args: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": cmd_list}
+def cmd_generate(args: list[str]) -> int:
+    from .generate_cli import cmd_generate as run_generate
+
+    return run_generate(args)
+
+
+def cmd_chat(args: list[str]) -> int:
+    from .generate_cli import cmd_chat as run_chat
+
+    return run_chat(args)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": cmd_list, "generate": cmd_generate, "chat": cmd_chat}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

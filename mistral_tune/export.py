@@ -140,3 +140,95 @@ def check_writable(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"output_dir={path} is not writable ({exc.strerror}). Choose another output_dir.") from exc
+
+
+def merged_state_dict(model: Any):
+    """(plain transformers model, its state dict with any LoRA folded in), leaving ``model`` unchanged.
+
+    Plain LoRA layers are folded as W + delta, computed out of place, so a model still being trained
+    keeps its adapter. Other PEFT wrappers (DoRA, modules_to_save) are merged on a copy.
+    """
+    import copy
+
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    state = base.state_dict()
+    if not layers:
+        return base, state
+    plain = all(type(m) is LoraLinear and not any(m.use_dora.values()) for m in layers.values())
+    if not plain or any("modules_to_save" in k or "original_module" in k for k in state):
+        unloaded = copy.deepcopy(model)
+        if not isinstance(unloaded, PeftModel):
+            raise ExportMismatch("LoRA layers injected outside PEFT's PeftModel cannot be merged here.")
+        unloaded = unloaded.merge_and_unload()
+        return unloaded, unloaded.state_dict()
+    merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        if not layer.merged:  # a merged layer already holds W + delta in its base weight
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+        merged[f"{name}.weight"] = weight.detach()
+    return base, merged
+
+
+def write_preset(
+    model: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    base_preset: Any,
+    provenance: Any = None,
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Write a preset directory: Hugging Face layout (safetensors, config, tokenizer, generation
+    config) plus ``metadata.json`` (mistral_tune version, parameter_count, date_saved, tasks,
+    base preset, training provenance). LoRA is folded in (see ``merged_state_dict``).
+
+    Written to a temporary sibling and renamed into place, so ``out_dir`` is complete or absent.
+    Both ``MistralCausalLM.from_preset(out_dir)`` and ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    load it.
+    """
+    from datetime import datetime, timezone
+
+    from . import __version__
+
+    out_dir = Path(out_dir)
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "metadata.json").is_file()):
+        # Only an earlier preset (or an empty directory) is replaced; anything else could be someone's data.
+        raise UserError(f"{out_dir} exists and is not a mistral-tune preset directory; choose a new path.")
+    base, state = merged_state_dict(model)
+    check_writable(out_dir.parent)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        base.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        from transformers import GenerationConfig
+
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
+        ).save_pretrained(tmp)
+        metadata = {
+            "mistral_tune_version": __version__,
+            "parameter_count": sum({v.data_ptr(): int(v.numel()) for v in state.values()}.values()),
+            "date_saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "tasks": ["CausalLM"],
+            "base_preset": base_preset,
+            "chat_template": tokenizer.chat_template,
+            "provenance": provenance,
+        }
+        save_json(tmp / "metadata.json", metadata)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log.info("export: preset written to %s (%s parameters)", out_dir, f"{metadata['parameter_count']:,}")
+    return out_dir

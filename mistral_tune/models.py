@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
-from .presets import PRESETS, Preset, is_hub_id
+from .presets import PRESETS, Preset, config_from_keras, is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def resolve_source(name: str, path: Optional[str] = None) -> ModelSource:
     target = path or (None if preset else name)
     if target is None:
         return ModelSource(preset, None, preset.hf_repo)
+    if target.startswith("kaggle://"):
+        return ModelSource(preset, fetch_kaggle_model(target[len("kaggle://") :]), None)
     if target.startswith("hf://"):
         target = target[len("hf://") :]
         if not is_hub_id(target):
@@ -85,6 +88,29 @@ def download_source(source: ModelSource, model_cfg: Any) -> ModelSource:
     return ModelSource(source.preset, fetch_hub_repo(source.hub_repo, model_cfg.revision), None)
 
 
+def fetch_kaggle_model(handle: str) -> Path:
+    """Download a Kaggle Models handle (``owner/model/framework/variation[/version]``) via kagglehub."""
+    if handle.count("/") not in (3, 4) or ".." in handle:
+        raise UserError(
+            f"'kaggle://{handle}' is not a Kaggle model handle; expected kaggle://OWNER/MODEL/FRAMEWORK/VARIATION "
+            "(e.g. kaggle://mistral-ai/mistral/pytorch/7b-v0.1-hf)."
+        )
+    try:
+        import kagglehub
+    except ImportError as exc:
+        raise UserError(
+            f"kaggle://{handle} needs the kagglehub package. Install it with `pip install 'mistral-tune[kaggle]'` "
+            "(or `pip install kagglehub`), or download the model yourself and pass its local directory."
+        ) from exc
+    try:
+        return Path(kagglehub.model_download(handle))
+    except Exception as exc:  # kagglehub raises requests/http errors of many types
+        raise UserError(
+            f"Could not download kaggle://{handle} ({type(exc).__name__}: {exc}). Check the handle and your "
+            "Kaggle credentials and network, or download it elsewhere and pass the local directory."
+        ) from exc
+
+
 def check_weight_files(directory: Path, allow_pickle: bool) -> None:
     """Refuse pickle weights (arbitrary code on load) unless the user allowed them explicitly."""
     if any(directory.glob("*.safetensors")):
@@ -100,15 +126,26 @@ def check_weight_files(directory: Path, allow_pickle: bool) -> None:
         raise UserError(f"{directory} holds no weight files (*.safetensors).")
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+
+
 def pick_attn_implementation(requested: str) -> str:
-    """Resolve ``auto`` and check that an explicit choice can run here."""
+    """Resolve ``auto`` and check that an explicit choice can run here; logs the choice.
+
+    Every backend applies Mistral's sliding window (tests/test_attention.py checks eager, sdpa and
+    flex_attention against a hand-written windowed attention).
+    """
     import torch
 
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise UserError(
+            f"model.attn_implementation={requested!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}."
+        )
     has_cuda = torch.cuda.is_available()
     flash_ok = False
     if has_cuda:
         try:
-            import flash_attn  # noqa: F401
+            import flash_attn
             from packaging.version import Version
 
             flash_ok = Version(flash_attn.__version__) >= Version("2.3")  # 2.3 added sliding windows
@@ -124,6 +161,20 @@ def pick_attn_implementation(requested: str) -> str:
             f"(CUDA available: {has_cuda}). Install it with `pip install .[flash]` on a GPU machine, "
             "or use model.attn_implementation=sdpa (also sliding-window correct)."
         )
+    if requested == "flex_attention":
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError as exc:
+            raise UserError(
+                f"model.attn_implementation=flex_attention needs torch >= 2.5 (installed: {torch.__version__}). "
+                "Use sdpa instead."
+            ) from exc
+        if not has_cuda:
+            # Inductor lowers flex_attention on CPU for inference only, compiling once per shape; backward
+            # and some decoding shapes do not compile there (see docs/models.md).
+            log.warning("attention backend: flex_attention on CPU compiles per shape and supports inference only; "
+                        "sdpa is the better CPU choice")
+    log.info("attention backend: %s (requested)", requested)
     return requested
 
 
@@ -143,12 +194,44 @@ def mistral_config(preset: Preset, **overrides: Any):
     return MistralConfig(**{**preset.config, **overrides})
 
 
+def keras_layout(directory: Path) -> Optional[dict[str, Any]]:
+    """The backbone arguments of a keras-hub preset directory (Kaggle's Keras variations), else None."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if "class_name" not in data or not isinstance(data.get("config"), dict):
+        return None
+    if data["class_name"] != "MistralBackbone":
+        raise UserError(f"{directory} holds a keras-hub {data['class_name']}, not a MistralBackbone.")
+    return data["config"]
+
+
+def load_config(source: ModelSource, revision: Optional[str] = None, **overrides: Any):
+    """The architecture alone: built-in presets and local directories never touch the network."""
+    from transformers import AutoConfig, MistralConfig
+
+    if source.local_dir is not None:
+        keras_args = keras_layout(source.local_dir)
+        if keras_args is not None:
+            return MistralConfig(**{**config_from_keras(keras_args), **overrides})
+        if not (source.local_dir / "config.json").is_file():
+            raise UserError(f"{source.local_dir} has no config.json; it is not a model directory.")
+        return AutoConfig.from_pretrained(source.local_dir, **overrides)
+    if source.hub_repo is not None and (source.preset is None or source.hub_repo != source.preset.hf_repo):
+        return AutoConfig.from_pretrained(fetch_hub_repo(source.hub_repo, revision, config_only=True), **overrides)
+    return mistral_config(source.preset, **overrides)
+
+
 def load_tokenizer(source: ModelSource):
     """The exact sentencepiece tokenizer: a saved one, or the preset's file from mistral-common."""
     from .tokenizer import MistralTokenizer
 
     if source.local_dir is not None and (source.local_dir / "tokenizer.model").exists():
         return MistralTokenizer.from_pretrained(source.local_dir)
+    keras_spm = source.local_dir / "assets" / "tokenizer" / "vocabulary.spm" if source.local_dir else None
+    if keras_spm is not None and keras_spm.is_file():
+        return MistralTokenizer(keras_spm, chat_template=source.preset.chat_template if source.preset else "v1")
     preset = source.preset or PRESETS["mistral_7b_en"]
     if source.preset is None:
         log.warning("no tokenizer.model in %s; using the Mistral v1 tokenizer", source.label)
@@ -156,20 +239,22 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_model(model_cfg: Any, source: ModelSource, *, seed: int = 0, quantization_config: Any = None):
-    """Build the causal LM: embedded random init, a local directory, or a hub download."""
+    """Build the causal LM: random init from the architecture, a local directory, or a hub download.
+
+    Random init happens for the embedded presets and whenever ``model_cfg.load_weights`` is false
+    (only the config is read, no weights are downloaded). Inside ``with torch.device("meta"):`` that
+    builds a 7B architecture without allocating it.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, MistralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     attn = pick_attn_implementation(model_cfg.attn_implementation)
     dtype = resolve_dtype(model_cfg.dtype)
-    if (
-        source.local_dir is None
-        and source.preset is not None
-        and (source.hub_repo is None or not model_cfg.load_weights)
-    ):
-        torch.manual_seed(seed)  # the embedded preset is the same model for the same seed
-        config = mistral_config(source.preset, attn_implementation=attn)
-        model = MistralForCausalLM(config).to(dtype)
+    weightless = source.local_dir is None and source.hub_repo is None  # embedded preset
+    if weightless or not model_cfg.load_weights:
+        torch.manual_seed(seed)  # a random-init model is the same model for the same seed
+        config = load_config(source, model_cfg.revision)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(dtype)
         if quantization_config is None:
             return model
         # bitsandbytes quantizes while loading, so a random-init base goes through a temporary save.
@@ -181,6 +266,12 @@ def load_model(model_cfg: Any, source: ModelSource, *, seed: int = 0, quantizati
                 tmp, dtype=dtype, attn_implementation=attn, quantization_config=quantization_config
             )
     directory = source.local_dir or download_source(source, model_cfg).local_dir
+    if keras_layout(directory) is not None:
+        raise UserError(
+            f"{directory} is a keras-hub preset; its model.weights.h5 is Keras-format and mistral-tune loads "
+            "Hugging Face safetensors only. Use load_weights=False for the architecture, or the Hugging Face "
+            "checkpoint (e.g. hf://mistralai/Mistral-7B-v0.1 or a Kaggle PyTorch/HF variation)."
+        )
     check_weight_files(directory, model_cfg.allow_pickle)
     return AutoModelForCausalLM.from_pretrained(
         directory,

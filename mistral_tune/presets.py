@@ -145,3 +145,42 @@ def is_hub_id(name: str) -> bool:
 def format_params(n: int) -> str:
     # Truncated, not rounded, as keras-hub lists them (7,248,023,552 -> "7.24B").
     return f"{int(n / 1e7) / 100:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+# keras-hub's MistralBackbone argument names -> transformers' MistralConfig names.
+KERAS_TO_HF = {
+    "vocabulary_size": "vocab_size",
+    "num_layers": "num_hidden_layers",
+    "num_query_heads": "num_attention_heads",
+    "hidden_dim": "hidden_size",
+    "intermediate_dim": "intermediate_size",
+    "num_key_value_heads": "num_key_value_heads",
+    "rope_max_wavelength": "rope_theta",
+    "layer_norm_epsilon": "rms_norm_eps",
+    "sliding_window": "sliding_window",
+    "dropout": "attention_dropout",
+}
+# Keys keras-hub writes into a backbone config that have no architectural meaning here.
+_KERAS_IGNORED = {"name", "trainable", "dtype", "rope_scaling_factor"}
+
+
+def config_from_keras(args: dict[str, Any]) -> dict[str, Any]:
+    """MistralConfig kwargs for keras-hub MistralBackbone arguments (as in a keras-hub config.json).
+
+    keras-hub's ``rope_scaling_factor`` divides positions, which is transformers' "linear" RoPE type;
+    the head size is ``hidden_dim // num_query_heads`` in keras-hub, so it is written out here.
+    """
+    unknown = set(args) - set(KERAS_TO_HF) - _KERAS_IGNORED
+    if unknown:
+        raise ValueError(f"unknown MistralBackbone arguments: {sorted(unknown)}; known: {sorted(KERAS_TO_HF)}")
+    out = {KERAS_TO_HF[k]: v for k, v in args.items() if k in KERAS_TO_HF}
+    out["head_dim"] = args["hidden_dim"] // args["num_query_heads"]
+    out["tie_word_embeddings"] = False  # keras-hub Mistral has a separate output projection
+    theta = float(out.pop("rope_theta", 10000.0))
+    factor = float(args.get("rope_scaling_factor", 1.0))
+    out["rope_parameters"] = (
+        {"rope_type": "default", "rope_theta": theta}
+        if factor == 1.0
+        else {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    )
+    return out

@@ -158,6 +158,17 @@ class MistralTokenizer:
         """Load the model file of tokenizer `version` ("v1", "v2", "v3") shipped with mistral_common."""
         return cls(tokenizer_file(version), chat_template=chat_template)
 
+    @classmethod
+    def from_preset(cls, preset: str, revision: str | None = None) -> MistralTokenizer:
+        """The tokenizer of a preset id, `hf://org/name`, `kaggle://...` or a local preset directory.
+
+        Built-in presets resolve offline from mistral-common's files: v1 for the 7B v0.1 base and
+        Instruct v0.1/v0.2, v3 for v0.3.
+        """
+        from .preset_loading import load_preset_tokenizer
+
+        return load_preset_tokenizer(preset, revision=revision)
+
     def __repr__(self) -> str:
         return f"MistralTokenizer({str(self.model_file)!r}, chat_template={self.chat_template!r})"
 
