@@ -203,11 +203,13 @@ def write_preset(
         # Only an earlier preset (or an empty directory) is replaced; anything else could be someone's data.
         raise UserError(f"{out_dir} exists and is not a mistral-tune preset directory; choose a new path.")
     base, state = merged_state_dict(model)
+    # Shared (tied) tensors count once. Counted now: save_pretrained consumes the dict it is given.
+    parameter_count = sum({(v.data_ptr(), v.shape): v.numel() for v in state.values()}.values())
     check_writable(out_dir.parent)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        base.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+        base.save_pretrained(tmp, state_dict=dict(state), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         from transformers import GenerationConfig
 
@@ -216,7 +218,7 @@ def write_preset(
         ).save_pretrained(tmp)
         metadata = {
             "mistral_tune_version": __version__,
-            "parameter_count": sum({v.data_ptr(): int(v.numel()) for v in state.values()}.values()),
+            "parameter_count": int(parameter_count),
             "date_saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tasks": ["CausalLM"],
             "base_preset": base_preset,

@@ -29,7 +29,13 @@ Type a message and press enter; /reset starts over, /exit or Ctrl-D (EOF) quits.
 
 LOAD_KEYS = {"preset": str, "dtype": str, "attn_implementation": str, "load_weights": bool}
 SAMPLER_KEYS = {
-    "sampler": str, "k": int, "p": float, "temperature": float, "seed": int, "num_beams": int, "alpha": float,
+    "sampler": str,
+    "k": int,
+    "p": float,
+    "temperature": float,
+    "seed": int,
+    "num_beams": int,
+    "alpha": float,
 }
 
 
@@ -79,7 +85,9 @@ def build_sampler(opts: dict[str, Any]):
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     extra = set(params) - accepted
     if extra:
-        raise UserError(f"sampler={name} does not take {', '.join(sorted(extra))} (it takes: {', '.join(sorted(accepted)) or 'nothing'}).")
+        raise UserError(
+            f"sampler={name} does not take {', '.join(sorted(extra))} (it takes: {', '.join(sorted(accepted)) or 'nothing'})."
+        )
     return cls(**params)
 
 
