@@ -16,3 +16,15 @@ def compose():
     from mistral_tune.cli import compose as _compose
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for tiny-model tests: they gain nothing from more, and on a loaded shared CPU
+    OpenMP barriers make every small op wait (measured ~10x slower generation with 2 threads under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

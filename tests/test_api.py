@@ -17,6 +17,8 @@ from mistral_tune.errors import UserError
 from mistral_tune.presets import PRESETS, parameter_count
 from mistral_tune.tokenizer import tokenizer_file
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SEVEN_B = [p for p in PRESETS if p != "mistral_tiny"]
 
 

@@ -29,6 +29,8 @@ from mistral_tune.models import pick_attn_implementation
 from mistral_tune.samplers import GreedySampler
 from mistral_tune.scoring import batch_logits
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 BACKENDS = ("eager", "sdpa", "flex_attention")
 WINDOW = 32
 COMPILED_FLEX = hf_flex.compile_friendly_flex_attention
@@ -184,7 +186,7 @@ def uncached_greedy(model, rows, steps):
 def test_cached_generation_matches_uncached_past_the_window(models, backend):
     lm = models[backend]
     rows, _, _ = batch([45, 29], seed=3)  # one prompt past the window; the batch is left-padded
-    steps = 14  # 45 + 14 = 59 tokens: the cache must drop keys that leave the window
+    steps = 10  # 45 + 10 = 55 tokens: the cache keeps only the last 31 keys, dropping one per step
     cached = generate_ids(  # transformers' generate(): KV cache with sliding-window layers
         lm.hf_model, lm.tokenizer, rows, sampler=GreedySampler(), max_length=45 + steps, stop_ids=None
     )

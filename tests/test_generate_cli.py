@@ -9,6 +9,8 @@ import pytest
 from mistral_tune import MistralCausalLM
 from mistral_tune.cli import COMMANDS, main
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def merged_dir(tmp_path_factory):

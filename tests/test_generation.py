@@ -18,6 +18,8 @@ from mistral_tune.errors import UserError
 from mistral_tune.generation import encode_inputs, resolve_stop_ids
 from mistral_tune.samplers import get_sampler
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 
 
