@@ -151,8 +151,8 @@ def merged_state_dict(model: Any):
     import copy
 
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}

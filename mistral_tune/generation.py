@@ -84,7 +84,7 @@ def positions_from_mask(attention_mask: Any):
 
 
 def resolve_stop_ids(stop_token_ids: Any, tokenizer: Any) -> Optional[tuple[int, ...]]:
-    """"auto" -> (EOS,), None -> no stopping, an int or a sequence of ints -> those ids."""
+    """Stop ids: "auto" -> (EOS,), None -> no stopping, an int or a sequence of ints -> those ids."""
     if stop_token_ids is None:
         return None
     if isinstance(stop_token_ids, str):

@@ -138,9 +138,7 @@ def pick_attn_implementation(requested: str) -> str:
     import torch
 
     if requested not in ATTN_IMPLEMENTATIONS:
-        raise UserError(
-            f"model.attn_implementation={requested!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}."
-        )
+        raise UserError(f"model.attn_implementation={requested!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}.")
     has_cuda = torch.cuda.is_available()
     flash_ok = False
     if has_cuda:
@@ -172,8 +170,10 @@ def pick_attn_implementation(requested: str) -> str:
         if not has_cuda:
             # Inductor lowers flex_attention on CPU for inference only, compiling once per shape; backward
             # and some decoding shapes do not compile there (see docs/models.md).
-            log.warning("attention backend: flex_attention on CPU compiles per shape and supports inference only; "
-                        "sdpa is the better CPU choice")
+            log.warning(
+                "attention backend: flex_attention on CPU compiles per shape and supports inference only; "
+                "sdpa is the better CPU choice"
+            )
     log.info("attention backend: %s (requested)", requested)
     return requested
 
