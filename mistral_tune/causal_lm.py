@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .backbone import MistralBackbone
+from .errors import UserError
 from .preset_loading import preset_table
 
 DEFAULT_MAX_LENGTH = 1024  # keras-hub's MistralCausalLMPreprocessor sequence_length
@@ -32,7 +33,11 @@ class MistralCausalLM(torch.nn.Module):
     presets = preset_table()
 
     def __init__(self, backbone: MistralBackbone, tokenizer: Any = None) -> None:
-        """Put a fresh (randomly initialized) language-model head on ``backbone``."""
+        """Put a fresh (randomly initialized) language-model head on ``backbone``.
+
+        ``tokenizer`` (a ``MistralTokenizer``) is needed for text in and out (generate, score on
+        strings, perplexity, save_to_preset); without it the model still takes token ids.
+        """
         from transformers import MistralForCausalLM
 
         super().__init__()
@@ -59,10 +64,11 @@ class MistralCausalLM(torch.nn.Module):
 
         self.hf_model = hf_model
         self.backbone = MistralBackbone._wrap(hf_model.model, owner=hf_model)
-        if tokenizer is None:
-            from .tokenizer import MistralTokenizer
-
-            tokenizer = MistralTokenizer.from_version("v1")
+        if tokenizer is not None and tokenizer.vocabulary_size > hf_model.config.vocab_size:
+            raise UserError(
+                f"The tokenizer has {tokenizer.vocabulary_size} pieces but the model only "
+                f"{hf_model.config.vocab_size} embeddings; they do not belong together."
+            )
         self.tokenizer = tokenizer
         self.metadata = metadata
         self.base_preset = base_preset
@@ -104,6 +110,14 @@ class MistralCausalLM(torch.nn.Module):
         )
         return cls._from_hf(model, tokenizer, metadata, base)
 
+    def _text_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise UserError(
+                "This MistralCausalLM has no tokenizer; pass one (MistralCausalLM(backbone, tokenizer)) "
+                "or load with from_preset."
+            )
+        return self.tokenizer
+
     def compile(self, sampler: Any = "top_k") -> None:
         """Choose the sampler ``generate`` uses: a name (greedy, top_k, top_p, random, beam,
         contrastive) with keras-hub's defaults, or a ``Sampler`` object with parameters."""
@@ -141,20 +155,19 @@ class MistralCausalLM(torch.nn.Module):
         from .generation import encode_inputs, generate_ids, normalize_inputs, resolve_stop_ids
 
         prompts, single = normalize_inputs(inputs)
-        prompt_ids = encode_inputs(self.tokenizer, prompts)
+        tokenizer = self._text_tokenizer()
+        prompt_ids = encode_inputs(tokenizer, prompts)
         if max_length is None:
             max_length = min(DEFAULT_MAX_LENGTH, self.hf_model.config.max_position_embeddings)
         new_ids = generate_ids(
             self.hf_model,
-            self.tokenizer,
+            tokenizer,
             prompt_ids,
             sampler=self.sampler,
             max_length=int(max_length),
-            stop_ids=resolve_stop_ids(stop_token_ids, self.tokenizer),
+            stop_ids=resolve_stop_ids(stop_token_ids, tokenizer),
         )
-        texts = [
-            self.tokenizer.decode(new if strip_prompt else prompt + new) for prompt, new in zip(prompt_ids, new_ids)
-        ]
+        texts = [tokenizer.decode(new if strip_prompt else prompt + new) for prompt, new in zip(prompt_ids, new_ids)]
         return texts[0] if single else texts
 
     def score(self, inputs: Any, padding_mask: Any = None, scoring_mode: str = "log_likelihood"):
@@ -166,7 +179,9 @@ class MistralCausalLM(torch.nn.Module):
         """
         from .scoring import score
 
-        return score(self.hf_model, self.tokenizer, inputs, padding_mask, scoring_mode)
+        texts = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str))
+        tokenizer = self._text_tokenizer() if texts else self.tokenizer
+        return score(self.hf_model, tokenizer, inputs, padding_mask, scoring_mode)
 
     def perplexity(
         self, data: Any, batch_size: int = 8, max_length: int | None = None, text_field: str = "text"
@@ -179,7 +194,7 @@ class MistralCausalLM(torch.nn.Module):
         from .scoring import perplexity
 
         max_length = max_length or min(DEFAULT_MAX_LENGTH, self.hf_model.config.max_position_embeddings)
-        return perplexity(self.hf_model, self.tokenizer, data, batch_size, max_length, text_field)
+        return perplexity(self.hf_model, self._text_tokenizer(), data, batch_size, max_length, text_field)
 
     def count_params(self) -> int:
         """Number of parameters (keras naming), LoRA weights included when enabled."""
@@ -201,5 +216,5 @@ class MistralCausalLM(torch.nn.Module):
         if provenance is None:
             provenance = self.metadata.get("provenance")
         return write_preset(
-            self.hf_model, self.tokenizer, Path(preset_dir), base_preset=self.base_preset, provenance=provenance
+            self.hf_model, self._text_tokenizer(), Path(preset_dir), base_preset=self.base_preset, provenance=provenance
         )

@@ -201,6 +201,7 @@ def test_save_to_preset_loads_in_both(lm, saved_preset):
     expected = lm(token_ids=ids)
     again = MistralCausalLM.from_preset(str(saved_preset))
     assert again.base_preset == "mistral_tiny" and again.metadata["provenance"]["recipe"] == "test"
+    assert MistralTokenizer.from_preset(str(saved_preset)).chat_template == "v1"
     assert torch.allclose(again(token_ids=ids), expected, atol=1e-5)
     plain = AutoModelForCausalLM.from_pretrained(saved_preset)
     assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
@@ -276,3 +277,29 @@ def test_perplexity_over_a_dataset(lm):
     assert math.isclose(result["perplexity"], math.exp(nll / tokens), rel_tol=1e-4)
     with pytest.raises(UserError, match="no text"):
         lm.perplexity([{"body": "x"}])
+
+
+def test_causal_lm_from_a_keras_style_backbone(tmp_path):
+    torch.manual_seed(0)
+    bb = MistralBackbone(
+        vocabulary_size=32000,
+        num_layers=1,
+        num_query_heads=4,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
+    bare = MistralCausalLM(bb)
+    assert bare.backbone.model is bb.model  # the decoder is shared, only the head is new
+    assert bare.count_params() == bb.count_params() + 32000 * 32
+    assert bare(token_ids=[[1, 2, 3]]).shape == (1, 3, 32000)
+    with pytest.raises(UserError, match="no tokenizer"):
+        bare.generate("hi")
+    lm = MistralCausalLM(bb, MistralTokenizer.from_version("v1"))
+    lm.compile(sampler="greedy")
+    assert isinstance(lm.generate("hi", max_length=8), str)
+    lm.save_to_preset(tmp_path / "p")
+    assert MistralCausalLM.from_preset(str(tmp_path / "p")).hf_model.config.sliding_window == 8
+    with pytest.raises(UserError, match="do not belong together"):
+        MistralCausalLM(MistralBackbone(10, 1, 4, 16, 32, 2), MistralTokenizer.from_version("v1"))
