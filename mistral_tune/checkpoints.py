@@ -216,11 +216,11 @@ def check_disk_space(path: Path, required: int, detail: str) -> int:
     free = shutil.disk_usage(path).free
     if free < required:
         raise UserError(
-            f"output_dir={path} has {_gb(free)} free but this run needs about {_gb(required)} ({detail}). "
+            f"output_dir={path} has {format_bytes(free)} free but this run needs about {format_bytes(required)} ({detail}). "
             "Free disk space, lower train.save_total_limit or raise train.save_steps, or choose another output_dir."
         )
     return free
 
 
-def _gb(n: int) -> str:
+def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"

@@ -23,6 +23,7 @@ usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
 Swap parts: mistral-tune recipe=sft_lora model=mistral_7b_en adapter=qlora data.path=my.jsonl
 Inspect:    mistral-tune recipe=sft_lora --cfg job   (print the resolved config, run nothing)
+Resume:     mistral-tune recipe=sft_lora output_dir=runs/x resume=auto   (after a crash, kill or preemption)
 """
 
 

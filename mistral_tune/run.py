@@ -178,9 +178,10 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
 
 
 def trainer_step(checkpoint: Any) -> int:
+    """The global step a checkpoint was saved at; 0 when starting fresh."""
     from .checkpoints import checkpoint_step
 
-    return checkpoint_step(checkpoint) or 0 if checkpoint else 0
+    return (checkpoint_step(checkpoint) or 0) if checkpoint else 0
 
 
 def peak_memory_bytes(torch: Any) -> int:
