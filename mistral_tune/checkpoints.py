@@ -204,9 +204,7 @@ def estimate_checkpoint_bytes(trainable: int, total: int, *, full_model: bool, p
     return weights + optimizer + 4 * 2**20  # tokenizer files, rng/scheduler/trainer state
 
 
-def required_disk_bytes(
-    *, checkpoint_bytes: int, num_checkpoints: int, final_bytes: int, merged_bytes: int
-) -> int:
+def required_disk_bytes(*, checkpoint_bytes: int, num_checkpoints: int, final_bytes: int, merged_bytes: int) -> int:
     """Peak disk use: kept checkpoints + one being staged before rotation + final adapter + merged export."""
     return checkpoint_bytes * (num_checkpoints + 1) + final_bytes + merged_bytes
 

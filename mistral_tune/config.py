@@ -60,7 +60,7 @@ class DataConfig:
     holdout: int = 4  # examples kept out of training; their prompts feed samples.jsonl
     system_prompt: Optional[str] = None  # added to every conversation that has none
     seed: int = 0  # shuffling seed for the holdout split
-    on_error: str = "fail"  # fail | skip: a malformed line (bad JSON, bad UTF-8) stops the run, or is skipped and counted
+    on_error: str = "fail"  # fail | skip: a malformed line (bad JSON/UTF-8) stops the run, or is counted and skipped
     dedup: bool = False  # drop exact duplicate rows (always counted and reported)
 
 

@@ -102,7 +102,13 @@ def read_jsonl(path: Path, on_error: str = "fail", report: Optional[DataReport] 
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                _bad_row(where, "invalid_utf8", f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})", on_error, report)
+                _bad_row(
+                    where,
+                    "invalid_utf8",
+                    f"not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
+                    on_error,
+                    report,
+                )
                 continue
             try:
                 row = json.loads(text.lstrip("\ufeff") if lineno == 1 else text)  # tolerate a UTF-8 BOM
@@ -138,7 +144,13 @@ def load_records(
             if isinstance(row, dict):
                 rows.append(row)
             else:
-                _bad_row(f"{local}[{i}]", "not_an_object", f"expected a JSON object, got {type(row).__name__}", on_error, report)
+                _bad_row(
+                    f"{local}[{i}]",
+                    "not_an_object",
+                    f"expected a JSON object, got {type(row).__name__}",
+                    on_error,
+                    report,
+                )
         return rows
     import pyarrow.parquet as pq
 
@@ -264,7 +276,9 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
     holdout = [rows[i] for i in order[:holdout_n]]
     train_rows = [rows[i] for i in sorted(order[holdout_n:])]
     # Held-out rows prompt samples.jsonl, so they must be usable too; unusable ones are dropped and counted.
-    kwargs = dict(max_length=trainer_cfg.max_length, truncation=trainer_cfg.truncation, system_prompt=data_cfg.system_prompt)
+    kwargs = dict(
+        max_length=trainer_cfg.max_length, truncation=trainer_cfg.truncation, system_prompt=data_cfg.system_prompt
+    )
     holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **kwargs)]
     report.truncated = 0  # counted for training examples only
     holdout_n = report.held_out = len(holdout)
@@ -288,7 +302,9 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
     if report.duplicates and not data_cfg.dedup:
         log.warning("data: %d exact duplicate row(s) kept; set data.dedup=true to drop them", report.duplicates)
     if report.extra_fields:
-        log.info("data: %d row(s) have fields the %s format does not use; those fields are ignored", report.extra_fields, fmt)
+        log.info(
+            "data: %d row(s) have fields the %s format does not use; those fields are ignored", report.extra_fields, fmt
+        )
     if report.truncated:
         log.warning("data: truncated %d example(s) to trainer.max_length=%d", report.truncated, trainer_cfg.max_length)
     if not examples:

@@ -132,11 +132,15 @@ def check_disk_for_run(cfg: Any, run_dir: Path, *, trainable: int, total: int, p
     final = (total if full else trainable) * param_bytes
     export_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.export.dtype, param_bytes)
     merged = total * export_bytes if cfg.export.merged else 0
-    need = checkpoints.required_disk_bytes(checkpoint_bytes=ckpt, num_checkpoints=kept, final_bytes=final, merged_bytes=merged)
+    need = checkpoints.required_disk_bytes(
+        checkpoint_bytes=ckpt, num_checkpoints=kept, final_bytes=final, merged_bytes=merged
+    )
     detail = (
         f"{kept} checkpoint(s) of {checkpoints.format_bytes(ckpt)} kept + 1 being written, final weights "
         f"{checkpoints.format_bytes(final)}, merged export {checkpoints.format_bytes(merged)}"
     )
     free = checkpoints.check_disk_space(run_dir, need, detail)
-    log.info("disk: about %s needed (%s); %s free", checkpoints.format_bytes(need), detail, checkpoints.format_bytes(free))
+    log.info(
+        "disk: about %s needed (%s); %s free", checkpoints.format_bytes(need), detail, checkpoints.format_bytes(free)
+    )
     return need

@@ -68,7 +68,9 @@ def redact(obj: Any, secrets: list[str] | None = None) -> Any:
     secrets = secret_env_values() if secrets is None else secrets
     if isinstance(obj, dict):
         return {
-            k: (MASK if isinstance(k, str) and SECRET_KEY_NAME.search(k) and v not in (None, "") else redact(v, secrets))
+            k: (
+                MASK if isinstance(k, str) and SECRET_KEY_NAME.search(k) and v not in (None, "") else redact(v, secrets)
+            )
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):

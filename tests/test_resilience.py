@@ -59,7 +59,11 @@ def start_cli(args: list[str], out: Path) -> subprocess.Popen:
     log = (out.parent / f"{out.name}.log").open("w")
     return subprocess.Popen(
         [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", *args, f"output_dir={out}"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -127,7 +131,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
     resumed = subprocess.run(
         [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", *args, f"output_dir={killed}", "resume=auto"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read()[-3000:]
@@ -273,8 +281,13 @@ def test_every_dropped_example_is_in_summary_and_log(hostile_run):
     data = summary(out)["data"]
     assert data == result["data"]
     assert data["dropped"] == {
-        "malformed_json": 1, "invalid_utf8": 1, "not_an_object": 1, "missing_field": 1,
-        "empty_field": 1, "too_long": 1, "duplicate": 1,
+        "malformed_json": 1,
+        "invalid_utf8": 1,
+        "not_an_object": 1,
+        "missing_field": 1,
+        "empty_field": 1,
+        "too_long": 1,
+        "duplicate": 1,
     }
     assert data["read"] == data["used"] + data["held_out"] + data["dropped_total"]
     log = (out / "train.log").read_text()
