@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,26 +56,32 @@ def listing(root: Path) -> list[str]:
 
 
 def start_cli(args: list[str], out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    """The real CLI in a child process; its output goes to OUT.log (read back on failure)."""
     log = (out.parent / f"{out.name}.log").open("w")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", *args, f"output_dir={out}"],
         cwd=REPO,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=log,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
+    proc.log_path = Path(log.name)
+    return proc
 
 
-def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+def output(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not condition():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc={proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"the run ended (rc={proc.returncode}) before {what}: {output(proc)[-2000:]}")
         if time.time() > deadline:
             proc.kill()
-            pytest.fail(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
 
 
@@ -119,26 +126,30 @@ class SignalAtStep(TrainerCallback):
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     args = [*FAST, "train.max_steps=8", "train.save_steps=3", "train.save_total_limit=2", "train.seed=7"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    ref_proc = start_cli(args, reference)
     proc = start_cli(args, killed)
     first = killed / "checkpoints" / "checkpoint-3"
-    # Kill after the first checkpoint, once training went past it (steps 4+ must be redone).
-    wait_for(lambda: first.is_dir() and last_step(killed) >= 4, proc, "checkpoint-3 and step 4")
-    proc.send_signal(signal.SIGKILL)
+    failures = []
+
+    def kill_after_first_checkpoint():
+        # Once training went past checkpoint-3, so that steps 4+ must be redone after the resume.
+        try:
+            wait_for(lambda: first.is_dir() and last_step(killed) >= 4, proc, "checkpoint-3 and step 4")
+            proc.send_signal(signal.SIGKILL)
+        except BaseException as exc:
+            failures.append(exc)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    run(compose("sft_lora", [*args, f"output_dir={reference}"]))  # the uninterrupted run, meanwhile, in-process
+    watcher.join(timeout=600)
+    if failures:
+        raise failures[0]
     assert proc.wait() == -signal.SIGKILL
     assert not (killed / "adapter").exists() and not (killed / "summary.json").exists()
     assert checkpoints.completeness_problem(first) is None
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", *args, f"output_dir={killed}", "resume=auto"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read()[-3000:]
+    resumed = run(compose("sft_lora", [*args, f"output_dir={killed}", "resume=auto"]))
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == 8
 
     ref, got = metrics(reference), metrics(killed)
     assert [r["step"] for r in got] == list(range(1, 9))  # records past the checkpoint were replaced, not doubled
@@ -151,7 +162,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert want.keys() == have.keys()
     for name in want:
         torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7)
-    assert summary(killed)["resumed_from"].endswith("checkpoint-3")
     # train.save_total_limit=2: saves at 3, 6 and 8 (the end) keep the last two, nothing half-written.
     assert listing(reference / "checkpoints") == listing(killed / "checkpoints") == ["checkpoint-6", "checkpoint-8"]
 
@@ -162,8 +172,8 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
     proc = start_cli([*FAST, "train.max_steps=500", "train.save_steps=1000"], out)
     wait_for(lambda: last_step(out) >= 2, proc, "step 2")
     proc.send_signal(signal.SIGTERM)
-    stderr = proc.communicate(timeout=300)[1]
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.wait(timeout=600) == 128 + signal.SIGTERM
+    stderr = output(proc)
     assert "Traceback" not in stderr and "Stopped by SIGTERM" in stderr and "resume=auto" in stderr
     s = summary(out)
     assert s["status"] == "interrupted" and 2 <= s["steps"] < 500
