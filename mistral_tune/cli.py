@@ -26,6 +26,7 @@ Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
 Swap parts: mistral-tune recipe=sft_lora model=mistral_7b_en adapter=qlora data.path=my.jsonl
 Inspect:    mistral-tune recipe=sft_lora --cfg job   (print the resolved config, run nothing)
 Generate:   mistral-tune generate preset=runs/x/merged prompt="Hello" sampler=greedy strip_prompt=true
+Resume:     mistral-tune recipe=sft_lora output_dir=runs/x resume=auto   (after a crash, kill or preemption)
 """
 
 
@@ -109,6 +110,7 @@ def compose(recipe: str, overrides: list[str]):
 
     if recipe not in recipes():
         raise unknown_recipe(recipe)
+    check_group_options(overrides)
     register_schemas()
     search = f"hydra.searchpath=[file://{config_dir('conf')}]"
     try:
@@ -125,6 +127,17 @@ def compose(recipe: str, overrides: list[str]):
     if problems:
         raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
     return cfg
+
+
+def check_group_options(overrides: list[str]) -> None:
+    """``group=option`` must name a file of that group: no paths (``model=../../etc/x``) into the filesystem."""
+    options = group_options()
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and key in options and value not in options[key]:
+            close = difflib.get_close_matches(value, options[key], n=1)
+            hint = f" Did you mean {key}={close[0]}?" if close else ""
+            raise UserError(f"Unknown {key} option '{value}'.{hint} Available: {', '.join(options[key])}.")
 
 
 def _open(cfg):
@@ -195,8 +208,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         command = COMMANDS.get(args[0])
         return command(args[1:]) if command else cmd_train(args)
     except UserError as exc:
-        print("error: " + textwrap.fill(str(exc), width=100, subsequent_indent="       "), file=sys.stderr)
+        from .safety import redact_text
+
+        message = redact_text(str(exc))  # error messages quote config values, which may hold a token
+        print("error: " + textwrap.fill(message, width=100, subsequent_indent="       "), file=sys.stderr)
         return 2
+    except Exception as exc:
+        from .guards import TrainingInterrupted
+
+        if not isinstance(exc, TrainingInterrupted):
+            raise
+        print("stopped: " + textwrap.fill(str(exc), width=100, subsequent_indent="         "), file=sys.stderr)
+        return exc.exit_code  # 128 + signal number, as a shell reports a signal-terminated job
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ class DataConfig:
     holdout: int = 4  # examples kept out of training; their prompts feed samples.jsonl
     system_prompt: Optional[str] = None  # added to every conversation that has none
     seed: int = 0  # shuffling seed for the holdout split
+    on_error: str = "fail"  # fail | skip: a malformed line (bad JSON/UTF-8) stops the run, or is counted and skipped
+    dedup: bool = False  # drop exact duplicate rows (always counted and reported)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class TrainConfig:
     save_total_limit: Optional[int] = 2
     eval_steps: Optional[int] = None
     seed: int = 42
+    data_seed: Optional[int] = None  # shuffling seed of the training sampler; None = seed (resume relies on it)
     gradient_checkpointing: bool = False
     bf16: bool = False
     fp16: bool = False
@@ -118,6 +121,8 @@ class RunConfig:
     recipe: str = MISSING
     output_dir: Optional[str] = None  # default runs/<recipe>-<timestamp>
     dry_run: bool = False
+    resume: Optional[str] = None  # auto (latest complete checkpoint in output_dir) | PATH (a checkpoint or run dir)
+    on_nan: str = "stop"  # stop | skip: a NaN/inf loss stops the run, or its optimizer step is skipped and counted
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -167,6 +172,8 @@ def check_values(cfg: Any) -> list[str]:
     one_of("trainer.name", cfg.trainer.name, ("sft",))
     one_of("trainer.truncation", cfg.trainer.truncation, ("truncate", "drop"))
     one_of("data.format", cfg.data.format, ("auto", "messages", "alpaca", "text"))
+    one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
+    one_of("on_nan", cfg.on_nan, ("stop", "skip"))
     one_of("launcher.name", cfg.launcher.name, ("local",))
     one_of("tracking.name", cfg.tracking.name, ("none", "wandb", "tensorboard"))
     one_of("export.dtype", cfg.export.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -183,6 +190,8 @@ def check_values(cfg: Any) -> list[str]:
         problems.append(f"train.learning_rate={cfg.train.learning_rate} must be > 0")
     if cfg.train.max_steps == 0 or (cfg.train.max_steps < 0 and cfg.train.num_train_epochs <= 0):
         problems.append("set train.max_steps > 0 or train.num_train_epochs > 0")
+    if cfg.resume is not None and not str(cfg.resume).strip():
+        problems.append("resume='' is empty; use resume=auto or resume=PATH")
     if cfg.data.holdout < 0:
         problems.append(f"data.holdout={cfg.data.holdout} must be >= 0")
     if cfg.train.bf16 and cfg.train.fp16:

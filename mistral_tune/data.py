@@ -25,6 +25,7 @@ FORMATS = {
     "alpaca": "'instruction', optional 'input', and 'output' (Alpaca)",
     "text": "a 'text' string (plain language-model text)",
 }
+FORMAT_FIELDS = {"messages": {"messages"}, "alpaca": {"instruction", "input", "output"}, "text": {"text"}}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 BUNDLED_DIR = Path(__file__).parent / "data"  # sample data inside an installed wheel
 SOURCE_DIR = Path(__file__).parent.parent  # the repository root in a source checkout
@@ -34,11 +35,22 @@ SOURCE_DIR = Path(__file__).parent.parent  # the repository root in a source che
 class DataReport:
     """What happened to every input example."""
 
-    read: int = 0
+    read: int = 0  # rows and unparseable lines seen: read = used + held_out + dropped_total
     used: int = 0
     held_out: int = 0
     truncated: int = 0
+    duplicates: int = 0  # exact duplicate rows found (dropped only with data.dedup=true)
+    extra_fields: int = 0  # rows with fields the format does not use (ignored, kept)
     dropped: Counter = field(default_factory=Counter)
+    bad_lines: list = field(default_factory=list)  # "file:line: reason" of the first skipped lines
+
+    MAX_BAD_LINES = 20
+
+    def skip_line(self, where: str, reason: str, detail: str) -> None:
+        self.read += 1
+        self.dropped[reason] += 1
+        if len(self.bad_lines) < self.MAX_BAD_LINES:
+            self.bad_lines.append(f"{where}: {detail}")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -46,8 +58,11 @@ class DataReport:
             "used": self.used,
             "held_out": self.held_out,
             "truncated": self.truncated,
+            "duplicates": self.duplicates,
+            "extra_fields": self.extra_fields,
             "dropped": dict(self.dropped),
             "dropped_total": sum(self.dropped.values()),
+            "bad_lines": list(self.bad_lines),
         }
 
 
@@ -70,38 +85,73 @@ def resolve_local_path(path: str) -> Optional[Path]:
     return None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _bad_row(where: str, reason: str, detail: str, on_error: str, report: Optional[DataReport]) -> None:
+    """Fail with ``file:line`` (on_error=fail) or count the row as dropped (on_error=skip)."""
+    if on_error != "skip" or report is None:
+        raise UserError(f"{where}: {detail}. Fix the line, or set data.on_error=skip to skip and count such lines.")
+    report.skip_line(where, reason, detail)
+
+
+def read_jsonl(path: Path, on_error: str = "fail", report: Optional[DataReport] = None) -> list[dict[str, Any]]:
     rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8 JSON ({exc}).") from exc
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _bad_row(
+                    where,
+                    "invalid_utf8",
+                    f"not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
+                    on_error,
+                    report,
+                )
+                continue
+            try:
+                row = json.loads(text.lstrip("\ufeff") if lineno == 1 else text)  # tolerate a UTF-8 BOM
+            except json.JSONDecodeError as exc:
+                _bad_row(where, "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})", on_error, report)
+                continue
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+                _bad_row(where, "not_an_object", f"expected a JSON object, got {type(row).__name__}", on_error, report)
+                continue
             rows.append(row)
     return rows
 
 
-def load_records(path: str, split: str = "train") -> list[dict[str, Any]]:
+def load_records(
+    path: str, split: str = "train", on_error: str = "fail", report: Optional[DataReport] = None
+) -> list[dict[str, Any]]:
     local = resolve_local_path(path)
     if local is None:
         return load_hub_dataset(path, split)
     if local.suffix == ".jsonl":
-        return read_jsonl(local)
+        return read_jsonl(local, on_error, report)
     if local.suffix == ".json":
         try:
-            data = json.loads(local.read_text(encoding="utf-8"))
+            data = json.loads(local.read_bytes().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{local}: not valid UTF-8 JSON ({exc}).") from exc
+            raise UserError(f"{local}: not valid UTF-8 JSON ({exc}); a .json file must parse as a whole.") from exc
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise UserError(f"{local}: expected a JSON list of objects.")
-        return data
+        rows = []
+        for i, row in enumerate(data):
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                _bad_row(
+                    f"{local}[{i}]",
+                    "not_an_object",
+                    f"expected a JSON object, got {type(row).__name__}",
+                    on_error,
+                    report,
+                )
+        return rows
     import pyarrow.parquet as pq
 
     return pq.read_table(local).to_pylist()
@@ -192,15 +242,16 @@ def tokenize_rows(
             reason = str(exc) if str(exc) in ("missing_field", "empty_field", "no_assistant_turn") else "bad_roles"
             report.dropped[reason] += 1
             continue
-        if len(ids) > max_length:
+        truncated = len(ids) > max_length
+        if truncated:
             if truncation == "drop":
                 report.dropped["too_long"] += 1
                 continue
             ids, mask = ids[:max_length], mask[:max_length]
-            report.truncated += 1
         if not any(mask[1:]):
             report.dropped["no_loss_tokens"] += 1  # truncation cut every assistant token
             continue
+        report.truncated += truncated  # counts kept examples only; a dropped one is counted above
         # labels[i] is the token at i; the model shifts internally. The first token never counts.
         out.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
     return out
@@ -210,17 +261,27 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
     """Load, split off the holdout, tokenize. Returns (train Dataset, holdout rows, format, report)."""
     from datasets import Dataset
 
-    rows = load_records(data_cfg.path, data_cfg.split)
-    report = DataReport(read=len(rows))
+    report = DataReport()
+    rows = load_records(data_cfg.path, data_cfg.split, data_cfg.on_error, report)
+    report.read += len(rows)
     if not rows:
-        raise UserError(f"data.path={data_cfg.path} holds no examples.")
+        raise UserError(f"data.path={data_cfg.path} holds no examples ({dict(report.dropped) or 'empty file'}).")
     fmt = detect_format(rows, data_cfg.format)
+    rows = find_duplicates(rows, data_cfg.dedup, report)
+    fields = FORMAT_FIELDS[fmt]  # rows lacking them are counted as missing_field below, not here
+    report.extra_fields = sum(1 for r in rows if set(r) & fields and set(r) - fields)
     order = list(range(len(rows)))
     random.Random(data_cfg.seed).shuffle(order)
     holdout_n = min(data_cfg.holdout, max(len(rows) - 1, 0))
     holdout = [rows[i] for i in order[:holdout_n]]
     train_rows = [rows[i] for i in sorted(order[holdout_n:])]
-    report.held_out = holdout_n
+    # Held-out rows prompt samples.jsonl, so they must be usable too; unusable ones are dropped and counted.
+    kwargs = dict(
+        max_length=trainer_cfg.max_length, truncation=trainer_cfg.truncation, system_prompt=data_cfg.system_prompt
+    )
+    holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **kwargs)]
+    report.truncated = 0  # counted for training examples only
+    holdout_n = report.held_out = len(holdout)
     if data_cfg.max_samples is not None and len(train_rows) > data_cfg.max_samples:
         report.dropped["over_max_samples"] += len(train_rows) - data_cfg.max_samples
         train_rows = train_rows[: data_cfg.max_samples]
@@ -236,6 +297,14 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
     report.used = len(examples)
     for reason, n in sorted(report.dropped.items()):
         log.warning("data: dropped %d example(s): %s", n, reason)
+    for where in report.bad_lines:
+        log.warning("data: skipped %s", where)
+    if report.duplicates and not data_cfg.dedup:
+        log.warning("data: %d exact duplicate row(s) kept; set data.dedup=true to drop them", report.duplicates)
+    if report.extra_fields:
+        log.info(
+            "data: %d row(s) have fields the %s format does not use; those fields are ignored", report.extra_fields, fmt
+        )
     if report.truncated:
         log.warning("data: truncated %d example(s) to trainer.max_length=%d", report.truncated, trainer_cfg.max_length)
     if not examples:
@@ -244,6 +313,22 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
         )
     log.info("data: %s format, %d read, %d training examples, %d held out", fmt, report.read, report.used, holdout_n)
     return Dataset.from_list(examples), holdout, fmt, report
+
+
+def find_duplicates(rows: list[dict[str, Any]], dedup: bool, report: DataReport) -> list[dict[str, Any]]:
+    """Count exact duplicate rows (same keys and values); drop all but the first when ``dedup``."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+        if key in seen:
+            report.duplicates += 1
+            if dedup:
+                report.dropped["duplicate"] += 1
+                continue
+        seen.add(key)
+        kept.append(row)
+    return kept
 
 
 def prompt_and_reference(row: dict[str, Any], fmt: str, system_prompt: Optional[str]):

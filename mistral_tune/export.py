@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import UserError
 
@@ -110,20 +111,37 @@ def export_merged(
         if dtype_name not in TOLERANCE:
             dtype_name = "float32"
     merged = merge_adapter(model, getattr(torch, dtype_name))
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         write_hf_checkpoint(merged, tokenizer, tmp, max_shard_size)
         diff = verify_export(tmp, tokenizer, prompts, expected, dtype_name) if verify else None
+    info = {"path": str(out_dir), "dtype": dtype_name, "max_abs_logit_diff": diff, "verified": verify}
+    log.info("export: merged model written to %s (max |logit diff| %s)", out_dir, diff)
+    return info
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out_dir`` to fill; rename it to ``out_dir`` only if the block succeeds.
+
+    An interrupted or failed write leaves at most a hidden ``.NAME.tmp-PID`` directory, never an
+    ``out_dir`` that looks complete. An existing ``out_dir`` is replaced only after the new one is written.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    info = {"path": str(out_dir), "dtype": dtype_name, "max_abs_logit_diff": diff, "verified": verify}
-    log.info("export: merged model written to %s (max |logit diff| %s)", out_dir, diff)
-    return info
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
 
 
 def save_json(path: Path, data: Any) -> None:

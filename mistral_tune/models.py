@@ -33,7 +33,10 @@ class ModelSource:
 def resolve_source(name: str, path: Optional[str] = None) -> ModelSource:
     """Map ``model.name``/``model.path`` to a source. Built-in ids never touch the filesystem."""
     preset = PRESETS.get(name)
-    target = path or (None if preset else name)
+    if preset is None and path is None:
+        # A name is an id, never a filesystem path: model.name=../../etc must not open /etc.
+        return ModelSource(None, None, check_model_name(name))
+    target = path  # an explicit path (local directory, hub id or hf://id) overrides the preset's source
     if target is None:
         return ModelSource(preset, None, preset.hf_repo)
     if target.startswith("kaggle://"):
@@ -53,6 +56,18 @@ def resolve_source(name: str, path: Optional[str] = None) -> ModelSource:
         f"Model '{target}' is neither a built-in preset ({known}), an existing local directory, "
         "nor a Hugging Face repo id (org/name)."
     )
+
+
+def check_model_name(name: str) -> str:
+    """The hub repo id in a non-preset ``model.name`` (``org/name`` or ``hf://org/name``), else UserError."""
+    repo = name[len("hf://") :] if name.startswith("hf://") else name
+    if not is_hub_id(repo):
+        known = ", ".join(PRESETS)
+        raise UserError(
+            f"model.name='{name}' is neither a built-in preset ({known}) nor a Hugging Face repo id (org/name). "
+            "Names are never read as filesystem paths; to load a local directory pass model.path=DIR."
+        )
+    return repo
 
 
 def offline_hint(repo: str) -> str:

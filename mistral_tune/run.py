@@ -11,7 +11,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
@@ -28,26 +28,46 @@ def default_output_dir(recipe: str) -> Path:
     return Path("runs") / f"{recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+_HANDLERS: list[logging.Handler] = []  # installed by the previous run() in this process
+
+
 def setup_logging(run_dir: Path) -> None:
+    from .safety import RedactingFilter
+
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    while _HANDLERS:  # a second run() in one process must not log into the first run's train.log
+        old = _HANDLERS.pop()
+        root.removeHandler(old)
+        old.close()
     for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
         handler.setFormatter(fmt)
+        handler.addFilter(RedactingFilter())  # API keys and tokens never reach the console or train.log
         root.addHandler(handler)
+        _HANDLERS.append(handler)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def run(cfg: Any) -> dict[str, Any]:
-    """Train and export as ``cfg`` says; returns the run summary (also written to summary.json)."""
-    from .export import check_writable, save_json
+def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train and export as ``cfg`` says; returns the run summary (also written to summary.json).
 
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects for Python API users. Raises
+    ``guards.TrainingInterrupted`` after saving a checkpoint on SIGTERM/SIGINT, and
+    ``guards.NonFiniteLoss`` on a NaN/inf loss with ``on_nan=stop``.
+    """
+    from .export import atomic_directory, check_writable, save_json
+    from .resume import resolve_resume
+    from .safety import redact, redact_config
+
+    output_dir_given = cfg.output_dir is not None
     run_dir = Path(cfg.output_dir or default_output_dir(cfg.recipe))
     check_writable(run_dir)
     cfg.output_dir = str(run_dir)
     setup_logging(run_dir)
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    resume_from = resolve_resume(cfg.resume, run_dir, output_dir_given)
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(redact_config(cfg)), encoding="utf-8")
     log.info("run directory: %s", run_dir)
     started = time.time()
 
@@ -59,8 +79,9 @@ def run(cfg: Any) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
-    from . import adapters, data, export
+    from . import adapters, data, export, resume
     from .generation import greedy_generate
+    from .guards import GracefulStop, NonFiniteLoss, TrainingInterrupted, stopped_summary, train_guarded
     from .tracking import MetricsJsonl
     from .trainers.sft import build_sft_trainer
 
@@ -81,15 +102,33 @@ def run(cfg: Any) -> dict[str, Any]:
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     train_ds, holdout, fmt, report = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+    steps = resume.planned_steps(cfg.train, len(train_ds), cfg.launcher.num_processes)
+    resume.check_disk_for_run(
+        cfg, run_dir, trainable=trainable, total=total, param_bytes=compute_dtype.itemsize, steps=steps
+    )
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
-    trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), train_ds, run_dir, [metrics])
-    result = trainer.train()
+    if cfg.resume:  # drop records past the checkpoint: the resumed run logs those steps again
+        metrics.records.extend(resume.trim_metrics(metrics.path, trainer_step(resume_from)))
+    stop = GracefulStop()
+    trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), train_ds, run_dir, [metrics, stop, *callbacks])
+    trainer.data_fingerprint = resume.dataset_fingerprint(train_ds)
+    if resume_from is not None:
+        saved = resume.check_compatible(resume_from, trainer.data_fingerprint, resume.batch_geometry(trainer.args))
+        trainer.nan_skipped_steps.extend(saved.get("nan_skipped_steps", []))
+        log.info("resuming from %s (step %d)", resume_from, saved["step"])
+    try:
+        result = train_guarded(trainer, stop, resume_from)
+    except (NonFiniteLoss, TrainingInterrupted) as exc:
+        summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
+        save_json(run_dir / "summary.json", redact(summary))
+        raise
     model = trainer.model
 
     adapter_dir = None
     if cfg.adapter.name != "none":
         adapter_dir = run_dir / "adapter"
-        model.save_pretrained(adapter_dir)
+        with atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
+            model.save_pretrained(tmp)
 
     samples = []
     if cfg.export.num_samples and holdout:
@@ -115,6 +154,8 @@ def run(cfg: Any) -> dict[str, Any]:
     summary = {
         "recipe": cfg.recipe,
         "run_dir": str(run_dir),
+        "status": "completed",
+        "resumed_from": str(resume_from) if resume_from else None,
         "steps": result.global_step,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
@@ -125,13 +166,22 @@ def run(cfg: Any) -> dict[str, Any]:
         "tokens_per_second": round(trainer.tokens_seen / max(result.metrics.get("train_runtime", 0.0), 1e-9), 1),
         "parameters": {"trainable": trainable, "total": total},
         "data": report.as_dict(),
+        "nan_skips": len(trainer.nan_skipped_steps),
+        "nan_skipped_steps": trainer.nan_skipped_steps,
         "adapter": str(adapter_dir) if adapter_dir else None,
         "merged": merged_info,
         "peak_memory_bytes": peak_memory_bytes(torch),
     }
-    save_json(run_dir / "summary.json", summary)
+    save_json(run_dir / "summary.json", redact(summary))
     log.info("summary: %s", json.dumps(summary))
     return summary
+
+
+def trainer_step(checkpoint: Any) -> int:
+    """The global step a checkpoint was saved at; 0 when starting fresh."""
+    from .checkpoints import checkpoint_step
+
+    return (checkpoint_step(checkpoint) or 0) if checkpoint else 0
 
 
 def peak_memory_bytes(torch: Any) -> int:

@@ -30,7 +30,8 @@ class MetricsJsonl(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
-        self._last = (self._start, 0)
+        # A resumed run starts from the checkpoint's token count, not 0.
+        self._last = (self._start, int(getattr(state, "num_input_tokens_seen", 0) or 0))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -88,7 +88,17 @@ def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
     cfg = compose("sft_lora", [f"data.path={write_jsonl(tmp_path / 'd.jsonl', rows)}", "data.holdout=3"])
     ds, holdout, fmt, report = data.prepare_sft_data(cfg.data, cfg.trainer, tok)
     assert fmt == "messages" and len(ds) == 7 and len(holdout) == 3
-    assert report.as_dict() == {"read": 10, "used": 7, "held_out": 3, "truncated": 0, "dropped": {}, "dropped_total": 0}
+    assert report.as_dict() == {
+        "read": 10,
+        "used": 7,
+        "held_out": 3,
+        "truncated": 0,
+        "duplicates": 0,
+        "extra_fields": 0,
+        "dropped": {},
+        "dropped_total": 0,
+        "bad_lines": [],
+    }
 
 
 @pytest.mark.parametrize("suffix", [".json", ".parquet"])

@@ -10,24 +10,42 @@ from omegaconf import OmegaConf
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
+from ..checkpoints import AtomicCheckpointMixin
+from ..guards import NonFiniteLossMixin
+from ..resume import batch_geometry
+from ..safety import redact_text
 from ..tracking import report_to
 
 
-class MistralSFTTrainer(SFTTrainer):
+class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
     """SFTTrainer with the plain causal-LM loss and a count of non-padding tokens.
 
     TRL's own ``compute_loss`` routes every step through a chunked log-prob/entropy head to log
     entropy and token accuracy; on small models that costs more than the step itself. We train on
     the model's own loss (identical value: mean NLL over label tokens) and log tokens seen instead.
+    Checkpoints are written atomically (``AtomicCheckpointMixin``) and NaN/inf losses follow
+    ``on_nan`` (``NonFiniteLossMixin``).
     """
 
-    tokens_seen = 0
+    data_fingerprint: str | None = None  # set by the pipeline; stored in checkpoints, checked on resume
+
+    @property
+    def tokens_seen(self) -> int:
+        # Kept in TrainerState so that it is saved in trainer_state.json and restored on resume.
+        return int(self.state.num_input_tokens_seen)
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "data_fingerprint": self.data_fingerprint,
+            "batch_geometry": batch_geometry(self.args),
+            "nan_skipped_steps": list(self.nan_skipped_steps),
+        }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             mask = inputs.get("attention_mask")
             local = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            self.tokens_seen += local * self.accelerator.num_processes
+            self.state.num_input_tokens_seen += local * self.accelerator.num_processes
         inputs["use_cache"] = False
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
@@ -38,6 +56,8 @@ class MistralSFTTrainer(SFTTrainer):
 
 def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
     train = OmegaConf.to_container(cfg.train, resolve=True)
+    if train.get("data_seed") is None:
+        train["data_seed"] = train["seed"]  # fixes the sample order, so a resumed run continues at the same sample
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         **train,
@@ -45,7 +65,7 @@ def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
         logging_strategy="steps",
         eval_strategy="no",
         report_to=report_to(cfg.tracking),
-        run_name=cfg.tracking.run_name or run_dir.name,
+        run_name=redact_text(cfg.tracking.run_name or run_dir.name),  # trackers store it
         max_length=None,  # examples are tokenized and truncated by mistral_tune.data
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
@@ -62,4 +82,5 @@ def build_sft_trainer(cfg: Any, model: Any, hf_tokenizer: Any, train_dataset: An
         train_dataset=train_dataset,
         processing_class=hf_tokenizer,
         callbacks=callbacks,
+        on_nan=cfg.get("on_nan", "stop"),
     )
