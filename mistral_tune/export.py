@@ -224,31 +224,23 @@ def write_preset(
     # Shared (tied) tensors count once. Counted now: save_pretrained consumes the dict it is given.
     parameter_count = sum({(v.data_ptr(), v.shape): v.numel() for v in state.values()}.values())
     check_writable(out_dir.parent)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from transformers import GenerationConfig
+
+    metadata = {
+        "mistral_tune_version": __version__,
+        "parameter_count": int(parameter_count),
+        "date_saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tasks": ["CausalLM"],
+        "base_preset": base_preset,
+        "chat_template": tokenizer.chat_template,
+        "provenance": provenance,
+    }
+    with atomic_directory(out_dir) as tmp:
         base.save_pretrained(tmp, state_dict=dict(state), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        from transformers import GenerationConfig
-
         GenerationConfig(
             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
         ).save_pretrained(tmp)
-        metadata = {
-            "mistral_tune_version": __version__,
-            "parameter_count": int(parameter_count),
-            "date_saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "tasks": ["CausalLM"],
-            "base_preset": base_preset,
-            "chat_template": tokenizer.chat_template,
-            "provenance": provenance,
-        }
         save_json(tmp / "metadata.json", metadata)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
     log.info("export: preset written to %s (%s parameters)", out_dir, f"{metadata['parameter_count']:,}")
     return out_dir

@@ -31,7 +31,10 @@ def resolve_handle(preset: str, *, load_weights: bool = True, revision: str | No
 
     if not isinstance(preset, (str, Path)) or not str(preset):
         raise UserError(f"preset must be a preset id, hf://org/name, kaggle://... or a directory; got {preset!r}.")
-    source = models.resolve_source(str(preset))
+    handle = str(preset)
+    # A from_preset() argument is a handle the caller chose (keras-hub takes local directories), so
+    # anything but a built-in id goes through resolve_source's explicit-path branch.
+    source = models.resolve_source(handle) if handle in models.PRESETS else models.resolve_source(handle, handle)
     if source.hub_repo is not None and source.preset is None:
         # hf://org/name: fetch once, then everything is read from disk.
         directory = models.fetch_hub_repo(source.hub_repo, revision, config_only=not load_weights)
