@@ -6,6 +6,7 @@ Kept free of torch/transformers imports at module level so ``--help`` and ``list
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -27,6 +28,9 @@ Swap parts: mistral-tune recipe=sft_lora model=mistral_7b_en adapter=qlora data.
 Inspect:    mistral-tune recipe=sft_lora --cfg job   (print the resolved config, run nothing)
 Generate:   mistral-tune generate preset=runs/x/merged prompt="Hello" sampler=greedy strip_prompt=true
 Resume:     mistral-tune recipe=sft_lora output_dir=runs/x resume=auto   (after a crash, kill or preemption)
+Size up:    mistral-tune recipe=sft_lora model=mistral_7b_en dry_run=true dry_run_gpu=A100
+            (parameters, peak memory per device and step time; no weights, no download)
+Track:      mistral-tune recipe=sft_lora tracking=wandb tracking.project=my-project   (or tracking=tensorboard)
 """
 
 
@@ -106,7 +110,7 @@ def compose(recipe: str, overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import check_values, register_schemas
+    from .config import check_values, register_schemas, unknown_keys
 
     if recipe not in recipes():
         raise unknown_recipe(recipe)
@@ -117,13 +121,19 @@ def compose(recipe: str, overrides: list[str]):
         with initialize_config_dir(config_dir=str(config_dir("recipes")), version_base="1.3"):
             cfg = hydra_compose(config_name=recipe, overrides=[*overrides, search])
     except (HydraException, OmegaConfBaseException) as exc:
-        raise UserError(describe_config_error(exc, overrides)) from None
+        raise UserError(describe_config_error(exc, overrides, recipe)) from None
     OmegaConf.set_struct(cfg, True)
     if "hydra" in cfg:
         with _open(cfg):
             del cfg["hydra"]
     cfg.recipe = recipe
-    problems = check_values(cfg)
+    extra = unknown_keys(cfg)
+    if extra:  # `+key=value` appends past the schema; nothing downstream would read it
+        raise UserError(unknown_key_message(extra[0], overrides, recipe))
+    try:
+        problems = check_values(cfg)
+    except OmegaConfBaseException as exc:  # e.g. an interpolation that does not resolve
+        raise UserError(describe_config_error(exc, overrides, recipe)) from None
     if problems:
         raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
     return cfg
@@ -137,7 +147,10 @@ def check_group_options(overrides: list[str]) -> None:
         if sep and key in options and value not in options[key]:
             close = difflib.get_close_matches(value, options[key], n=1)
             hint = f" Did you mean {key}={close[0]}?" if close else ""
-            raise UserError(f"Unknown {key} option '{value}'.{hint} Available: {', '.join(options[key])}.")
+            raise UserError(
+                f"Unknown {key} option '{value}' (from command-line override '{override}').{hint} "
+                f"Available: {', '.join(options[key])}."
+            )
 
 
 def _open(cfg):
@@ -146,19 +159,87 @@ def _open(cfg):
     return open_dict(cfg)
 
 
-def describe_config_error(exc: Exception, overrides: list[str]) -> str:
-    """Name the key and where it came from (a command-line override or a config file)."""
+def key_origin(key: str, overrides: list[str], recipe: Optional[str]) -> str:
+    """Where ``key`` was set: a command-line override, the recipe, or the config group file it selects."""
+    groups = group_options()
+    for o in overrides:
+        name = o.lstrip("+~").split("=", 1)[0]
+        if name in groups and key != name:
+            continue  # `export=none` picked a file; the key itself came from that file
+        if name == key or key.startswith(name + ".") or name.startswith(key + "."):
+            return f"command-line override '{o}'"
+    if recipe is None:
+        return "the configuration"
+    from omegaconf import OmegaConf
+
+    recipe_file = config_dir("recipes") / f"{recipe}.yaml"
+    recipe_cfg = OmegaConf.load(recipe_file)
+    if OmegaConf.select(recipe_cfg, key, default=None) is not None or key in recipe_cfg:
+        return f"the config file recipes/{recipe}.yaml"
+    group = key.split(".", 1)[0]
+    for o in overrides:
+        if o.startswith(f"{group}="):
+            return f"the config file conf/{group}/{o.split('=', 1)[1]}.yaml"
+    for entry in recipe_cfg.get("defaults", []):
+        if isinstance(entry, (dict,)) or hasattr(entry, "keys"):
+            for g, option in entry.items():
+                if g == group:
+                    return f"the config file conf/{group}/{option}.yaml"
+    return f"the config file recipes/{recipe}.yaml or a config group file it selects"
+
+
+def unknown_key_message(key: str, overrides: list[str], recipe: Optional[str]) -> str:
+    from .config import schema_keys
+
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    known = schema_keys()
+    # Candidates at the same depth: 'train.max_stpes' -> train.*, 'trackng' -> the top-level names.
+    siblings = sorted(
+        {
+            k[len(section) + 1 :].split(".")[0] if section else k.split(".")[0]
+            for k in known
+            if not section or k.startswith(section + ".")
+        }
+    )
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    prefix = f"{section}." if section else ""
+    if close:
+        hint = f" Did you mean '{prefix}{close[0]}'?"
+    else:
+        hint = f" Keys {'under ' + repr(section) if section else 'at the top level'}: {', '.join(siblings)}."
+    return (
+        f"Unknown config key '{key}' (from {key_origin(key, overrides, recipe)}).{hint} "
+        "See docs/configuration.md for every key."
+    )
+
+
+def describe_config_error(exc: Exception, overrides: list[str], recipe: Optional[str] = None) -> str:
+    """One sentence naming the key and where it came from, without Hydra's search-path dump."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    chain = [exc, exc.__cause__ or exc.__context__]
+    inner = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
+    if inner is not None:
+        key = inner.full_key
+        reason = str(inner).strip().splitlines()[0].strip()  # drops 'full_key: ... reference_type=...' lines
+        if isinstance(inner, (ConfigAttributeError, ConfigKeyError)) and "not in" in reason:
+            return unknown_key_message(key, overrides, recipe)
+        return f"Bad value for config key '{key}' (from {key_origin(key, overrides, recipe)}): {reason}."
     text = str(exc).strip()
-    cause = exc.__cause__ or exc.__context__
-    full_key = getattr(exc, "full_key", None) or getattr(cause, "full_key", None)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    head = lines[0] if lines else type(exc).__name__
-    if full_key:
-        from_cli = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == full_key]
-        origin = f"command-line override '{from_cli[0]}'" if from_cli else "a config file"
-        detail = f" ({cause})" if cause and str(cause) not in head else ""
-        return f"Invalid config key '{full_key}' from {origin}: {head}{detail}. See `mistral-tune --help`."
-    return f"Invalid configuration: {' '.join(lines)}. See `mistral-tune --help`."
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = group_options().get(group, [])
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f" Did you mean {group}={close[0]}?" if close else ""
+        return (
+            f"Unknown {group} option '{option}' (from {key_origin(group, overrides, recipe)}).{hint} "
+            f"Available: {', '.join(options) or 'none'}."
+        )
+    head = text.split("Config search path")[0]
+    first = " ".join(line.strip() for line in head.splitlines() if line.strip() and "full_key:" not in line)
+    return f"Invalid configuration: {first.rstrip('.')}. See `mistral-tune --help`."
 
 
 def cmd_train(args: list[str]) -> int:
@@ -177,6 +258,11 @@ def cmd_train(args: list[str]) -> int:
     cfg = compose(recipe, overrides)
     if show is not None:
         print(OmegaConf.to_yaml(cfg))
+        return 0
+    if cfg.dry_run:
+        from .dryrun import dry_run
+
+        dry_run(cfg)
         return 0
     from .run import run
 
@@ -211,7 +297,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .safety import redact_text
 
         message = redact_text(str(exc))  # error messages quote config values, which may hold a token
-        print("error: " + textwrap.fill(message, width=100, subsequent_indent="       "), file=sys.stderr)
+        # No breaks at hyphens: commands like `pip install 'mistral-tune[qlora]'` stay copyable.
+        wrapped = textwrap.fill(
+            message, width=100, subsequent_indent="       ", break_on_hyphens=False, break_long_words=False
+        )
+        print("error: " + wrapped, file=sys.stderr)
         return 2
     except Exception as exc:
         from .guards import TrainingInterrupted

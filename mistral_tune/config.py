@@ -59,9 +59,12 @@ class DataConfig:
     max_samples: Optional[int] = None  # cap on training examples (after holdout)
     holdout: int = 4  # examples kept out of training; their prompts feed samples.jsonl
     system_prompt: Optional[str] = None  # added to every conversation that has none
-    seed: int = 0  # shuffling seed for the holdout split
+    seed: int = 0  # shuffling seed for the holdout and eval splits
     on_error: str = "fail"  # fail | skip: a malformed line (bad JSON/UTF-8) stops the run, or is counted and skipped
     dedup: bool = False  # drop exact duplicate rows (always counted and reported)
+    # Evaluation data: a fraction of the training rows (e.g. "0.05") or a file in any supported format.
+    # Eval loss and perplexity are logged every train.eval_steps (default: train.logging_steps).
+    eval_split: Optional[str] = None
 
 
 @dataclass
@@ -73,11 +76,12 @@ class LauncherConfig:
 @dataclass
 class TrackingConfig:
     name: str = "none"  # none | wandb | tensorboard; metrics.jsonl is always written
-    project: str = "mistral-tune"
-    entity: Optional[str] = None
-    run_name: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    group: Optional[str] = None
+    project: str = "mistral-tune"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; None = your default entity
+    run_name: Optional[str] = None  # the run's name in the tracker; None = the run directory's name
+    tags: List[str] = field(default_factory=list)  # W&B tags
+    group: Optional[str] = None  # W&B group
+    mode: str = "auto"  # W&B: auto (online when logged in or WANDB_API_KEY is set, else offline) | online | offline
 
 
 @dataclass
@@ -120,9 +124,11 @@ class TrainConfig:
 class RunConfig:
     recipe: str = MISSING
     output_dir: Optional[str] = None  # default runs/<recipe>-<timestamp>
-    dry_run: bool = False
     resume: Optional[str] = None  # auto (latest complete checkpoint in output_dir) | PATH (a checkpoint or run dir)
     on_nan: str = "stop"  # stop | skip: a NaN/inf loss stops the run, or its optimizer step is skipped and counted
+    dry_run: bool = False  # build the model on the meta device, print sizes and estimates, train nothing
+    dry_run_gpu: str = "H100"  # H100 | H200 | A100 | L4: the GPU the dry run estimates step time for
+    dry_run_mfu: float = 0.4  # model FLOPs utilization assumed for that estimate (0.3-0.5 is typical)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -176,6 +182,7 @@ def check_values(cfg: Any) -> list[str]:
     one_of("on_nan", cfg.on_nan, ("stop", "skip"))
     one_of("launcher.name", cfg.launcher.name, ("local",))
     one_of("tracking.name", cfg.tracking.name, ("none", "wandb", "tensorboard"))
+    one_of("tracking.mode", cfg.tracking.mode, ("auto", "online", "offline"))
     one_of("export.dtype", cfg.export.dtype, ("auto", "float32", "bfloat16", "float16"))
     positive = {
         "adapter.r": cfg.adapter.r,
@@ -196,4 +203,54 @@ def check_values(cfg: Any) -> list[str]:
         problems.append(f"data.holdout={cfg.data.holdout} must be >= 0")
     if cfg.train.bf16 and cfg.train.fp16:
         problems.append("train.bf16 and train.fp16 cannot both be true")
+    if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
+        problems.append(f"train.eval_steps={cfg.train.eval_steps} must be > 0")
+    fraction = eval_fraction(cfg.data.eval_split)
+    if fraction is not None and not 0 < fraction < 1:
+        problems.append(f"data.eval_split={cfg.data.eval_split} must be a fraction between 0 and 1, or a file")
+    from .estimate import GPUS
+
+    one_of("dry_run_gpu", cfg.dry_run_gpu, tuple(GPUS))
+    if not 0 < cfg.dry_run_mfu <= 1:
+        problems.append(f"dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]")
     return problems
+
+
+def eval_fraction(eval_split: Optional[str]) -> Optional[float]:
+    """``data.eval_split`` as a fraction, or None when it is unset or names a file."""
+    if eval_split is None:
+        return None
+    try:
+        return float(eval_split)
+    except ValueError:
+        return None
+
+
+def unknown_keys(cfg: Any) -> list[str]:
+    """Dotted keys in ``cfg`` that the schema does not define (Hydra lets ``+key=value`` add them)."""
+    known = set(schema_keys())
+    sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+
+    def walk(node: Any, prefix: str):
+        for key in node.keys():
+            dotted = f"{prefix}{key}"
+            if dotted in sections:
+                yield from walk(node[key], dotted + ".")
+            elif dotted not in known:
+                yield dotted
+
+    return list(walk(cfg, ""))
+
+
+def schema_keys(schema: Any = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the schema defines (for "did you mean" suggestions)."""
+    import dataclasses
+
+    keys = []
+    for f in dataclasses.fields(schema):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if factory is not None and dataclasses.is_dataclass(factory):
+            keys += schema_keys(factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys

@@ -43,6 +43,9 @@ class DataReport:
     extra_fields: int = 0  # rows with fields the format does not use (ignored, kept)
     dropped: Counter = field(default_factory=Counter)
     bad_lines: list = field(default_factory=list)  # "file:line: reason" of the first skipped lines
+    eval_read: int = 0  # rows of the eval split (data.eval_split); a fraction of data.path counts in read too
+    eval_used: int = 0
+    eval_dropped: Counter = field(default_factory=Counter)
 
     MAX_BAD_LINES = 20
 
@@ -63,7 +66,25 @@ class DataReport:
             "dropped": dict(self.dropped),
             "dropped_total": sum(self.dropped.values()),
             "bad_lines": list(self.bad_lines),
+            "eval_read": self.eval_read,
+            "eval_used": self.eval_used,
+            "eval_dropped": dict(self.eval_dropped),
         }
+
+
+@dataclass
+class PreparedData:
+    """Everything ``prepare_sft_data`` hands to the run."""
+
+    train: Any  # datasets.Dataset of input_ids + labels
+    eval: Any  # the same for data.eval_split, or None
+    holdout: list  # raw rows whose prompts feed samples.jsonl
+    format: str
+    report: DataReport
+
+    def __iter__(self):
+        """Unpacks as the former ``(train, holdout, format, report)`` tuple, for existing callers."""
+        return iter((self.train, self.holdout, self.format, self.report))
 
 
 def resolve_local_path(path: str) -> Optional[Path]:
@@ -257,9 +278,11 @@ def tokenize_rows(
     return out
 
 
-def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
-    """Load, split off the holdout, tokenize. Returns (train Dataset, holdout rows, format, report)."""
+def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
+    """Load, split off the holdout and the eval split, tokenize; every lost row is counted."""
     from datasets import Dataset
+
+    from .config import eval_fraction
 
     report = DataReport()
     rows = load_records(data_cfg.path, data_cfg.split, data_cfg.on_error, report)
@@ -273,27 +296,34 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
     order = list(range(len(rows)))
     random.Random(data_cfg.seed).shuffle(order)
     holdout_n = min(data_cfg.holdout, max(len(rows) - 1, 0))
-    holdout = [rows[i] for i in order[:holdout_n]]
-    train_rows = [rows[i] for i in sorted(order[holdout_n:])]
+    holdout, rest = [rows[i] for i in order[:holdout_n]], order[holdout_n:]
     # Held-out rows prompt samples.jsonl, so they must be usable too; unusable ones are dropped and counted.
-    kwargs = dict(
+    options = dict(
         max_length=trainer_cfg.max_length, truncation=trainer_cfg.truncation, system_prompt=data_cfg.system_prompt
     )
-    holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **kwargs)]
+    holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
     report.truncated = 0  # counted for training examples only
     holdout_n = report.held_out = len(holdout)
+    fraction = eval_fraction(data_cfg.eval_split)
+    eval_rows, eval_fmt, eval_report = [], fmt, DataReport()
+    if fraction is not None:
+        eval_n = max(1, round(fraction * len(rest)))
+        if eval_n >= len(rest):
+            raise UserError(
+                f"data.eval_split={data_cfg.eval_split} of {len(rest)} rows leaves nothing to train on; "
+                "use a smaller fraction."
+            )
+        eval_rows, rest = [rows[i] for i in rest[:eval_n]], rest[eval_n:]
+    elif data_cfg.eval_split:
+        eval_rows = load_records(data_cfg.eval_split, data_cfg.split, data_cfg.on_error, eval_report)
+        if not eval_rows:
+            raise UserError(f"data.eval_split={data_cfg.eval_split} holds no examples.")
+        eval_fmt = detect_format(eval_rows, data_cfg.format)
+    train_rows = [rows[i] for i in sorted(rest)]
     if data_cfg.max_samples is not None and len(train_rows) > data_cfg.max_samples:
         report.dropped["over_max_samples"] += len(train_rows) - data_cfg.max_samples
         train_rows = train_rows[: data_cfg.max_samples]
-    examples = tokenize_rows(
-        train_rows,
-        fmt,
-        tokenizer,
-        max_length=trainer_cfg.max_length,
-        truncation=trainer_cfg.truncation,
-        system_prompt=data_cfg.system_prompt,
-        report=report,
-    )
+    examples = tokenize_rows(train_rows, fmt, tokenizer, report=report, **options)
     report.used = len(examples)
     for reason, n in sorted(report.dropped.items()):
         log.warning("data: dropped %d example(s): %s", n, reason)
@@ -308,11 +338,33 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any):
     if report.truncated:
         log.warning("data: truncated %d example(s) to trainer.max_length=%d", report.truncated, trainer_cfg.max_length)
     if not examples:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
         raise UserError(
-            f"No training examples left after filtering {report.read} rows of {data_cfg.path}: {dict(report.dropped)}."
+            f"No training examples left after filtering the {report.read} rows of {data_cfg.path} "
+            f"({holdout_n} held out; dropped: {reasons or 'none'}). Check the rows' fields, or raise "
+            "trainer.max_length if they were too long."
         )
-    log.info("data: %s format, %d read, %d training examples, %d held out", fmt, report.read, report.used, holdout_n)
-    return Dataset.from_list(examples), holdout, fmt, report
+    eval_ds = None
+    if eval_rows:
+        eval_examples = tokenize_rows(eval_rows, eval_fmt, tokenizer, report=eval_report, **options)
+        report.eval_read = eval_report.read + len(eval_rows)  # skipped bad lines (on_error=skip) + rows
+        report.eval_used, report.eval_dropped = len(eval_examples), eval_report.dropped
+        for reason, n in sorted(eval_report.dropped.items()):
+            log.warning("data: dropped %d evaluation example(s): %s", n, reason)
+        if not eval_examples:
+            raise UserError(
+                f"No evaluation examples left after filtering the {len(eval_rows)} rows of data.eval_split."
+            )
+        eval_ds = Dataset.from_list(eval_examples)
+    log.info(
+        "data: %s format, %d read, %d training examples, %d held out%s",
+        fmt,
+        report.read,
+        report.used,
+        holdout_n,
+        f", {report.eval_used} for evaluation" if eval_ds is not None else "",
+    )
+    return PreparedData(Dataset.from_list(examples), eval_ds, holdout, fmt, report)
 
 
 def find_duplicates(rows: list[dict[str, Any]], dedup: bool, report: DataReport) -> list[dict[str, Any]]:

@@ -193,6 +193,16 @@ def pick_attn_implementation(requested: str) -> str:
     return requested
 
 
+def check_max_length(max_length: int, max_position_embeddings: Optional[int]) -> None:
+    """Refuse a ``trainer.max_length`` longer than the positions the model was built for."""
+    if max_position_embeddings and max_length > max_position_embeddings:
+        raise UserError(
+            f"trainer.max_length={max_length} is beyond the model's max_position_embeddings="
+            f"{max_position_embeddings}: positions past it were never trained. Set trainer.max_length "
+            f"to {max_position_embeddings} or less."
+        )
+
+
 def resolve_dtype(name: str):
     import torch
 

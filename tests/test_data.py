@@ -86,8 +86,9 @@ def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
         for i in range(10)
     ]
     cfg = compose("sft_lora", [f"data.path={write_jsonl(tmp_path / 'd.jsonl', rows)}", "data.holdout=3"])
-    ds, holdout, fmt, report = data.prepare_sft_data(cfg.data, cfg.trainer, tok)
-    assert fmt == "messages" and len(ds) == 7 and len(holdout) == 3
+    prepared = data.prepare_sft_data(cfg.data, cfg.trainer, tok)
+    ds, holdout, fmt, report = prepared  # unpacks as the former 4-tuple
+    assert fmt == "messages" and len(ds) == 7 and len(holdout) == 3 and prepared.eval is None
     assert report.as_dict() == {
         "read": 10,
         "used": 7,
@@ -98,6 +99,9 @@ def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
         "dropped": {},
         "dropped_total": 0,
         "bad_lines": [],
+        "eval_read": 0,
+        "eval_used": 0,
+        "eval_dropped": {},
     }
 
 

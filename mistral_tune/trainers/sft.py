@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,13 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs["tokens_seen"] = self.tokens_seen
+        if isinstance(logs.get("eval_loss"), float):
+            # Perplexity of the eval split: exp of the mean token NLL (inf past float range).
+            logs["eval_perplexity"] = math.exp(logs["eval_loss"]) if logs["eval_loss"] < 700 else float("inf")
         super().log(logs, start_time)
 
 
-def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
+def sft_config(cfg: Any, run_dir: Path, has_eval: bool = False) -> SFTConfig:
     train = OmegaConf.to_container(cfg.train, resolve=True)
     if train.get("data_seed") is None:
         train["data_seed"] = train["seed"]  # fixes the sample order, so a resumed run continues at the same sample
@@ -63,7 +67,8 @@ def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
         **train,
         save_strategy="steps",
         logging_strategy="steps",
-        eval_strategy="no",
+        eval_strategy="steps" if has_eval else "no",  # every train.eval_steps (default: logging_steps)
+        prediction_loss_only=True,  # eval needs the loss only; gathering logits would cost vocab x tokens
         report_to=report_to(cfg.tracking),
         run_name=redact_text(cfg.tracking.run_name or run_dir.name),  # trackers store it
         max_length=None,  # examples are tokenized and truncated by mistral_tune.data
@@ -75,11 +80,20 @@ def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
     )
 
 
-def build_sft_trainer(cfg: Any, model: Any, hf_tokenizer: Any, train_dataset: Any, run_dir: Path, callbacks: list):
+def build_sft_trainer(
+    cfg: Any,
+    model: Any,
+    hf_tokenizer: Any,
+    train_dataset: Any,
+    run_dir: Path,
+    callbacks: list,
+    eval_dataset: Any = None,
+):
     return MistralSFTTrainer(
         model=model,
-        args=sft_config(cfg, run_dir),
+        args=sft_config(cfg, run_dir, has_eval=eval_dataset is not None),
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=hf_tokenizer,
         callbacks=callbacks,
         on_nan=cfg.get("on_nan", "stop"),

@@ -1,0 +1,56 @@
+"""`mistral-tune recipe=... dry_run=true`: sizes and estimates without weights, downloads or a run directory."""
+
+import re
+
+from mistral_tune import cli
+from mistral_tune.presets import PRESETS
+
+QLORA_7B = [
+    "recipe=sft_lora",
+    "model=mistral_7b_en",
+    "adapter.name=qlora",
+    "trainer.max_length=2048",
+    "train.per_device_train_batch_size=1",
+    "train.gradient_checkpointing=true",
+    "dry_run=true",
+]
+
+
+def test_dry_run_7b_qlora_prints_sizes_and_estimates(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # conftest points HF_ENDPOINT at an unroutable address: any download attempt would fail the run.
+    assert cli.main([*QLORA_7B, "dry_run_gpu=A100"]) == 0
+    out = capsys.readouterr().out
+    lora = 32 * 8 * ((4096 + 4096) + (4096 + 1024))  # r * (in + out) for q_proj and v_proj, 32 layers
+    assert f"{PRESETS['mistral_7b_en'].parameter_count + lora:,} total, {lora:,} trainable" in out
+    assert "tokens/step  up to 2,048 = batch 1 x accumulation 1 x 1 device(s) x max_length 2048" in out
+    for term in ("weights", "adapter + grads + optimizer", "activations", "recompute or logits peak", "peak"):
+        assert re.search(rf"^  {re.escape(term)}\s+\d+\.\d\d GiB", out, re.M), term
+    peak = float(re.search(r"^  peak\s+(\d+\.\d+) GiB", out, re.M).group(1))
+    assert 4.5 <= peak <= 7.5
+    assert "A100 SXM 80GB at 40% FLOPs utilization" in out
+    assert re.search(r"s per optimizer step, [\d,]+ tokens/s", out)
+    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_dry_run_returns_numbers_for_the_default_recipe(compose):
+    from mistral_tune.dryrun import dry_run
+
+    cfg = compose("sft_lora", ["dry_run=true", "dry_run_gpu=L4", "dry_run_mfu=0.3"])
+    result = dry_run(cfg)
+    lora = 2 * 8 * ((256 + 256) + (256 + 128))  # 2 layers, r=8, q_proj 256->256 and v_proj 256->128
+    assert result["parameters"] == {"trainable": lora, "total": PRESETS["mistral_tiny"].parameter_count + lora}
+    assert result["tokens_per_step"] == 8 * 128  # batch 8 x max_length 128 in the recipe
+    assert result["peak_memory_bytes"] == sum(result["memory_bytes"].values())  # the printed terms add up
+    assert result["step_seconds"] > 0
+
+
+def test_dry_run_rejects_a_max_length_beyond_the_model(capsys):
+    assert cli.main(["recipe=sft_lora", "dry_run=true", "trainer.max_length=4096"]) == 2
+    err = capsys.readouterr().err
+    assert "max_position_embeddings=2048" in err and "Traceback" not in err
+
+
+def test_dry_run_gpu_must_be_known(capsys):
+    assert cli.main(["recipe=sft_lora", "dry_run=true", "dry_run_gpu=V100"]) == 2
+    assert "dry_run_gpu='V100' is not one of H100, H200, A100, L4" in capsys.readouterr().err
