@@ -7,6 +7,8 @@ import torch
 from mistral_tune import estimate as E
 from mistral_tune.presets import PRESETS
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forward passes: one thread is faster under load
+
 TINY = PRESETS["mistral_tiny"].config
 SEVEN_B = PRESETS["mistral_7b_en"].config
 

@@ -43,7 +43,7 @@ def wandb_run(tmp_path_factory):
         "tracking.group=ci",
         f"output_dir={out}",
     ]
-    env = {**os.environ, **SECRETS}
+    env = {**os.environ, **SECRETS, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is faster on a busy CPU
     proc = subprocess.run([sys.executable, "-m", "mistral_tune", *args], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
@@ -123,7 +123,7 @@ def test_summary_json_and_plot(wandb_run):
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_tensorboard_event_files_hold_metrics_and_config(tmp_path, capsys):
+def test_tensorboard_event_files_hold_metrics_and_config(tmp_path, capsys, single_thread):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
