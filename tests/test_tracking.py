@@ -99,7 +99,8 @@ def test_eval_split_logs_eval_loss_and_perplexity(wandb_run):
     assert all(r["tokens_per_second"] is None for r in evals)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["eval_read"] == summary["data"]["eval_used"] == 20  # 5% of the 396 non-held-out rows
-    assert summary["data"]["used"] + summary["data"]["dropped_total"] == 396 - 20
+    d = summary["data"]
+    assert d["read"] == d["used"] + d["held_out"] + d["dropped_total"] + d["eval_read"] == 400
     assert summary["final_eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
     assert summary["best_eval_loss"] == pytest.approx(min(r["eval_loss"] for r in evals))
 
