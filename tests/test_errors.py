@@ -73,7 +73,9 @@ def test_dataset_empty_after_filtering(capsys, tmp_path):
     data = write_jsonl(tmp_path / "empty.jsonl", rows)
     args = ["recipe=sft_lora", f"data.path={data}", "data.holdout=1", f"output_dir={tmp_path / 'r'}"]
     msg = fails_cleanly(capsys, args)
-    assert "No training examples left after filtering the 5 rows" in msg and "(0 held out; dropped: 5 empty_field)" in msg
+    assert (
+        "No training examples left after filtering the 5 rows" in msg and "(0 held out; dropped: 5 empty_field)" in msg
+    )
 
 
 def test_max_length_beyond_the_model(capsys, tmp_path):
