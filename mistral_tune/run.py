@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,24 +25,28 @@ VERIFY_PROMPTS = (
 )
 
 
-def default_output_dir(recipe: str) -> Path:
-    return Path("runs") / f"{recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def default_output_dir(recipe: str, when: datetime | None = None) -> Path:
+    return Path("runs") / f"{recipe}-{(when or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
 
 
 _HANDLERS: list[logging.Handler] = []  # installed by the previous run() in this process
 
 
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(run_dir: Path, main_process: bool = True) -> None:
+    """INFO to stdout and train.log; the other processes of a launch print warnings and errors only."""
     from .safety import RedactingFilter
 
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
     while _HANDLERS:  # a second run() in one process must not log into the first run's train.log
         old = _HANDLERS.pop()
         root.removeHandler(old)
         old.close()
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if main_process:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
         handler.setFormatter(fmt)
         handler.addFilter(RedactingFilter())  # API keys and tokens never reach the console or train.log
         root.addHandler(handler)
@@ -57,17 +62,23 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     ``guards.TrainingInterrupted`` after saving a checkpoint on SIGTERM/SIGINT, and
     ``guards.NonFiniteLoss`` on a NaN/inf loss with ``on_nan=stop``.
     """
+    from . import distributed
     from .export import atomic_directory, check_writable, save_json
     from .resume import resolve_resume
     from .safety import redact, redact_config
 
+    # In a multi-process launch only rank 0 writes; the others train and help save (distributed.py).
+    main_process = distributed.is_main_process()
     output_dir_given = cfg.output_dir is not None
-    run_dir = Path(cfg.output_dir or default_output_dir(cfg.recipe))
-    check_writable(run_dir)
+    run_dir = distributed.shared_run_dir(cfg.output_dir, lambda when: default_output_dir(cfg.recipe, when))
+    if main_process:
+        check_writable(run_dir)
     cfg.output_dir = str(run_dir)
-    setup_logging(run_dir)
+    setup_logging(run_dir, main_process)
+    distributed.prepare_process(cfg)
     resume_from = resolve_resume(cfg.resume, run_dir, output_dir_given)
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(redact_config(cfg)), encoding="utf-8")
+    if main_process:
+        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(redact_config(cfg)), encoding="utf-8")
     log.info("run directory: %s", run_dir)
     started = time.time()
 
@@ -88,7 +99,7 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     tokenizer = models.load_tokenizer(source)
     compute_dtype = models.resolve_dtype(cfg.model.dtype)
-    quant = adapters.quantization_config(cfg.adapter, compute_dtype)
+    quant = distributed.quantization_for_engine(adapters.quantization_config(cfg.adapter, compute_dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant)
     if cfg.trainer.max_length > model.config.max_position_embeddings:
         from .errors import UserError
@@ -102,15 +113,16 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     train_ds, holdout, fmt, report = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
-    steps = resume.planned_steps(cfg.train, len(train_ds), cfg.launcher.num_processes)
+    steps = resume.planned_steps(cfg.train, len(train_ds), distributed.world_size())
     resume.check_disk_for_run(
         cfg, run_dir, trainable=trainable, total=total, param_bytes=compute_dtype.itemsize, steps=steps
     )
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
-    if cfg.resume:  # drop records past the checkpoint: the resumed run logs those steps again
+    if cfg.resume and main_process:  # drop records past the checkpoint: the resumed run logs those steps again
         metrics.records.extend(resume.trim_metrics(metrics.path, trainer_step(resume_from)))
     stop = GracefulStop()
-    trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), train_ds, run_dir, [metrics, stop, *callbacks])
+    callbacks = [metrics, stop, *distributed.fault_drill_callbacks(), *callbacks]
+    trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), train_ds, run_dir, callbacks)
     trainer.data_fingerprint = resume.dataset_fingerprint(train_ds)
     if resume_from is not None:
         saved = resume.check_compatible(resume_from, trainer.data_fingerprint, resume.batch_geometry(trainer.args))
@@ -119,16 +131,22 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     try:
         result = train_guarded(trainer, stop, resume_from)
     except (NonFiniteLoss, TrainingInterrupted) as exc:
-        summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
-        save_json(run_dir / "summary.json", redact(summary))
+        if main_process:
+            summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
+            save_json(run_dir / "summary.json", redact(summary))
         raise
     model = trainer.model
 
-    adapter_dir = None
-    if cfg.adapter.name != "none":
-        adapter_dir = run_dir / "adapter"
-        with atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
-            model.save_pretrained(tmp)
+    # Every process takes part in saving (ZeRO-3 and FSDP gather the shards); rank 0 writes, then goes on alone.
+    adapter_dir = run_dir / "adapter" if cfg.adapter.name != "none" else None
+    saved_dir = adapter_dir or run_dir / "checkpoints" / "final"
+    if adapter_dir or distributed.params_sharded(trainer):
+        with atomic_directory(saved_dir) if main_process else nullcontext(saved_dir) as target:  # never half-written
+            distributed.save_trained(trainer, target)
+    if not main_process:
+        return {}
+    if distributed.params_sharded(trainer):  # rank 0 holds only a shard: rebuild the model from the save
+        model = distributed.load_trained(cfg, source, quant, saved_dir)
 
     samples = []
     if cfg.export.num_samples and holdout:
@@ -171,6 +189,7 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "adapter": str(adapter_dir) if adapter_dir else None,
         "merged": merged_info,
         "peak_memory_bytes": peak_memory_bytes(torch),
+        **distributed.run_facts(trainer, cfg.launcher.name),
     }
     save_json(run_dir / "summary.json", redact(summary))
     log.info("summary: %s", json.dumps(summary))

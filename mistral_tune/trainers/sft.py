@@ -42,10 +42,6 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
         }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            mask = inputs.get("attention_mask")
-            local = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            self.state.num_input_tokens_seen += local * self.accelerator.num_processes
         inputs["use_cache"] = False
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
@@ -72,6 +68,8 @@ def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
         disable_tqdm=not sys.stderr.isatty(),
         use_cpu=False,
         label_names=["labels"],
+        # Non-padding tokens, gathered from every process each micro-batch (processes see different batches).
+        include_num_input_tokens_seen="non_padding",
     )
 
 
