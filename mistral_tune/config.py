@@ -75,10 +75,10 @@ class LauncherConfig:
     num_processes: int = 1  # all processes of the job (every machine); 0 = one per visible GPU x num_machines
     num_machines: int = 1
     machine_rank: int = 0  # this machine's index, 0 .. num_machines-1; machine 0 hosts rank 0
-    main_process_ip: str | None = None  # address of machine 0; required when num_machines > 1
+    main_process_ip: Optional[str] = None  # address of machine 0; required when num_machines > 1
     main_process_port: int = 29500  # 0 = any free port (one machine only)
-    accelerate_config: str | None = None  # accelerate config YAML; null = the one shipped for `name`
-    deepspeed_config: str | None = None  # DeepSpeed JSON; null = the one shipped for `name`
+    accelerate_config: Optional[str] = None  # accelerate config YAML; null = the one shipped for `name`
+    deepspeed_config: Optional[str] = None  # DeepSpeed JSON; null = the one shipped for `name`
 
 
 @dataclass
@@ -125,7 +125,7 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     dataloader_num_workers: int = 0
-    ddp_backend: str | None = None  # null = nccl on GPUs, gloo on CPU
+    ddp_backend: Optional[str] = None  # null = nccl on GPUs, gloo on CPU
 
 
 @dataclass
