@@ -53,17 +53,21 @@ def deepspeed_config_path(launcher_cfg: Any) -> Path | None:
 
 def total_processes(launcher_cfg: Any) -> int:
     """``num_processes``, with 0 meaning one process per visible GPU on each machine."""
-    if launcher_cfg.num_processes:
-        return launcher_cfg.num_processes
-    import torch
+    total = launcher_cfg.num_processes
+    if not total:
+        import torch
 
-    gpus = torch.cuda.device_count()
-    if gpus == 0:
-        raise UserError(
-            f"launcher={launcher_cfg.name} with launcher.num_processes=0 starts one process per GPU, but no GPU "
-            "is visible. Set launcher.num_processes=N (on CPU, N gloo processes)."
-        )
-    return gpus * launcher_cfg.num_machines
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise UserError(
+                f"launcher={launcher_cfg.name} with launcher.num_processes=0 starts one process per GPU, but no GPU "
+                "is visible. Set launcher.num_processes=N (on CPU, N gloo processes)."
+            )
+        total = gpus * launcher_cfg.num_machines
+    if launcher_cfg.name == "ddp" and total < 2:
+        # DeepSpeed and FSDP make sense on one GPU (offload, sharded states); DDP of one process does not.
+        raise UserError(f"launcher=ddp needs at least 2 processes (got {total}); for one process use launcher=local.")
+    return total
 
 
 def check_engine_installed(launcher_cfg: Any) -> None:
@@ -127,6 +131,8 @@ def launch(cfg: Any, recipe: str, overrides: list[str]) -> int:
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)
+    except (ValueError, ConnectionError) as exc:  # accelerate's answer to a config or port it cannot use
+        raise UserError(f"accelerate launch refused this launch: {exc}") from exc
     except ChildFailedError as exc:
         print(describe_failure(exc), file=sys.stderr)
         _, first = exc.get_first_failure()

@@ -172,6 +172,25 @@ def test_zero_gpus_with_automatic_process_count_is_a_clear_error():
         launch.total_processes(cfg.launcher)
 
 
+def test_ddp_of_one_process_is_refused():
+    cfg = compose("sft_lora", ["launcher=ddp", "launcher.num_processes=1"])
+    with pytest.raises(UserError, match="launcher=local"):
+        launch.total_processes(cfg.launcher)
+
+
+def test_an_accelerate_config_accelerate_refuses_is_one_clear_error(tmp_path, capsys):
+    from mistral_tune.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    shipped = (launch.CONFIG_DIR / "ddp.yaml").read_text()
+    bad.write_text(shipped.replace("mixed_precision: 'no'", "mixed_precision: fp7"))
+    code = main(["recipe=sft_lora", "launcher=ddp", "launcher.num_processes=2", f"launcher.accelerate_config={bad}",
+                 f"output_dir={tmp_path / 'run'}"])  # fmt: skip
+    assert code == 2
+    assert "accelerate launch refused this launch" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 # --------------------------------------------------------------------------- 2-process jobs (slow)
 
 
@@ -210,9 +229,15 @@ def _adapter(run_dir: Path) -> dict:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def _max_diff(a: dict, b: dict) -> float:
+def _relative_diff(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over all adapter tensors. A norm, not a max: Adam's first step moves each weight by
+    about lr * sign(gradient), so one weight whose gradient is ~0 may differ by a visible amount between
+    runs whose sums are merely reordered, while a real error (a missed gather) gives ~1."""
+    import torch
+
     assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    x, y = (torch.cat([d[k].flatten() for k in sorted(a)]) for d in (a, b))
+    return float((x - y).norm() / x.norm())
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +275,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(jobs):
     one, two = _losses(single_dir), _losses(ddp_dir)
     assert len(one) == len(two) == STEPS
     assert one == pytest.approx(two, abs=1e-5, rel=0)
-    assert _max_diff(_adapter(single_dir), _adapter(ddp_dir)) < 1e-5
+    assert _relative_diff(_adapter(single_dir), _adapter(ddp_dir)) < 1e-5
     s1 = json.loads((single_dir / "summary.json").read_text())
     s2 = json.loads((ddp_dir / "summary.json").read_text())
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
@@ -291,7 +316,7 @@ def test_deepspeed_trains_saves_the_adapter_and_exports_a_merge(jobs, name):
     assert summary["engine"] == name and summary["world_size"] == 2 and summary["global_batch_size"] == 4
     assert _losses(run_dir) == pytest.approx(_losses(reference_dir), abs=1e-5, rel=0)
     # ZeRO-3 holds each weight on one rank only: a save that skipped the gather would differ (or be empty).
-    assert _max_diff(_adapter(run_dir), _adapter(reference_dir)) < 1e-5
+    assert _relative_diff(_adapter(run_dir), _adapter(reference_dir)) < 1e-4
     assert summary["merged"]["verified"] and summary["merged"]["max_abs_logit_diff"] <= 1e-4
     # The merge loads with plain transformers and matches base + the DDP run's adapter.
     cfg = compose("sft_lora", [])
