@@ -162,6 +162,24 @@ def test_processes_of_one_machine_share_the_default_run_dir(monkeypatch):
         distributed.shared_run_dir(None, default_dir)
 
 
+@pytest.mark.parametrize("engine_env, use_cpu", [({}, "true"), ({"ACCELERATE_USE_DEEPSPEED": "true"}, None)])
+def test_cpu_processes_form_a_real_group(engine_env, use_cpu, monkeypatch):
+    """Without these settings accelerate on CPU gives every process world size 1 and rank 0 (no sync)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "x")  # records the original state, so teardown restores it
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", **engine_env}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose("sft_lora", [])
+    distributed.prepare_process(cfg)
+    assert cfg.train.ddp_backend == "gloo"
+    assert os.environ.get("ACCELERATE_USE_CPU") == use_cpu  # DeepSpeed refuses accelerate's CPU mode
+    assert not distributed.is_main_process() and distributed.in_launched_process()
+
+
 def test_zero_gpus_with_automatic_process_count_is_a_clear_error():
     import torch
 
