@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 # the tests) check that one failing process ends the whole job and that its error is the one shown.
 FAIL_RANK_ENV = "MISTRAL_TUNE_FAIL_RANK"
 
+FSDP_NEEDS_GPUS = (
+    "FSDP needs GPUs: accelerate only shards with FSDP on accelerator devices, and on CPU it would quietly "
+    "run plain DDP instead. On CPU use launcher=ddp, deepspeed_zero2 or deepspeed_zero3."
+)
+
 
 def rank() -> int:
     """Global rank of this process (0 outside a launch)."""
@@ -102,6 +107,8 @@ def prepare_process(cfg: Any) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return
+    if engine == "fsdp":
+        raise UserError(FSDP_NEEDS_GPUS)
     if cfg.train.ddp_backend is None:
         cfg.train.ddp_backend = "gloo"
     if engine != "deepspeed":
@@ -183,11 +190,16 @@ def run_facts(trainer: Any, launcher_name: str) -> dict[str, Any]:
     """
     args = trainer.args
     world = int(args.world_size)
-    engine = engine_from_env()
     stage = zero_stage(trainer)
+    if stage:
+        engine = f"deepspeed_zero{stage}"
+    elif getattr(trainer, "is_fsdp_enabled", False):  # what the trainer does, not what was asked for
+        engine = f"fsdp{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
+    else:
+        engine = "ddp" if world > 1 else "single"
     return {
         "launcher": launcher_name,
-        "engine": f"deepspeed_zero{stage}" if stage else ("fsdp2" if engine == "fsdp" else engine),
+        "engine": engine,
         "world_size": world,
         "num_machines": num_machines(),
         "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,

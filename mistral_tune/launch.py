@@ -70,7 +70,15 @@ def total_processes(launcher_cfg: Any) -> int:
     return total
 
 
-def check_engine_installed(launcher_cfg: Any) -> None:
+def check_engine_usable(launcher_cfg: Any) -> None:
+    """Fail before starting any process when the engine cannot run here."""
+    if launcher_cfg.name == "fsdp":
+        import torch
+
+        from .distributed import FSDP_NEEDS_GPUS
+
+        if not torch.cuda.is_available():
+            raise UserError(FSDP_NEEDS_GPUS)
     if launcher_cfg.name.startswith("deepspeed"):
         try:
             import deepspeed  # noqa: F401
@@ -120,7 +128,7 @@ def launch(cfg: Any, recipe: str, overrides: list[str]) -> int:
     from .export import check_writable
     from .run import default_output_dir
 
-    check_engine_installed(cfg.launcher)
+    check_engine_usable(cfg.launcher)
     output_dir = Path(cfg.output_dir or default_output_dir(recipe)).absolute()
     check_writable(output_dir)
     argv = accelerate_argv(cfg, recipe, overrides, output_dir)

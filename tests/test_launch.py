@@ -180,6 +180,23 @@ def test_cpu_processes_form_a_real_group(engine_env, use_cpu, monkeypatch):
     assert not distributed.is_main_process() and distributed.in_launched_process()
 
 
+def test_fsdp_on_cpu_is_refused_instead_of_quietly_running_ddp(monkeypatch, capsys, tmp_path):
+    import torch
+
+    from mistral_tune.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    out = tmp_path / "run"
+    assert main(["recipe=sft_lora", "launcher=fsdp", "launcher.num_processes=2", f"output_dir={out}"]) == 2
+    assert "FSDP needs GPUs" in capsys.readouterr().err
+    # the same check inside a process started by `accelerate launch --config_file fsdp.yaml` by hand
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **_engine_env("fsdp")}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match="FSDP needs GPUs"):
+        distributed.prepare_process(compose("sft_lora", []))
+
+
 def test_zero_gpus_with_automatic_process_count_is_a_clear_error():
     import torch
 
