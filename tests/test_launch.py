@@ -130,6 +130,28 @@ def test_shipped_fsdp_config_is_fsdp2_per_decoder_layer(monkeypatch):
     assert distributed.engine_from_env() == "fsdp"
 
 
+def test_fsdp2_shards_each_decoder_layer_with_its_lora_weights(monkeypatch):
+    """The units accelerate's FSDP2 path would fully_shard on our LoRA model, from the shipped config."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from mistral_tune import adapters, models
+
+    for key, value in _engine_env("fsdp").items():
+        monkeypatch.setenv(key, value)
+    cfg = compose("sft_lora", [])
+    model = models.load_model(cfg.model, models.resolve_source(cfg.model.name), seed=0)
+    model = adapters.apply_adapter(model, cfg.adapter)
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    units = [module for module in model.modules() if policy(module)]
+    assert len(units) == model.config.num_hidden_layers
+    assert all(type(u).__name__ == "MistralDecoderLayer" for u in units)
+    lora_in_units = {id(p) for u in units for n, p in u.named_parameters() if "lora_" in n}
+    assert lora_in_units == {id(p) for n, p in model.named_parameters() if "lora_" in n}
+
+
 def test_qlora_under_fsdp_stores_4bit_weights_in_compute_dtype(monkeypatch):
     import torch
     from transformers import BitsAndBytesConfig
