@@ -129,6 +129,11 @@ def launch(cfg: Any, recipe: str, overrides: list[str]) -> int:
     from .run import default_output_dir
 
     check_engine_usable(cfg.launcher)
+    if cfg.resume and not cfg.output_dir:  # the workers get a pinned output_dir, so say it here
+        raise UserError(
+            "resume continues the run in output_dir, but no output_dir was given (the default is a new "
+            "timestamped directory). Pass output_dir=runs/<the run to continue>."
+        )
     output_dir = Path(cfg.output_dir or default_output_dir(recipe)).absolute()
     check_writable(output_dir)
     argv = accelerate_argv(cfg, recipe, overrides, output_dir)
@@ -150,7 +155,9 @@ def launch(cfg: Any, recipe: str, overrides: list[str]) -> int:
 
 
 def describe_failure(exc: Any) -> str:
-    """One paragraph per failed process, the first failure first, each with its own error message."""
+    """One line per failed process, the first failure first, each with its own error message."""
+    from .safety import redact_text  # error messages may quote config values holding a token
+
     first_rank, _ = exc.get_first_failure()
     order = sorted(exc.failures, key=lambda r: (r != first_rank, r))
     lines = [f"error: the job stopped because {len(order)} process(es) failed; the others were ended."]
@@ -158,5 +165,6 @@ def describe_failure(exc: Any) -> str:
         failure = exc.failures[rank]
         message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {failure.signal_name()}"
-        lines.append(f"  rank {rank} (local rank {failure.local_rank}, {how}): {message or 'no error recorded'}")
+        message = redact_text(message) if message else "no error recorded"
+        lines.append(f"  rank {rank} (local rank {failure.local_rank}, {how}): {message}")
     return "\n".join(lines)

@@ -235,6 +235,13 @@ def test_ddp_of_one_process_is_refused():
         launch.total_processes(cfg.launcher)
 
 
+def test_resume_through_the_launcher_needs_an_output_dir(capsys):
+    from mistral_tune.cli import main
+
+    assert main(["recipe=sft_lora", "launcher=ddp", "launcher.num_processes=2", "resume=auto"]) == 2
+    assert "no output_dir was given" in capsys.readouterr().err
+
+
 def test_an_accelerate_config_accelerate_refuses_is_one_clear_error(tmp_path, capsys):
     from mistral_tune.cli import main
 
