@@ -260,7 +260,8 @@ def test_an_accelerate_config_accelerate_refuses_is_one_clear_error(tmp_path, ca
 
 def _run(args: list[str], tmp: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != distributed.FAIL_RANK_ENV}
-    full_env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", **(env or {}))
+    # One intra-op thread, as torchrun gives each of its processes: the same arithmetic in every run.
+    full_env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(args, cwd=tmp, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

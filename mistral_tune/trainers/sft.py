@@ -42,6 +42,12 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
         }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            mask = inputs.get("attention_mask")
+            ids = inputs["input_ids"]
+            local = mask.sum() if mask is not None else ids.new_tensor(ids.numel())
+            # Processes see different batches (and padding): sum their counts, as HF's own token count does.
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(local.reshape(1)).sum())
         inputs["use_cache"] = False
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
@@ -68,8 +74,6 @@ def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
         disable_tqdm=not sys.stderr.isatty(),
         use_cpu=False,
         label_names=["labels"],
-        # Non-padding tokens, gathered from every process each micro-batch (processes see different batches).
-        include_num_input_tokens_seen="non_padding",
     )
 
 
