@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Optional
 
+from .distributed import record_error
 from .errors import UserError
 
 PACKAGE_DIR = Path(__file__).parent
@@ -264,6 +265,10 @@ def cmd_train(args: list[str]) -> int:
 
         dry_run(cfg)
         return 0
+    from .launch import launch, should_launch
+
+    if should_launch(cfg):  # launcher=ddp|fsdp|deepspeed_*: start the processes, each of which runs below
+        return launch(cfg, recipe, overrides)
     from .run import run
 
     run(cfg)
@@ -294,6 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         command = COMMANDS.get(args[0])
         return command(args[1:]) if command else cmd_train(args)
     except UserError as exc:
+        record_error(exc)  # in a launched process: the launcher shows this rank's error
         from .safety import redact_text
 
         message = redact_text(str(exc))  # error messages quote config values, which may hold a token
@@ -304,6 +310,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("error: " + wrapped, file=sys.stderr)
         return 2
     except Exception as exc:
+        record_error(exc)
         from .guards import TrainingInterrupted
 
         if not isinstance(exc, TrainingInterrupted):

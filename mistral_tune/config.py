@@ -67,10 +67,21 @@ class DataConfig:
     eval_split: Optional[str] = None
 
 
+LAUNCHERS = ("local", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+
+
 @dataclass
 class LauncherConfig:
-    name: str = "local"  # local: this process
-    num_processes: int = 1
+    """How many processes train and with which engine; see docs/multi-gpu.md and mistral_tune/launch.py."""
+
+    name: str = "local"  # local | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3 | deepspeed_zero3_offload
+    num_processes: int = 1  # all processes of the job (every machine); 0 = one per visible GPU x num_machines
+    num_machines: int = 1
+    machine_rank: int = 0  # this machine's index, 0 .. num_machines-1; machine 0 hosts rank 0
+    main_process_ip: Optional[str] = None  # address of machine 0; required when num_machines > 1
+    main_process_port: int = 29500  # 0 = any free port (one machine only)
+    accelerate_config: Optional[str] = None  # accelerate config YAML; null = the one shipped for `name`
+    deepspeed_config: Optional[str] = None  # DeepSpeed JSON; null = the one shipped for `name`
 
 
 @dataclass
@@ -118,6 +129,7 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     dataloader_num_workers: int = 0
+    ddp_backend: Optional[str] = None  # null = nccl on GPUs, gloo on CPU
 
 
 @dataclass
@@ -180,7 +192,7 @@ def check_values(cfg: Any) -> list[str]:
     one_of("data.format", cfg.data.format, ("auto", "messages", "alpaca", "text"))
     one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
     one_of("on_nan", cfg.on_nan, ("stop", "skip"))
-    one_of("launcher.name", cfg.launcher.name, ("local",))
+    one_of("launcher.name", cfg.launcher.name, LAUNCHERS)
     one_of("tracking.name", cfg.tracking.name, ("none", "wandb", "tensorboard"))
     one_of("tracking.mode", cfg.tracking.mode, ("auto", "online", "offline"))
     one_of("export.dtype", cfg.export.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -213,6 +225,35 @@ def check_values(cfg: Any) -> list[str]:
     one_of("dry_run_gpu", cfg.dry_run_gpu, tuple(GPUS))
     if not 0 < cfg.dry_run_mfu <= 1:
         problems.append(f"dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]")
+    problems += launcher_problems(cfg)
+    return problems
+
+
+def launcher_problems(cfg: Any) -> list[str]:
+    """The launcher's numbers must describe a job accelerate can start on every machine alike."""
+    lc, problems = cfg.launcher, []
+    if lc.num_processes < 0 or lc.num_machines < 1:
+        problems.append("launcher.num_processes must be >= 0 (0 = one per GPU) and launcher.num_machines >= 1")
+        return problems
+    if lc.name == "local" and (lc.num_processes > 1 or lc.num_machines > 1):
+        problems.append(
+            f"launcher=local runs this one process, but launcher.num_processes={lc.num_processes} and "
+            f"launcher.num_machines={lc.num_machines}; pick launcher=ddp (or fsdp, deepspeed_zero2, ...)"
+        )
+    if lc.num_processes and lc.num_processes % lc.num_machines:
+        problems.append(
+            f"launcher.num_processes={lc.num_processes} counts the processes of all {lc.num_machines} machines "
+            "and must be a multiple of launcher.num_machines"
+        )
+    if not 0 <= lc.machine_rank < lc.num_machines:
+        problems.append(f"launcher.machine_rank={lc.machine_rank} must be in 0..{lc.num_machines - 1}")
+    if lc.num_machines > 1:
+        if not lc.main_process_ip:
+            problems.append("launcher.num_machines > 1 needs launcher.main_process_ip (the address of machine 0)")
+        if not lc.main_process_port:
+            problems.append("launcher.num_machines > 1 needs a fixed launcher.main_process_port (not 0)")
+        if not cfg.output_dir:
+            problems.append("launcher.num_machines > 1 needs output_dir set to the same shared path on every machine")
     return problems
 
 

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,21 +26,25 @@ VERIFY_PROMPTS = (
 )
 
 
-def default_output_dir(recipe: str) -> Path:
-    return Path("runs") / f"{recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def default_output_dir(recipe: str, when: datetime | None = None) -> Path:
+    return Path("runs") / f"{recipe}-{(when or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
 
 
 _HANDLERS: list[logging.Handler] = []  # installed by the running (or previous) run() in this process
 
 
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(run_dir: Path, main_process: bool = True) -> None:
+    """INFO to stdout and train.log; the other processes of a launch print warnings and errors only."""
     from .safety import RedactingFilter
 
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
     teardown_logging()  # a second run() in one process must not log into the first run's train.log
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if main_process:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
         handler.setFormatter(fmt)
         handler.addFilter(RedactingFilter())  # API keys and tokens never reach the console or train.log
         root.addHandler(handler)
@@ -82,24 +87,32 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     ``guards.TrainingInterrupted`` after saving a checkpoint on SIGTERM/SIGINT, and
     ``guards.NonFiniteLoss`` on a NaN/inf loss with ``on_nan=stop``.
     """
+    from . import distributed
     from .export import check_writable
 
+    # In a multi-process launch only rank 0 writes; the others train and help save (distributed.py).
+    main_process = distributed.is_main_process()
     output_dir_given = cfg.output_dir is not None
-    run_dir = Path(cfg.output_dir or default_output_dir(cfg.recipe))
-    check_writable(run_dir)
+    run_dir = distributed.shared_run_dir(cfg.output_dir, lambda when: default_output_dir(cfg.recipe, when))
+    if main_process:
+        check_writable(run_dir)
     preflight(cfg)
     cfg.output_dir = str(run_dir)
-    setup_logging(run_dir)
+    setup_logging(run_dir, main_process)
+    distributed.prepare_process(cfg)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = log_warning
             warnings.filterwarnings("ignore", message=".*pin_memory.*")  # CPU-only machines: harmless
-            return train_and_export(cfg, run_dir, output_dir_given, callbacks)
+            return train_and_export(cfg, run_dir, output_dir_given, callbacks, main_process)
     finally:
         teardown_logging()
 
 
-def train_and_export(cfg: Any, run_dir: Path, output_dir_given: bool, callbacks: Sequence[Any]) -> dict[str, Any]:
+def train_and_export(
+    cfg: Any, run_dir: Path, output_dir_given: bool, callbacks: Sequence[Any], main_process: bool
+) -> dict[str, Any]:
+    from . import distributed
     from .export import save_json
     from .resume import resolve_resume
     from .safety import redact, redact_config
@@ -107,7 +120,8 @@ def train_and_export(cfg: Any, run_dir: Path, output_dir_given: bool, callbacks:
     resume_from = resolve_resume(cfg.resume, run_dir, output_dir_given)
     config = redact_config(cfg)  # what the run directory and the tracker get to see
     config_yaml = OmegaConf.to_yaml(config)
-    (run_dir / "resolved_config.yaml").write_text(config_yaml, encoding="utf-8")
+    if main_process:
+        (run_dir / "resolved_config.yaml").write_text(config_yaml, encoding="utf-8")
     log.info("run directory: %s", run_dir)
     if cfg.train.eval_steps and not cfg.data.eval_split:
         log.warning(
@@ -132,7 +146,7 @@ def train_and_export(cfg: Any, run_dir: Path, output_dir_given: bool, callbacks:
     set_seed(cfg.train.seed)
     tokenizer = models.load_tokenizer(source)
     compute_dtype = models.resolve_dtype(cfg.model.dtype)
-    quant = adapters.quantization_config(cfg.adapter, compute_dtype)
+    quant = distributed.quantization_for_engine(adapters.quantization_config(cfg.adapter, compute_dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant)
     models.check_max_length(cfg.trainer.max_length, model.config.max_position_embeddings)
     model = adapters.apply_adapter(model, cfg.adapter, gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -141,15 +155,16 @@ def train_and_export(cfg: Any, run_dir: Path, output_dir_given: bool, callbacks:
 
     prepared = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
     train_ds, report = prepared.train, prepared.report
-    steps = resume.planned_steps(cfg.train, len(train_ds), cfg.launcher.num_processes)
+    steps = resume.planned_steps(cfg.train, len(train_ds), distributed.world_size())
     resume.check_disk_for_run(
         cfg, run_dir, trainable=trainable, total=total, param_bytes=compute_dtype.itemsize, steps=steps
     )
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
-    if cfg.resume:  # drop records past the checkpoint: the resumed run logs those steps again
+    if cfg.resume and main_process:  # drop records past the checkpoint: the resumed run logs those steps again
         metrics.records.extend(resume.trim_metrics(metrics.path, trainer_step(resume_from)))
     stop = GracefulStop()
-    tracking = start_tracking(cfg.tracking, run_dir, config, config_yaml)
+    tracking = start_tracking(cfg.tracking, run_dir, config, config_yaml) if main_process else None
+    extra = [*tracking.callbacks] if tracking else []
     try:
         trainer = build_sft_trainer(
             cfg,
@@ -157,7 +172,7 @@ def train_and_export(cfg: Any, run_dir: Path, output_dir_given: bool, callbacks:
             tokenizer.to_hf(),
             train_ds,
             run_dir,
-            [*tracking.callbacks, metrics, stop, *callbacks],
+            [*extra, metrics, stop, *distributed.fault_drill_callbacks(), *callbacks],
             eval_dataset=prepared.eval,
         )
         use_progress_reporter(trainer, ProgressReporter(metrics))
@@ -169,10 +184,13 @@ def train_and_export(cfg: Any, run_dir: Path, output_dir_given: bool, callbacks:
         try:
             result = train_guarded(trainer, stop, resume_from)
         except (NonFiniteLoss, TrainingInterrupted) as exc:
-            summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
-            save_json(run_dir / "summary.json", redact(summary))
+            if main_process:
+                summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
+                save_json(run_dir / "summary.json", redact(summary))
             raise
-        outputs = save_outputs(cfg, run_dir, trainer.model, tokenizer, prepared)
+        outputs = save_outputs(cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process)
+        if not main_process:
+            return {}
         summary = build_summary(cfg, run_dir, result, trainer, metrics.records, report, started, resume_from)
         summary.update(outputs)
         summary["parameters"] = {"trainable": trainable, "total": total}
@@ -181,22 +199,31 @@ def train_and_export(cfg: Any, run_dir: Path, output_dir_given: bool, callbacks:
         finish_run(run_dir, summary)
         tracking.log_summary(redact(summary))
     except BaseException:
-        tracking.finish(failed=True)
+        if tracking:
+            tracking.finish(failed=True)
         raise
     tracking.finish()
     return summary
 
 
-def save_outputs(cfg: Any, run_dir: Path, model: Any, tokenizer: Any, prepared: Any) -> dict[str, Any]:
-    """adapter/, samples.jsonl and merged/; returns where they are."""
-    from . import data, export
+def save_outputs(
+    cfg: Any, run_dir: Path, trainer: Any, tokenizer: Any, prepared: Any, source: Any, quant: Any, main_process: bool
+) -> dict[str, Any]:
+    """adapter/, samples.jsonl and merged/; returns where they are (rank 0; {} on the other ranks)."""
+    from . import data, distributed, export
     from .generation import greedy_generate
 
-    adapter_dir = None
-    if cfg.adapter.name != "none":
-        adapter_dir = run_dir / "adapter"
-        with export.atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
-            model.save_pretrained(tmp)
+    # Every process takes part in saving (ZeRO-3 and FSDP gather the shards); rank 0 writes, then goes on alone.
+    model = trainer.model
+    adapter_dir = run_dir / "adapter" if cfg.adapter.name != "none" else None
+    saved_dir = adapter_dir or run_dir / "checkpoints" / "final"
+    if adapter_dir or distributed.params_sharded(trainer):
+        with export.atomic_directory(saved_dir) if main_process else nullcontext(saved_dir) as target:
+            distributed.save_trained(trainer, target)  # never a half-written adapter/
+    if not main_process:
+        return {}
+    if distributed.params_sharded(trainer):  # rank 0 holds only a shard: rebuild the model from the save
+        model = distributed.load_trained(cfg, source, quant, saved_dir)
 
     holdout = prepared.holdout
     if cfg.export.num_samples and holdout:
@@ -224,7 +251,8 @@ def save_outputs(cfg: Any, run_dir: Path, model: Any, tokenizer: Any, prepared: 
 
 
 def build_summary(cfg, run_dir, result, trainer, records, report, started, resume_from) -> dict[str, Any]:
-    """summary.json's numbers: losses, eval losses, tokens and times."""
+    """summary.json's numbers: losses, eval losses, tokens, times, and the launch's world size and batch."""
+    from . import distributed
     losses = [r["loss"] for r in records if isinstance(r.get("loss"), float)]
     evals = [r for r in records if isinstance(r.get("eval_loss"), float)]
     runtime = result.metrics.get("train_runtime", 0.0)
@@ -247,6 +275,7 @@ def build_summary(cfg, run_dir, result, trainer, records, report, started, resum
         "data": report.as_dict(),
         "nan_skips": len(trainer.nan_skipped_steps),
         "nan_skipped_steps": trainer.nan_skipped_steps,
+        **distributed.run_facts(trainer, cfg.launcher.name),
     }
 
 

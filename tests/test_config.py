@@ -122,3 +122,8 @@ def test_wheel_ships_recipes_conf_and_sample_data(tmp_path):
         assert f"mistral_tune/recipes/{recipe}.yaml" in names
     assert "mistral_tune/conf/model/mistral_tiny.yaml" in names
     assert "mistral_tune/data/sft_sample.jsonl" in names
+    for launcher in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"):
+        assert f"mistral_tune/conf/launcher/{launcher}.yaml" in names
+        assert f"mistral_tune/launch_configs/{launcher}.yaml" in names  # the accelerate config launch.py uses
+    for stage in ("zero2", "zero3", "zero3_offload"):
+        assert f"mistral_tune/launch_configs/deepspeed_{stage}.json" in names

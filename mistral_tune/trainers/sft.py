@@ -45,8 +45,10 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             mask = inputs.get("attention_mask")
-            local = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            self.state.num_input_tokens_seen += local * self.accelerator.num_processes
+            ids = inputs["input_ids"]
+            local = mask.sum() if mask is not None else ids.new_tensor(ids.numel())
+            # Processes see different batches (and padding): sum their counts, as HF's own token count does.
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(local.reshape(1)).sum())
         inputs["use_cache"] = False
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 

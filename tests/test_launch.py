@@ -1,0 +1,411 @@
+"""Multi-process launches on CPU: the launcher group, accelerate/DeepSpeed configs, DDP parity, ZeRO-2/3
+training + saving + merged export, rank-0-only writes and whole-job failure.
+
+The slow tests start real 2-process jobs (gloo on CPU) through ``accelerate launch`` and
+``mistral-tune launcher=...``, and compare them with a 1-process run of the same global batch:
+2 processes x 2 sequences x 1 accumulation step = 1 process x 2 sequences x 2 accumulation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mistral_tune import distributed, launch
+from mistral_tune.cli import compose
+from mistral_tune.config import LAUNCHERS
+from mistral_tune.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 3
+# Dropout 0 and the same data order make the runs comparable step by step.
+COMMON = [
+    f"train.max_steps={STEPS}",
+    "train.logging_steps=1",
+    "train.warmup_steps=0",
+    "data.max_samples=16",
+    "adapter.dropout=0",
+    "export.num_samples=0",
+]
+PER_PROCESS_BATCH = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1"]
+
+
+# --------------------------------------------------------------------------- config and commands
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_launcher_composes(name):
+    cfg = compose("sft_lora", [f"launcher={name}", f"launcher.num_processes={1 if name == 'local' else 2}"])
+    assert cfg.launcher.name == name
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["launcher.num_processes=2"], "launcher=local"),
+        (["launcher=ddp", "launcher.num_processes=3", "launcher.num_machines=2", "output_dir=/x",
+          "launcher.main_process_ip=10.0.0.1"], "multiple of launcher.num_machines"),
+        (["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2", "launcher.machine_rank=2",
+          "output_dir=/x", "launcher.main_process_ip=10.0.0.1"], "launcher.machine_rank=2"),
+        (["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2", "output_dir=/x"], "main_process_ip"),
+        (["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2",
+          "launcher.main_process_ip=10.0.0.1"], "output_dir"),
+        (["launcher.name=horovod"], "launcher.name='horovod'"),
+    ],
+)  # fmt: skip
+def test_launcher_values_are_checked(overrides, key):
+    with pytest.raises(UserError, match=key.replace("(", r"\(").replace(".", r"\.")):
+        compose("sft_lora", overrides)
+
+
+def test_multi_node_settings_reach_accelerate():
+    from accelerate.commands.launch import launch_command_parser
+
+    overrides = [
+        "launcher=deepspeed_zero3", "launcher.num_processes=16", "launcher.num_machines=2",
+        "launcher.machine_rank=1", "launcher.main_process_ip=10.0.0.1", "launcher.main_process_port=29501",
+        "output_dir=/shared/old", "train.max_steps=7",
+    ]  # fmt: skip
+    cfg = compose("sft_lora", overrides)
+    argv = launch.accelerate_argv(cfg, "sft_lora", overrides, Path("/shared/run one"))
+    args = launch_command_parser().parse_args(argv)
+    assert (args.num_processes, args.num_machines, args.machine_rank) == (16, 2, 1)
+    assert (args.main_process_ip, args.main_process_port) == ("10.0.0.1", 29501)
+    assert args.module and args.training_script == "mistral_tune"
+    assert Path(args.deepspeed_config_file).is_file() and Path(args.config_file).is_file()
+    worker = args.training_script_args
+    assert worker[0] == "recipe=sft_lora" and "train.max_steps=7" in worker and "launcher=deepspeed_zero3" in worker
+    # The output_dir is pinned (quoted for Hydra), and the worker composes the same config from it.
+    assert [w for w in worker if w.startswith("output_dir=")] == ["output_dir='/shared/run one'"]
+    assert compose("sft_lora", worker[1:]).output_dir == "/shared/run one"
+
+
+def _engine_env(name: str) -> dict[str, str]:
+    """The environment accelerate gives each process for the shipped config of launcher ``name``."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    cfg = compose("sft_lora", [f"launcher={name}", "launcher.num_processes=2", "launcher.main_process_port=0"])
+    args = launch_command_parser().parse_args(launch.accelerate_argv(cfg, "sft_lora", [], Path("/tmp/r")))
+    args, defaults, _ = _validate_launch_command(args)  # accelerate's own reading of our YAML
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+@pytest.mark.parametrize(
+    "name, stage", [("deepspeed_zero2", 2), ("deepspeed_zero3", 3), ("deepspeed_zero3_offload", 3)]
+)
+def test_shipped_deepspeed_configs_build_the_plugin(name, stage, monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+
+    for key, value in _engine_env(name).items():
+        monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()  # what transformers builds in each worker from that environment
+    zero = plugin.hf_ds_config.config["zero_optimization"]
+    assert plugin.zero_stage == stage
+    if stage == 3:  # saving gathers the shards into one state dict
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ("offload_param" in zero) == name.endswith("offload")
+
+
+def test_shipped_fsdp_config_is_fsdp2_per_decoder_layer(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    env = _engine_env("fsdp")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.transformer_cls_names_to_wrap == ["MistralDecoderLayer"]
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+    assert distributed.engine_from_env() == "fsdp"
+
+
+def test_fsdp2_shards_each_decoder_layer_with_its_lora_weights(monkeypatch):
+    """The units accelerate's FSDP2 path would fully_shard on our LoRA model, from the shipped config."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from mistral_tune import adapters, models
+
+    for key, value in _engine_env("fsdp").items():
+        monkeypatch.setenv(key, value)
+    cfg = compose("sft_lora", [])
+    model = models.load_model(cfg.model, models.resolve_source(cfg.model.name), seed=0)
+    model = adapters.apply_adapter(model, cfg.adapter)
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    units = [module for module in model.modules() if policy(module)]
+    assert len(units) == model.config.num_hidden_layers
+    assert all(type(u).__name__ == "MistralDecoderLayer" for u in units)
+    lora_in_units = {id(p) for u in units for n, p in u.named_parameters() if "lora_" in n}
+    assert lora_in_units == {id(p) for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_compute_dtype(monkeypatch):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    def quant():
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+
+    assert distributed.quantization_for_engine(quant()).bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert distributed.quantization_for_engine(quant()).bnb_4bit_quant_storage == torch.bfloat16
+    assert distributed.quantization_for_engine(None) is None
+
+
+def test_processes_of_one_machine_share_the_default_run_dir(monkeypatch):
+    import psutil
+
+    named = []
+
+    def default_dir(when):
+        named.append(when)
+        return Path("runs") / when.strftime("%Y%m%d-%H%M%S")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    distributed.shared_run_dir(None, default_dir)
+    assert named[0].timestamp() == pytest.approx(psutil.Process(os.getppid()).create_time(), abs=1e-3)
+    assert distributed.shared_run_dir("/given", default_dir) == Path("/given")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two machines of two processes
+    with pytest.raises(UserError, match="output_dir"):
+        distributed.shared_run_dir(None, default_dir)
+
+
+@pytest.mark.parametrize("engine_env, use_cpu", [({}, "true"), ({"ACCELERATE_USE_DEEPSPEED": "true"}, None)])
+def test_cpu_processes_form_a_real_group(engine_env, use_cpu, monkeypatch):
+    """Without these settings accelerate on CPU gives every process world size 1 and rank 0 (no sync)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "x")  # records the original state, so teardown restores it
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", **engine_env}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose("sft_lora", [])
+    distributed.prepare_process(cfg)
+    assert cfg.train.ddp_backend == "gloo"
+    assert os.environ.get("ACCELERATE_USE_CPU") == use_cpu  # DeepSpeed refuses accelerate's CPU mode
+    assert not distributed.is_main_process() and distributed.in_launched_process()
+
+
+def test_fsdp_on_cpu_is_refused_instead_of_quietly_running_ddp(monkeypatch, capsys, tmp_path):
+    import torch
+
+    from mistral_tune.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    out = tmp_path / "run"
+    assert main(["recipe=sft_lora", "launcher=fsdp", "launcher.num_processes=2", f"output_dir={out}"]) == 2
+    assert "FSDP needs GPUs" in capsys.readouterr().err
+    # the same check inside a process started by `accelerate launch --config_file fsdp.yaml` by hand
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **_engine_env("fsdp")}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match="FSDP needs GPUs"):
+        distributed.prepare_process(compose("sft_lora", []))
+
+
+def test_zero_gpus_with_automatic_process_count_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    cfg = compose("sft_lora", ["launcher=ddp"])
+    with pytest.raises(UserError, match="no GPU is visible"):
+        launch.total_processes(cfg.launcher)
+
+
+def test_ddp_of_one_process_is_refused():
+    cfg = compose("sft_lora", ["launcher=ddp", "launcher.num_processes=1"])
+    with pytest.raises(UserError, match="launcher=local"):
+        launch.total_processes(cfg.launcher)
+
+
+def test_resume_through_the_launcher_needs_an_output_dir(capsys):
+    from mistral_tune.cli import main
+
+    assert main(["recipe=sft_lora", "launcher=ddp", "launcher.num_processes=2", "resume=auto"]) == 2
+    assert "no output_dir was given" in capsys.readouterr().err
+
+
+def test_an_accelerate_config_accelerate_refuses_is_one_clear_error(tmp_path, capsys):
+    from mistral_tune.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    shipped = (launch.CONFIG_DIR / "ddp.yaml").read_text()
+    bad.write_text(shipped.replace("mixed_precision: 'no'", "mixed_precision: fp7"))
+    code = main(["recipe=sft_lora", "launcher=ddp", "launcher.num_processes=2", f"launcher.accelerate_config={bad}",
+                 f"output_dir={tmp_path / 'run'}"])  # fmt: skip
+    assert code == 2
+    assert "accelerate launch refused this launch" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- 2-process jobs (slow)
+
+
+def _run(args: list[str], tmp: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != distributed.FAIL_RANK_ENV}
+    # One intra-op thread, as torchrun gives each of its processes: the same arithmetic in every run.
+    full_env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(args, cwd=tmp, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _train(tmp: Path, name: str, overrides: list[str], *, accelerate_args: list[str] | None = None, env=None):
+    """One run; with ``accelerate_args`` through ``accelerate launch`` itself. Returns (process, run dir)."""
+    run_dir = tmp / name
+    cli = ["-m", "mistral_tune", "recipe=sft_lora", f"output_dir={run_dir}", *COMMON, *overrides]
+    if accelerate_args is None:
+        cmd = [sys.executable, *cli]
+    else:
+        accelerate = Path(sys.executable).with_name("accelerate")
+        prefix = (
+            [str(accelerate)] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+        )
+        cmd = [*prefix, "launch", *accelerate_args, *cli]
+    return _run(cmd, tmp, env), run_dir
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def _relative_diff(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over all adapter tensors. A norm, not a max: Adam's first step moves each weight by
+    about lr * sign(gradient), so one weight whose gradient is ~0 may differ by a visible amount between
+    runs whose sums are merely reordered, while a real error (a missed gather) gives ~1."""
+    import torch
+
+    assert a.keys() == b.keys()
+    x, y = (torch.cat([d[k].flatten() for k in sorted(a)]) for d in (a, b))
+    return float((x - y).norm() / x.norm())
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Runs shared by the slow tests, started lazily: each costs ~20-40 s of 2-core CPU."""
+    tmp = tmp_path_factory.mktemp("launch")
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            if name == "single":
+                # 1 process x 2 sequences x 2 accumulation steps = 4 sequences per optimizer step
+                cache[name] = _train(tmp, name, ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2",
+                                                  "export.merged=false"])  # fmt: skip
+            elif name == "ddp":  # the command users type: accelerate launch --multi_gpu --num_processes 2
+                accelerate_args = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
+                cache[name] = _train(
+                    tmp, name, [*PER_PROCESS_BATCH, "export.merged=false"], accelerate_args=accelerate_args
+                )
+            else:  # deepspeed_zero2 / deepspeed_zero3 through mistral-tune's own launcher
+                extra = ["export.num_samples=1", "export.sample_max_new_tokens=4"] if name.endswith("3") else []
+                cache[name] = _train(tmp, name, [f"launcher={name}", "launcher.num_processes=2",
+                                                 "launcher.main_process_port=0", *PER_PROCESS_BATCH, *extra])  # fmt: skip
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(jobs):
+    single, single_dir = jobs("single")
+    ddp, ddp_dir = jobs("ddp")
+    _ok(single)
+    _ok(ddp)
+    one, two = _losses(single_dir), _losses(ddp_dir)
+    assert len(one) == len(two) == STEPS
+    assert one == pytest.approx(two, abs=1e-5, rel=0)
+    assert _relative_diff(_adapter(single_dir), _adapter(ddp_dir)) < 1e-5
+    s1 = json.loads((single_dir / "summary.json").read_text())
+    s2 = json.loads((ddp_dir / "summary.json").read_text())
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert s1["global_batch_size"] == s2["global_batch_size"] == 4
+    assert s2["engine"] == "ddp"
+    # tokens_seen is the sum over both processes: the same tokens as the 1-process run, not 2x one rank's
+    assert s1["tokens_seen"] == s2["tokens_seen"] > 0
+    assert s2["tokens_per_second"] == pytest.approx(s2["tokens_seen"] / s2["train_seconds"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_the_run_directory(jobs):
+    ddp, run_dir = jobs("ddp")
+    _ok(ddp)
+    log = (run_dir / "train.log").read_text()
+    assert log.count("run directory:") == 1
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert not list(run_dir.glob(".*")), "temporary files left behind"
+    assert ddp.stdout.count("run directory:") == 1  # the other process logs warnings and errors only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_trains_saves_the_adapter_and_exports_a_merge(jobs, name):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mistral_tune import models
+    from mistral_tune.export import reference_logits
+    from mistral_tune.run import VERIFY_PROMPTS
+
+    proc, run_dir = jobs(name)
+    _ok(proc)
+    _, reference_dir = jobs("ddp")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine"] == name and summary["world_size"] == 2 and summary["global_batch_size"] == 4
+    assert _losses(run_dir) == pytest.approx(_losses(reference_dir), abs=1e-5, rel=0)
+    # ZeRO-3 holds each weight on one rank only: a save that skipped the gather would differ (or be empty).
+    assert _relative_diff(_adapter(run_dir), _adapter(reference_dir)) < 1e-4
+    assert summary["merged"]["verified"] and summary["merged"]["max_abs_logit_diff"] <= 1e-4
+    # The merge loads with plain transformers and matches base + the DDP run's adapter.
+    cfg = compose("sft_lora", [])
+    tokenizer = models.load_tokenizer(models.resolve_source(cfg.model.name))
+    base = models.load_model(cfg.model, models.resolve_source(cfg.model.name), seed=cfg.train.seed)
+    expected = reference_logits(PeftModel.from_pretrained(base, reference_dir / "adapter"), tokenizer, VERIFY_PROMPTS)
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32)
+    assert float((reference_logits(merged, tokenizer, VERIFY_PROMPTS) - expected).abs().max()) < 1e-4
+    if name.endswith("3"):  # rank 0 rebuilt the model from the gathered save and sampled from it
+        assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_ends_the_job_and_shows_that_error(tmp_path):
+    proc, run_dir = _train(
+        tmp_path,
+        "fail",
+        ["launcher=ddp", "launcher.num_processes=2", "launcher.main_process_port=0", *PER_PROCESS_BATCH,
+         "export.merged=false"],
+        env={distributed.FAIL_RANK_ENV: "1"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "error: the job stopped" in proc.stderr, proc.stderr[-5000:]
+    report = proc.stderr[proc.stderr.index("error: the job stopped") :]
+    first = report.splitlines()[1]
+    assert first.startswith("  rank 1 ") and "failure drill: rank 1 fails on purpose at step 1" in first
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "adapter").exists()
