@@ -49,6 +49,8 @@ class TrainerConfig:
     max_length: int = 256  # tokens per example after templating; longer ones are truncated/dropped
     completion_only_loss: bool = True  # loss on assistant tokens only
     truncation: str = "truncate"  # truncate | drop: what to do with examples over max_length
+    packing: bool = False  # padding-free: several examples per row, attention kept within each example
+    loss: str = "auto"  # auto | chunked | liger | plain: how the cross-entropy meets the vocabulary
 
 
 @dataclass
@@ -166,6 +168,7 @@ def check_values(cfg: Any) -> list[str]:
     one_of("adapter.name", cfg.adapter.name, ("lora", "qlora", "dora", "none"))
     one_of("trainer.name", cfg.trainer.name, ("sft",))
     one_of("trainer.truncation", cfg.trainer.truncation, ("truncate", "drop"))
+    one_of("trainer.loss", cfg.trainer.loss, ("auto", "chunked", "liger", "plain"))
     one_of("data.format", cfg.data.format, ("auto", "messages", "alpaca", "text"))
     one_of("launcher.name", cfg.launcher.name, ("local",))
     one_of("tracking.name", cfg.tracking.name, ("none", "wandb", "tensorboard"))
