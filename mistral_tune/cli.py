@@ -18,6 +18,7 @@ PACKAGE_DIR = Path(__file__).parent
 USAGE = """\
 usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
        mistral-tune list
+       mistral-tune bench recipe=NAME [key=value ...] [--steps N] [--warmup N]   (see `mistral-tune bench --help`)
        mistral-tune --help
 
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
@@ -168,7 +169,13 @@ def cmd_train(args: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": cmd_list}
+def cmd_bench(args: list[str]) -> int:
+    from .benchmark.harness import cmd_bench as run_bench
+
+    return run_bench(args)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": cmd_list, "bench": cmd_bench}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
