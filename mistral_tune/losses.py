@@ -50,8 +50,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             y = targets[start : start + chunk_size]
-            # Same precision as the plain path: the matmul in the model's dtype, softmax in fp32.
-            logits = (h @ weight.t()).float()
+            # Same precision as the plain path: the matmul in the head's dtype, softmax in fp32.
+            logits = (h.to(weight.dtype) @ weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if not (need_h or need_w):
@@ -135,7 +135,8 @@ def causal_lm_loss(
     if impl == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-        out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(head.weight, h, y, head.bias)
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+        out = liger(head.weight, h.to(head.weight.dtype), y, head.bias)
         return (out[0] if isinstance(out, tuple) else out) * scale
     if head.bias is not None:
         return _plain_or_wrapped(h, head, y, scale, chunk_size, impl)

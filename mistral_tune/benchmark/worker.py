@@ -127,6 +127,15 @@ def _token_stats(batch: dict) -> dict:
     }
 
 
+def compute_dtype(cfg: Any, model: Any) -> str:
+    """The dtype the matmuls run in: the autocast dtype when mixed precision is on, else the weights'."""
+    if cfg.train.bf16:
+        return "bfloat16"
+    if cfg.train.fp16:
+        return "float16"
+    return str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
+
+
 def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the variant's model, data and trainer, train warmup + steps, and return raw timings."""
     import torch
@@ -147,7 +156,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     cuda = torch.cuda.is_available()
 
-    source = models.resolve_source(cfg.model.name, cfg.model.path)
+    source = models.download_source(models.resolve_source(cfg.model.name, cfg.model.path), cfg.model)
     tokenizer = models.load_tokenizer(source)
     quant = adapters.quantization_config(cfg.adapter, models.resolve_dtype(cfg.model.dtype))
     # On a GPU, build the random-init model there: a 7B fp32 init on the CPU takes minutes.
@@ -202,7 +211,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "device": "cuda" if cuda else "cpu",
         "device_name": torch.cuda.get_device_name() if cuda else None,
         "torch_threads": torch.get_num_threads(),
-        "dtype": str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", ""),
+        "dtype": compute_dtype(cfg, model),
         "attn_implementation": model.config._attn_implementation,
         "loss_impl": getattr(trainer, "loss_impl", "trl"),
         "packing": trainer.packing_report.as_dict() if getattr(trainer, "packing_report", None) else None,
