@@ -110,6 +110,7 @@ class TrainConfig:
     eval_steps: Optional[int] = None
     seed: int = 42
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # compile the model; see docs/BENCHMARKS.md for when it pays off
     bf16: bool = False
     fp16: bool = False
     dataloader_num_workers: int = 0

@@ -160,26 +160,65 @@ def _plain_or_wrapped(h, head, y, scale, chunk_size, impl):
     return total * scale
 
 
-@contextlib.contextmanager
-def capture_lm_head_input(model: Any):
-    """While active, the model's LM head sees an empty sequence and its input is kept instead.
+class HeadInputCapture:
+    """A hook on the model's LM head that, while ``active``, keeps its input and lets it project nothing.
 
-    The forward goes through the top-level model (so DDP/DeepSpeed/PEFT wrappers still run), but
-    the ``(batch, seq, vocab)`` logits are never built: the head projects zero positions. Yields a
-    dict whose ``"hidden"`` entry holds the final hidden states after the forward.
+    The forward still goes through the top-level model (so DDP/DeepSpeed/PEFT wrappers run as
+    usual), but the ``(batch, seq, vocab)`` logits are never built: the head sees an empty
+    sequence and ``hidden`` holds the final hidden states. The hook stays installed and is a no-op
+    while inactive, so generation and evaluation are untouched and a compiled model is not
+    recompiled every step (adding or removing a hook invalidates a torch.compile graph).
+
+    Example:
+        >>> capture = HeadInputCapture(model)
+        >>> with capture.active_for_one_call():
+        ...     model(input_ids=ids)
+        >>> capture.hidden.shape   # (batch, seq, hidden_size)
     """
-    head = output_head(model)
-    box: dict[str, Any] = {}
 
-    def keep_and_skip(module, args, kwargs):
-        box["hidden"] = args[0]
+    def __init__(self, model: Any):
+        self.head = output_head(model)
+        self.active = False
+        self.hidden = None
+        self.handle = self.head.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if not self.active:
+            return None
+        self.hidden = args[0]
         return (args[0][..., :0, :], *args[1:]), kwargs
 
-    handle = head.register_forward_pre_hook(keep_and_skip, with_kwargs=True)
+    @contextlib.contextmanager
+    def active_for_one_call(self):
+        self.active, self.hidden = True, None
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@contextlib.contextmanager
+def capture_lm_head_input(model: Any):
+    """One-off form of ``HeadInputCapture``: yields a dict whose ``"hidden"`` is set by the forward."""
+    capture = HeadInputCapture(model)
+    box: dict[str, Any] = {}
     try:
-        yield box
+        with capture.active_for_one_call():
+            yield box
+            box["hidden"] = capture.hidden
     finally:
-        handle.remove()
+        capture.remove()
+
+
+def head_is_sharded(head: torch.nn.Module) -> bool:
+    """True when the head's weight lives in shards (DeepSpeed ZeRO-3, FSDP): not usable outside its forward."""
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        return False
+    return weight.numel() == 0 or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
 
 
 def output_head(model: Any) -> torch.nn.Module:

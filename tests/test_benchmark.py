@@ -108,6 +108,7 @@ def _raw(device="cpu", name=None, dtype="float32"):
 def test_summarize_ratio_tokens_per_second_and_no_mfu_on_cpu():
     s = summarize("v", [_raw()])
     assert s["overhead_ratio"] == pytest.approx(1.1)  # median of 1.0, 1.2, 1.1
+    assert s["overhead_ratio_min"] == pytest.approx(1.0)  # fastest framework step against fastest bare step
     assert s["framework"]["tokens_per_second"] == pytest.approx(3000 / 3.3)
     assert s["bare"]["tokens_per_second"] == pytest.approx(1000.0)
     assert s["framework"]["peak_memory_bytes"] == 5 * 2**30

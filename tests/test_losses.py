@@ -121,3 +121,10 @@ def test_auto_is_chunked_without_cuda_and_liger_needs_it():
     assert losses.resolve_impl("plain", torch.device("cpu")) == "plain"
     with pytest.raises(UserError, match="liger"):
         losses.resolve_impl("liger", torch.device("cpu"))
+
+
+def test_sharded_heads_are_detected():
+    head = torch.nn.Linear(8, 20, bias=False)
+    assert not losses.head_is_sharded(head)
+    head.weight = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves outside the head's forward
+    assert losses.head_is_sharded(head)

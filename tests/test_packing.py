@@ -10,7 +10,7 @@ from datasets import Dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from mistral_tune import losses
-from mistral_tune.packing import batch_token_count, pack_examples
+from mistral_tune.packing import PackedRowsCollator, batch_token_count, pack_examples
 from mistral_tune.presets import PRESETS
 
 # mistral_tiny has sliding_window=32: 70 and 100 tokens run past it, 5 and 20 do not.
@@ -53,9 +53,13 @@ def _loss_and_grads(model, batch, chunked=False):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _packed_batch(examples, max_length=128):
+def _packed_batch(examples, max_length=128, layout="rows"):
+    """``rows``: mistral_tune's (rows, longest row) batch; ``flat``: TRL's one flattened row (flash-attn)."""
     packed, report = pack_examples(Dataset.from_list(examples), max_length)
-    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(list(packed))
+    if layout == "flat":
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(list(packed))
+    else:
+        batch = PackedRowsCollator(pad_token_id=0)(list(packed))
     return batch, report
 
 
@@ -63,13 +67,14 @@ def _padded_batch(examples):
     return DataCollatorForLanguageModeling(pad_token_id=0)(examples)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_equals_unpacked_loss_and_gradients(attn):
+@pytest.mark.parametrize("attn, layout", [("sdpa", "rows"), ("eager", "rows"), ("sdpa", "flat")])
+def test_packed_equals_unpacked_loss_and_gradients(attn, layout):
     examples = _examples()
     model = _model(attn)
-    packed, report = _packed_batch(examples)
-    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
-    assert report.rows < len(examples)  # several examples really share a row
+    packed, report = _packed_batch(examples, layout=layout)
+    assert "attention_mask" not in packed
+    assert packed["input_ids"].shape[0] == (1 if layout == "flat" else report.rows)
+    assert 1 < report.rows < len(examples)  # several examples share a row, and rows are padded
     assert batch_token_count(packed) == sum(LENGTHS) == batch_token_count(_padded_batch(examples))
 
     ref_loss, ref_grads = _loss_and_grads(model, _padded_batch(examples))
@@ -110,3 +115,30 @@ def test_pack_examples_keeps_every_token_and_reports_fill():
     assert info["fill"] == round(210 / (4 * 64), 4)
     with pytest.raises(ValueError, match="more than the packing length"):
         pack_examples(Dataset.from_list(examples), max_length=32)
+
+
+def test_sft_trainer_with_packing_and_chunked_loss_matches_plain_padded(compose, tmp_path):
+    """Config to trainer to collator to loss: trainer.packing + trainer.loss=chunked give the plain loss."""
+    from mistral_tune import adapters, data, models
+    from mistral_tune.trainers.sft import build_sft_trainer
+
+    common = ["adapter.dropout=0.0", "train.per_device_train_batch_size=12", "data.max_samples=12"]
+    packed_cfg = compose("sft_lora", [*common, "trainer.packing=true", "trainer.loss=chunked"])
+    plain_cfg = compose("sft_lora", [*common, "trainer.loss=plain"])
+    source = models.resolve_source("mistral_tiny")
+    tokenizer = models.load_tokenizer(source)
+    model = adapters.apply_adapter(models.load_model(plain_cfg.model, source, seed=0), plain_cfg.adapter)
+    dataset = data.prepare_sft_data(plain_cfg.data, plain_cfg.trainer, tokenizer)[0]
+    assert len(dataset) == 12 and max(len(x) for x in dataset["input_ids"]) > 32  # past the sliding window
+
+    losses_seen = {}
+    for name, cfg in (("packed", packed_cfg), ("plain", plain_cfg)):
+        trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), dataset, tmp_path / name, [])
+        (batch,) = list(trainer.get_train_dataloader())  # all 12 examples in one batch
+        if name == "packed":
+            assert "attention_mask" not in batch
+            assert batch["position_ids"].shape[0] == trainer.packing_report.rows < 12  # one row per packed row
+        model.train()
+        losses_seen[name] = trainer.compute_loss(model, trainer._prepare_inputs(batch)).item()
+        assert trainer.tokens_seen == sum(len(x) for x in dataset["input_ids"])
+    assert losses_seen["packed"] == pytest.approx(losses_seen["plain"], abs=1e-5)

@@ -230,11 +230,14 @@ def summarize(name: str, runs: list[dict], peak_tflops: float | None = None) -> 
         "bare": side(bare, "bare"),
         # Median of per-step ratios: each framework step against the bare step right after it.
         "overhead_ratio": statistics.median(paired) if paired else None,
+        # Fastest against fastest: the least disturbed step of each, a second estimate under load.
+        "overhead_ratio_min": min(fw) / min(bare) if fw and bare else None,
         "framework_losses": first["framework_losses"],
         "bare_losses": first["bare_losses"],
         "memory_kind": first["memory_kind"],
         "rss_before_train_bytes": first["rss_before_train_bytes"],
         "process_peak_rss_bytes": max(r["process_peak_rss_bytes"] for r in runs),
+        "load_average": [r.get("load_average") for r in runs],
     }
 
 
@@ -307,9 +310,11 @@ def markdown_report(summary: dict) -> str:
     lines.append(f"- peak memory: {', '.join(sorted(mem))}\n")
     lines.append(markdown_table(summary["variants"]))
     for v in summary["variants"]:
+        loads = ", ".join(f"{a}->{b}" for a, b in (x or [None, None] for x in v["load_average"]))
         lines.append(
             f"- {v['name']}: `{' '.join(v['overrides']) or '(recipe as is)'}` ({v['attn_implementation']}, "
-            f"{v['dtype']}, loss={v['loss_impl']}, trainer={v['trainer']})"
+            f"{v['dtype']}, loss={v['loss_impl']}, trainer={v['trainer']}); "
+            f"fastest-step ratio {_num(v['overhead_ratio_min'], '.2f')}; 1-min load average {loads}"
         )
     for name, err in summary["errors"].items():
         lines.append(f"- {name}: FAILED: {err.splitlines()[-1]}")

@@ -143,9 +143,9 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     from .. import adapters, data, models
     from ..cli import compose
-    from ..packing import pack_examples
+    from ..packing import prepare_packing
     from ..tracking import MetricsJsonl
-    from ..trainers.sft import build_sft_trainer, sft_config
+    from ..trainers.sft import build_sft_trainer, pad_token_id, sft_config
     from .memory import PhasePeaks, current_rss, process_peak_rss
 
     hydra_overrides, options = split_bench_overrides(spec["overrides"])
@@ -178,11 +178,16 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     if options["bench.trainer"] == "trl":
         from trl import SFTTrainer
 
+        collator, flat = None, False
         if cfg.trainer.packing:
-            dataset = pack_examples(dataset, cfg.trainer.max_length)[0]
+            attn = model.config._attn_implementation
+            dataset, collator, flat, _ = prepare_packing(
+                dataset, cfg.trainer.max_length, attn, pad_token_id(tokenizer.to_hf())
+            )
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(cfg, run_dir),
+            args=sft_config(cfg, run_dir, flat_packing=flat),
+            data_collator=collator,
             train_dataset=dataset,
             processing_class=tokenizer.to_hf(),
             callbacks=callbacks,
@@ -199,6 +204,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     trainer.compute_loss = recording_compute_loss
     rss_before = current_rss()
+    load_before = _load_average()
     trainer.train()
     peaks.stop()
 
@@ -230,7 +236,16 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_memory": peaks.peaks,
         "rss_before_train_bytes": rss_before,
         "process_peak_rss_bytes": process_peak_rss(),
+        # 1-minute load averages before and after training: on a shared machine they say how much
+        # of the absolute timings is other people's work (the interleaved ratios are robust to it).
+        "load_average": [load_before, _load_average()],
     }
+
+
+def _load_average():
+    import os
+
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def main(argv: list[str]) -> int:

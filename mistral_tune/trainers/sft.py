@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from .. import losses
-from ..packing import batch_token_count, pack_examples
+from ..packing import batch_token_count, prepare_packing
 from ..tracking import report_to
+
+log = logging.getLogger(__name__)
 
 
 class MistralSFTTrainer(SFTTrainer):
@@ -31,6 +34,7 @@ class MistralSFTTrainer(SFTTrainer):
     def __init__(self, *args: Any, loss_impl: str = "plain", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_impl = loss_impl
+        self._head_capture = None  # installed on the first chunked/liger step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -41,11 +45,20 @@ class MistralSFTTrainer(SFTTrainer):
         if self.loss_impl == "plain" or return_outputs or "labels" not in inputs:
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with losses.capture_lm_head_input(model) as captured:
+        if self._head_capture is None:
+            if losses.head_is_sharded(losses.output_head(model)):
+                log.warning(
+                    "trainer.loss=%s: the LM head is sharded (ZeRO-3/FSDP); using the plain loss", self.loss_impl
+                )
+                self.loss_impl = "plain"
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            self._head_capture = losses.HeadInputCapture(model)
+        with self._head_capture.active_for_one_call() as captured:
             model(**model_inputs)
+        hidden, captured.hidden = captured.hidden, None
         loss = losses.causal_lm_loss(
-            captured["hidden"],
-            losses.output_head(model),
+            hidden,
+            captured.head,
             inputs["labels"],
             num_items_in_batch=num_items_in_batch,
             impl=self.loss_impl,
@@ -59,7 +72,9 @@ class MistralSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
+def sft_config(cfg: Any, run_dir: Path, *, flat_packing: bool = False) -> SFTConfig:
+    """TRL's config from ours. ``flat_packing``: packed rows go through TRL's flattening padding-free
+    collator (flash-attn varlen); otherwise packed batches use mistral_tune.packing's collator."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -71,10 +86,9 @@ def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
         run_name=cfg.tracking.run_name or run_dir.name,
         max_length=None,  # examples are tokenized and truncated by mistral_tune.data
         dataset_kwargs={"skip_prepare_dataset": True},
-        # Packing is done by mistral_tune.packing (whole examples, counted); TRL's padding-free
-        # collator then emits position_ids restarting per example.
-        packing=bool(cfg.trainer.packing),
-        padding_free=bool(cfg.trainer.packing),
+        # Packing itself is done by mistral_tune.packing (whole examples, counted).
+        packing=flat_packing,
+        padding_free=flat_packing,
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),
         use_cpu=False,
@@ -83,12 +97,15 @@ def sft_config(cfg: Any, run_dir: Path) -> SFTConfig:
 
 
 def build_sft_trainer(cfg: Any, model: Any, hf_tokenizer: Any, train_dataset: Any, run_dir: Path, callbacks: list):
-    packing_report = None
+    collator, flat, packing_report = None, False, None
     if cfg.trainer.packing:
-        train_dataset, packing_report = pack_examples(train_dataset, cfg.trainer.max_length)
+        train_dataset, collator, flat, packing_report = prepare_packing(
+            train_dataset, cfg.trainer.max_length, model.config._attn_implementation, pad_token_id(hf_tokenizer)
+        )
     trainer = MistralSFTTrainer(
         model=model,
-        args=sft_config(cfg, run_dir),
+        args=sft_config(cfg, run_dir, flat_packing=flat),
+        data_collator=collator,
         train_dataset=train_dataset,
         processing_class=hf_tokenizer,
         callbacks=callbacks,
@@ -96,3 +113,8 @@ def build_sft_trainer(cfg: Any, model: Any, hf_tokenizer: Any, train_dataset: An
     )
     trainer.packing_report = packing_report
     return trainer
+
+
+def pad_token_id(hf_tokenizer: Any) -> int:
+    """The id padding uses (TRL falls back to EOS the same way); padded positions are never trained."""
+    return hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else hf_tokenizer.eos_token_id
