@@ -15,6 +15,7 @@ from mistral_tune.benchmark import flops
 from mistral_tune.benchmark.harness import markdown_table, parse_bench_args, summarize
 from mistral_tune.benchmark.memory import PhasePeaks
 from mistral_tune.errors import UserError
+from mistral_tune.packing import batch_token_count
 from mistral_tune.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +66,10 @@ def test_attended_pairs_and_attention_flops():
 
 def test_example_lengths_of_padded_and_packed_batches():
     padded = {"input_ids": torch.zeros(2, 5), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
-    packed = {"input_ids": torch.zeros(1, 6), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])}
+    packed = {"input_ids": torch.zeros(2, 6), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 0, 0]])}
     assert flops.example_lengths(padded) == [3, 5]
-    assert flops.example_lengths(packed) == [3, 2, 1]
+    assert flops.example_lengths(packed) == [3, 3, 2, 2]  # the second row ends in two padding tokens
+    assert batch_token_count(packed) == 10 and batch_token_count(padded) == 8
 
 
 def test_peak_tflops_and_mfu():

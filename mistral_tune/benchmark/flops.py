@@ -69,7 +69,9 @@ def example_lengths(batch: dict[str, Any]) -> list[int]:
         return [int(batch["input_ids"].shape[-1])] * int(batch["input_ids"].shape[0])
     lengths = []
     for row in positions.tolist():
-        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+        # Trailing position-0 tokens are row padding (mistral_tune.packing.batch_token_count).
+        end = max((i + 1 for i, p in enumerate(row) if p != 0), default=0)
+        starts = [i for i, p in enumerate(row[:end]) if p == 0] + [end]
         lengths += [b - a for a, b in zip(starts, starts[1:]) if b > a]
     return lengths
 

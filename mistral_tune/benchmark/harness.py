@@ -155,6 +155,7 @@ def run_benchmark(recipe: str, common: list[str], variants: list, opts: BenchOpt
 def run_worker(spec: dict, spec_path: Path, result_path: Path, log_path: Path):
     """One variant in a fresh interpreter; returns its result dict, or the log's tail on failure."""
     spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+    result_path.unlink(missing_ok=True)  # never mistake an earlier run's result for this one's
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # the checkout (or site-packages) holding mistral_tune
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -221,6 +222,7 @@ def summarize(name: str, runs: list[dict], peak_tflops: float | None = None) -> 
         "parameters": first["parameters"],
         "matmul_parameters": flops.matmul_parameters(config),
         "measured_steps": len(fw),
+        "warmup_seconds": statistics.fmean(r.get("warmup_seconds", 0.0) for r in runs),
         "tokens_per_step": statistics.fmean(tokens) if tokens else None,
         "padded_tokens_per_step": statistics.fmean(padded) if padded else None,
         "label_tokens_per_step": statistics.fmean(labels) if labels else None,
@@ -314,7 +316,8 @@ def markdown_report(summary: dict) -> str:
         lines.append(
             f"- {v['name']}: `{' '.join(v['overrides']) or '(recipe as is)'}` ({v['attn_implementation']}, "
             f"{v['dtype']}, loss={v['loss_impl']}, trainer={v['trainer']}); "
-            f"fastest-step ratio {_num(v['overhead_ratio_min'], '.2f')}; 1-min load average {loads}"
+            f"fastest-step ratio {_num(v['overhead_ratio_min'], '.2f')}; warm-up {v['warmup_seconds']:.0f} s; "
+            f"1-min load average {loads}"
         )
     for name, err in summary["errors"].items():
         lines.append(f"- {name}: FAILED: {err.splitlines()[-1]}")

@@ -4,7 +4,8 @@ The framework is the real training path (``trainers.sft.build_sft_trainer`` with
 metrics.jsonl callback a run has), or TRL's stock ``SFTTrainer`` with ``bench.trainer=trl``. After
 every framework step, the exact batches that step consumed go through a bare PyTorch loop on the
 same model object (same weights, adapter, dtype, attention backend), with the same optimizer class:
-``model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()``. Interleaving step by
+``model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()``, always eagerly (with
+``train.torch_compile`` it calls the module inside the compiled wrapper). Interleaving step by
 step puts both under the same machine load, which matters on a shared CPU.
 
 A framework step is timed from the end of the previous bare step to the trainer's ``on_step_end``:
@@ -61,7 +62,8 @@ class StepTimer(TrainerCallback):
         self.bare_seconds: list[float] = []
         self.bare_losses: list[float] = []
         self.step_batches: list[list[dict]] = []
-        self.mark = 0.0
+        self.mark = self.started = 0.0
+        self.warmup_seconds = 0.0  # wall time of the warm-up steps (compilation, first-touch allocations)
 
     def clock(self) -> float:
         if self.cuda:
@@ -71,12 +73,14 @@ class StepTimer(TrainerCallback):
         return time.perf_counter()
 
     def record(self, model: Any, inputs: dict) -> None:
-        self.model = model
+        # The floor runs eagerly: with train.torch_compile the trainer's model is a compiled wrapper,
+        # and the bare loop takes the module inside it, so compiled and eager steps interleave.
+        self.model = getattr(model, "_orig_mod", model)
         self.pending.append(dict(inputs))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.peaks.enter("warmup" if self.warmup else "framework")
-        self.mark = self.clock()
+        self.mark = self.started = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
         now = self.clock()
@@ -94,6 +98,8 @@ class StepTimer(TrainerCallback):
                 self.bare_seconds.append(end - start)
                 self.bare_losses.append(loss)
         control.should_save = False
+        if state.global_step == self.warmup:
+            self.warmup_seconds = self.clock() - self.started
         self.peaks.enter("framework" if state.global_step + 1 > self.warmup else "warmup")
         self.mark = self.clock()
         return control
@@ -227,6 +233,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "parameters": {"trainable": trainable, "total": total},
         "adapter": cfg.adapter.name,
         "model_config": {k: getattr(model.config, k, None) for k in FLOPS_CONFIG_KEYS},
+        "warmup_seconds": timer.warmup_seconds,
         "framework_seconds": timer.framework_seconds,
         "bare_seconds": timer.bare_seconds,
         "bare_losses": timer.bare_losses,
