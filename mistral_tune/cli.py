@@ -22,6 +22,7 @@ usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
        mistral-tune list
        mistral-tune generate preset=ID_OR_PATH prompt="..." [sampler=greedy max_length=64 ...]
        mistral-tune chat preset=ID_OR_PATH
+       mistral-tune bench recipe=NAME [key=value ...] [--steps N] [--warmup N]   (see `mistral-tune bench --help`)
        mistral-tune --help
 
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
@@ -287,7 +288,18 @@ def cmd_chat(args: list[str]) -> int:
     return run_chat(args)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": cmd_list, "generate": cmd_generate, "chat": cmd_chat}
+def cmd_bench(args: list[str]) -> int:
+    from .benchmark.harness import cmd_bench as run_bench
+
+    return run_bench(args)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "list": cmd_list,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -49,6 +49,8 @@ class TrainerConfig:
     max_length: int = 256  # tokens per example after templating; longer ones are truncated/dropped
     completion_only_loss: bool = True  # loss on assistant tokens only
     truncation: str = "truncate"  # truncate | drop: what to do with examples over max_length
+    packing: bool = False  # padding-free: several examples per row, attention kept within each example
+    loss: str = "auto"  # auto | chunked | liger | plain: how the cross-entropy meets the vocabulary
 
 
 @dataclass
@@ -126,6 +128,7 @@ class TrainConfig:
     seed: int = 42
     data_seed: Optional[int] = None  # shuffling seed of the training sampler; None = seed (resume relies on it)
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # compile the model; see docs/BENCHMARKS.md for when it pays off
     bf16: bool = False
     fp16: bool = False
     dataloader_num_workers: int = 0
@@ -189,6 +192,7 @@ def check_values(cfg: Any) -> list[str]:
     one_of("adapter.name", cfg.adapter.name, ("lora", "qlora", "dora", "none"))
     one_of("trainer.name", cfg.trainer.name, ("sft",))
     one_of("trainer.truncation", cfg.trainer.truncation, ("truncate", "drop"))
+    one_of("trainer.loss", cfg.trainer.loss, ("auto", "chunked", "liger", "plain"))
     one_of("data.format", cfg.data.format, ("auto", "messages", "alpaca", "text"))
     one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
     one_of("on_nan", cfg.on_nan, ("stop", "skip"))

@@ -253,6 +253,7 @@ def save_outputs(
 def build_summary(cfg, run_dir, result, trainer, records, report, started, resume_from) -> dict[str, Any]:
     """summary.json's numbers: losses, eval losses, tokens, times, and the launch's world size and batch."""
     from . import distributed
+
     losses = [r["loss"] for r in records if isinstance(r.get("loss"), float)]
     evals = [r for r in records if isinstance(r.get("eval_loss"), float)]
     runtime = result.metrics.get("train_runtime", 0.0)

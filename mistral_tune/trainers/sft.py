@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -11,19 +12,26 @@ from omegaconf import OmegaConf
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
+from .. import losses
 from ..checkpoints import AtomicCheckpointMixin
 from ..guards import NonFiniteLossMixin
+from ..packing import batch_token_count, prepare_packing
 from ..resume import batch_geometry
 from ..safety import redact_text
 from ..tracking import report_to
 
+log = logging.getLogger(__name__)
+
 
 class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
-    """SFTTrainer with the plain causal-LM loss and a count of non-padding tokens.
+    """SFTTrainer with a lean causal-LM loss and a count of non-padding tokens.
 
     TRL's own ``compute_loss`` routes every step through a chunked log-prob/entropy head to log
     entropy and token accuracy; on small models that costs more than the step itself. We train on
     the model's own loss (identical value: mean NLL over label tokens) and log tokens seen instead.
+    ``loss_impl`` (``trainer.loss``) picks how that NLL meets the vocabulary: ``plain`` lets the
+    model build full logits; ``chunked``/``liger`` compute it from the final hidden states without
+    them (mistral_tune.losses).
     Checkpoints are written atomically (``AtomicCheckpointMixin``) and NaN/inf losses follow
     ``on_nan`` (``NonFiniteLossMixin``).
     """
@@ -42,15 +50,45 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
             "nan_skipped_steps": list(self.nan_skipped_steps),
         }
 
+    def __init__(self, *args: Any, loss_impl: str = "plain", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_impl = loss_impl
+        self._head_capture = None  # installed on the first chunked/liger step
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            mask = inputs.get("attention_mask")
-            ids = inputs["input_ids"]
-            local = mask.sum() if mask is not None else ids.new_tensor(ids.numel())
+            import torch
+
+            local = torch.tensor([batch_token_count(inputs)], device=inputs["input_ids"].device)
             # Processes see different batches (and padding): sum their counts, as HF's own token count does.
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(local.reshape(1)).sum())
-        inputs["use_cache"] = False
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(local).sum())
+        inputs["use_cache"] = False  # also required for packed batches: a cache hides their layout
+        if self.loss_impl != "plain":
+            self.loss_impl = losses.resolve_impl(self.loss_impl, self.args.device)
+        if self.loss_impl == "plain" or return_outputs or "labels" not in inputs:
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self._head_capture is None:
+            if losses.head_is_sharded(losses.output_head(model)):
+                log.warning(
+                    "trainer.loss=%s: the LM head is sharded (ZeRO-3/FSDP); using the plain loss", self.loss_impl
+                )
+                self.loss_impl = "plain"
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            self._head_capture = losses.HeadInputCapture(model)
+        with self._head_capture.active_for_one_call() as captured:
+            model(**model_inputs)
+        hidden, captured.hidden = captured.hidden, None
+        loss = losses.causal_lm_loss(
+            hidden,
+            captured.head,
+            inputs["labels"],
+            num_items_in_batch=num_items_in_batch,
+            impl=self.loss_impl,
+        )
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs["tokens_seen"] = self.tokens_seen
@@ -60,7 +98,9 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
         super().log(logs, start_time)
 
 
-def sft_config(cfg: Any, run_dir: Path, has_eval: bool = False) -> SFTConfig:
+def sft_config(cfg: Any, run_dir: Path, has_eval: bool = False, *, flat_packing: bool = False) -> SFTConfig:
+    """TRL's config from ours. ``flat_packing``: packed rows go through TRL's flattening padding-free
+    collator (flash-attn varlen); otherwise packed batches use mistral_tune.packing's collator."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
     if train.get("data_seed") is None:
         train["data_seed"] = train["seed"]  # fixes the sample order, so a resumed run continues at the same sample
@@ -75,6 +115,9 @@ def sft_config(cfg: Any, run_dir: Path, has_eval: bool = False) -> SFTConfig:
         run_name=redact_text(cfg.tracking.run_name or run_dir.name),  # trackers store it
         max_length=None,  # examples are tokenized and truncated by mistral_tune.data
         dataset_kwargs={"skip_prepare_dataset": True},
+        # Packing itself is done by mistral_tune.packing (whole examples, counted).
+        packing=flat_packing,
+        padding_free=flat_packing,
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),
         use_cpu=False,
@@ -91,12 +134,26 @@ def build_sft_trainer(
     callbacks: list,
     eval_dataset: Any = None,
 ):
-    return MistralSFTTrainer(
+    collator, flat, packing_report = None, False, None
+    if cfg.trainer.packing:
+        train_dataset, collator, flat, packing_report = prepare_packing(
+            train_dataset, cfg.trainer.max_length, model.config._attn_implementation, pad_token_id(hf_tokenizer)
+        )
+    trainer = MistralSFTTrainer(
         model=model,
-        args=sft_config(cfg, run_dir, has_eval=eval_dataset is not None),
+        args=sft_config(cfg, run_dir, has_eval=eval_dataset is not None, flat_packing=flat),
+        data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=hf_tokenizer,
         callbacks=callbacks,
         on_nan=cfg.get("on_nan", "stop"),
+        loss_impl=cfg.trainer.loss,
     )
+    trainer.packing_report = packing_report
+    return trainer
+
+
+def pad_token_id(hf_tokenizer: Any) -> int:
+    """The id padding uses (TRL falls back to EOS the same way); padded positions are never trained."""
+    return hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else hf_tokenizer.eos_token_id

@@ -1,0 +1,267 @@
+"""Benchmark one variant in this process: the framework's steps, each followed by a bare step.
+
+The framework is the real training path (``trainers.sft.build_sft_trainer`` with the same
+metrics.jsonl callback a run has), or TRL's stock ``SFTTrainer`` with ``bench.trainer=trl``. After
+every framework step, the exact batches that step consumed go through a bare PyTorch loop on the
+same model object (same weights, adapter, dtype, attention backend), with the same optimizer class:
+``model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()``, always eagerly (with
+``train.torch_compile`` it calls the module inside the compiled wrapper). Interleaving step by
+step puts both under the same machine load, which matters on a shared CPU.
+
+A framework step is timed from the end of the previous bare step to the trainer's ``on_step_end``:
+data loading, collation, forward, backward, clipping, optimizer, scheduler and the previous step's
+logging all fall inside it. Checkpoint saving is switched off (it is I/O, not step cost).
+
+Run as ``python -m mistral_tune.benchmark.worker SPEC.json RESULT.json`` (the harness does this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .harness import split_bench_overrides
+
+FLOPS_CONFIG_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "sliding_window",
+)
+
+
+def synthetic_dataset(rows: int, length: int, vocab_size: int, seed: int):
+    """Random token rows of exactly ``length`` tokens, every token trained (throughput runs)."""
+    import torch
+    from datasets import Dataset
+
+    ids = torch.randint(3, vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+class StepTimer(TrainerCallback):
+    """Trainer callback: times framework steps, runs the paired bare step, tracks phase memory."""
+
+    def __init__(self, warmup: int, bare: bool, peaks: Any, cuda: bool):
+        self.warmup, self.bare, self.peaks, self.cuda = warmup, bare, peaks, cuda
+        self.pending: list[dict] = []  # batches the framework consumed since the last step end
+        self.model = None
+        self.optimizer = None
+        self.trainer = None
+        self.framework_seconds: list[float] = []
+        self.bare_seconds: list[float] = []
+        self.bare_losses: list[float] = []
+        self.step_batches: list[list[dict]] = []
+        self.mark = self.started = 0.0
+        self.warmup_seconds = 0.0  # wall time of the warm-up steps (compilation, first-touch allocations)
+
+    def clock(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def record(self, model: Any, inputs: dict) -> None:
+        # The floor runs eagerly: with train.torch_compile the trainer's model is a compiled wrapper,
+        # and the bare loop takes the module inside it, so compiled and eager steps interleave.
+        self.model = getattr(model, "_orig_mod", model)
+        self.pending.append(dict(inputs))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.peaks.enter("warmup" if self.warmup else "framework")
+        self.mark = self.started = self.clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self.clock()
+        measured = state.global_step > self.warmup
+        batches, self.pending = self.pending, []
+        if measured:
+            self.framework_seconds.append(now - self.mark)
+            self.step_batches.append([_token_stats(b) for b in batches])
+        if self.bare:
+            self.peaks.enter("bare" if measured else "warmup")
+            start = self.clock()
+            loss = self.bare_step(batches)
+            end = self.clock()
+            if measured:
+                self.bare_seconds.append(end - start)
+                self.bare_losses.append(loss)
+        control.should_save = False
+        if state.global_step == self.warmup:
+            self.warmup_seconds = self.clock() - self.started
+        self.peaks.enter("framework" if state.global_step + 1 > self.warmup else "warmup")
+        self.mark = self.clock()
+        return control
+
+    def bare_step(self, batches: list[dict]) -> float:
+        """The floor: forward, backward, optimizer step, on the framework's own batches."""
+        if self.optimizer is None:
+            cls, kwargs = self.trainer.get_optimizer_cls_and_kwargs(self.trainer.args, self.trainer.model)
+            self.optimizer = cls([p for p in self.model.parameters() if p.requires_grad], **kwargs)
+        total = 0.0
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "use_cache"}
+            loss = self.model(**inputs, use_cache=False).loss / len(batches)
+            loss.backward()
+            total += loss.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total)
+
+
+def _token_stats(batch: dict) -> dict:
+    from ..packing import batch_token_count
+    from .flops import example_lengths
+
+    labels = batch["labels"]
+    return {
+        "tokens": batch_token_count(batch),
+        "padded_tokens": int(batch["input_ids"].numel()),
+        "label_tokens": int((labels[..., 1:] != -100).sum()),
+        "lengths": example_lengths(batch),
+    }
+
+
+def compute_dtype(cfg: Any, model: Any) -> str:
+    """The dtype the matmuls run in: the autocast dtype when mixed precision is on, else the weights'."""
+    if cfg.train.bf16:
+        return "bfloat16"
+    if cfg.train.fp16:
+        return "float16"
+    return str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
+
+
+def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build the variant's model, data and trainer, train warmup + steps, and return raw timings."""
+    import torch
+    from transformers import set_seed
+
+    from .. import adapters, data, models
+    from ..cli import compose
+    from ..packing import prepare_packing
+    from ..tracking import MetricsJsonl
+    from ..trainers.sft import build_sft_trainer, pad_token_id, sft_config
+    from .memory import PhasePeaks, current_rss, process_peak_rss
+
+    hydra_overrides, options = split_bench_overrides(spec["overrides"])
+    total_steps = spec["warmup"] + spec["steps"]
+    run_dir = Path(spec["run_dir"])
+    cfg = compose(spec["recipe"], [*hydra_overrides, f"train.max_steps={total_steps}", f"output_dir={run_dir}"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+    cuda = torch.cuda.is_available()
+
+    source = models.download_source(models.resolve_source(cfg.model.name, cfg.model.path), cfg.model)
+    tokenizer = models.load_tokenizer(source)
+    quant = adapters.quantization_config(cfg.adapter, models.resolve_dtype(cfg.model.dtype))
+    # On a GPU, build the random-init model there: a 7B fp32 init on the CPU takes minutes.
+    with torch.device("cuda") if cuda and quant is None else contextlib.nullcontext():
+        model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant)
+    model = adapters.apply_adapter(model, cfg.adapter, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    trainable, total = adapters.count_parameters(model)
+
+    synthetic = int(options["bench.synthetic_length"])
+    if synthetic:
+        rows = total_steps * cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+        dataset = synthetic_dataset(rows, synthetic, model.config.vocab_size, cfg.train.seed)
+    else:
+        dataset = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)[0]
+
+    peaks = PhasePeaks(cuda=cuda)
+    timer = StepTimer(spec["warmup"], options["bench.bare"].lower() == "true", peaks, cuda)
+    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), timer]
+    if options["bench.trainer"] == "trl":
+        from trl import SFTTrainer
+
+        collator, flat = None, False
+        if cfg.trainer.packing:
+            attn = model.config._attn_implementation
+            dataset, collator, flat, _ = prepare_packing(
+                dataset, cfg.trainer.max_length, attn, pad_token_id(tokenizer.to_hf())
+            )
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(cfg, run_dir, flat_packing=flat),
+            data_collator=collator,
+            train_dataset=dataset,
+            processing_class=tokenizer.to_hf(),
+            callbacks=callbacks,
+        )
+    else:
+        trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), dataset, run_dir, callbacks)
+    timer.trainer = trainer
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        if model.training:
+            timer.record(model, inputs)
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    rss_before = current_rss()
+    load_before = _load_average()
+    trainer.train()
+    peaks.stop()
+
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {
+        "name": spec["name"],
+        "recipe": spec["recipe"],
+        "overrides": spec["overrides"],
+        "trainer": options["bench.trainer"],
+        "device": "cuda" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name() if cuda else None,
+        "torch_threads": torch.get_num_threads(),
+        "dtype": compute_dtype(cfg, model),
+        "attn_implementation": model.config._attn_implementation,
+        "loss_impl": getattr(trainer, "loss_impl", "trl"),
+        "packing": trainer.packing_report.as_dict() if getattr(trainer, "packing_report", None) else None,
+        "gradient_checkpointing": bool(cfg.train.gradient_checkpointing),
+        "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "parameters": {"trainable": trainable, "total": total},
+        "adapter": cfg.adapter.name,
+        "model_config": {k: getattr(model.config, k, None) for k in FLOPS_CONFIG_KEYS},
+        "warmup_seconds": timer.warmup_seconds,
+        "framework_seconds": timer.framework_seconds,
+        "bare_seconds": timer.bare_seconds,
+        "bare_losses": timer.bare_losses,
+        "framework_losses": losses,
+        "step_batches": timer.step_batches,
+        "memory_kind": peaks.kind,
+        "peak_memory": peaks.peaks,
+        "rss_before_train_bytes": rss_before,
+        "process_peak_rss_bytes": process_peak_rss(),
+        # 1-minute load averages before and after training: on a shared machine they say how much
+        # of the absolute timings is other people's work (the interleaved ratios are robust to it).
+        "load_average": [load_before, _load_average()],
+    }
+
+
+def _load_average():
+    import os
+
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = argv
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    result = run_variant(spec)
+    Path(result_path).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
