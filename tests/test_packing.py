@@ -128,7 +128,7 @@ def test_sft_trainer_with_packing_and_chunked_loss_matches_plain_padded(compose,
     source = models.resolve_source("mistral_tiny")
     tokenizer = models.load_tokenizer(source)
     model = adapters.apply_adapter(models.load_model(plain_cfg.model, source, seed=0), plain_cfg.adapter)
-    dataset = data.prepare_sft_data(plain_cfg.data, plain_cfg.trainer, tokenizer)[0]
+    dataset = data.prepare_sft_data(plain_cfg.data, plain_cfg.trainer, tokenizer).train
     assert len(dataset) == 12 and max(len(x) for x in dataset["input_ids"]) > 32  # past the sliding window
 
     losses_seen = {}
