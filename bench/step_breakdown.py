@@ -41,7 +41,7 @@ def main(overrides: list[str]) -> int:
     source = models.resolve_source(cfg.model.name, cfg.model.path)
     tokenizer = models.load_tokenizer(source)
     model = adapters.apply_adapter(models.load_model(cfg.model, source, seed=cfg.train.seed), cfg.adapter)
-    dataset = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)[0]
+    dataset = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer).train
     run_dir = Path(tempfile.mkdtemp(prefix="step-breakdown-"))
     trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), dataset, run_dir, [MetricsJsonl(run_dir / "m.jsonl")])
     trainer.train()

@@ -97,7 +97,11 @@ def in_process(tmp_path: Path, *overrides: str):
 
 
 class NaNAtStep(TrainerCallback):
-    """Fault injection: the model's logits become NaN during optimizer step ``step`` (1-based)."""
+    """Fault injection: the final hidden states (so the loss) become NaN during optimizer step ``step``.
+
+    The hook sits on the final norm rather than the LM head: the chunked loss reads the head's
+    weights without calling it.
+    """
 
     def __init__(self, step: int):
         self.step = step
@@ -108,7 +112,8 @@ class NaNAtStep(TrainerCallback):
                 return output * float("nan")
             return None
 
-        model.get_output_embeddings().register_forward_hook(poison)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.model.norm.register_forward_hook(poison)
 
 
 class SignalAtStep(TrainerCallback):

@@ -176,7 +176,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         rows = total_steps * cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
         dataset = synthetic_dataset(rows, synthetic, model.config.vocab_size, cfg.train.seed)
     else:
-        dataset = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)[0]
+        dataset = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer).train
 
     peaks = PhasePeaks(cuda=cuda)
     timer = StepTimer(spec["warmup"], options["bench.bare"].lower() == "true", peaks, cuda)
