@@ -21,6 +21,7 @@ usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
        mistral-tune list
        mistral-tune generate preset=ID_OR_PATH prompt="..." [sampler=greedy max_length=64 ...]
        mistral-tune chat preset=ID_OR_PATH
+       mistral-tune export run_dir=PATH formats=[merged,preset]   (or adapter=PATH base=PRESET out=DIR)
        mistral-tune --help
 
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
@@ -282,7 +283,19 @@ def cmd_chat(args: list[str]) -> int:
     return run_chat(args)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": cmd_list, "generate": cmd_generate, "chat": cmd_chat}
+def cmd_export(args: list[str]) -> int:
+    """Merge/publish a finished run or a saved adapter (mistral_tune/export_command.py)."""
+    from .export_command import main as export_main
+
+    return export_main(args)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "list": cmd_list,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "export": cmd_export,
+}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
