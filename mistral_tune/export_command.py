@@ -74,7 +74,12 @@ def plan(opts: dict[str, Any]) -> dict[str, Any]:
         cfg = OmegaConf.load(resolved)
         formats = opts["formats"] or ["merged"]
         adapter = run_dir / "adapter" if cfg.adapter.name != "none" else None
-        model = {"name": cfg.model.name, "path": cfg.model.path, "seed": cfg.train.seed}
+        model = {
+            "name": cfg.model.name,
+            "path": cfg.model.path,
+            "seed": cfg.train.seed,
+            "load_weights": cfg.model.load_weights,
+        }
         if adapter is None:
             if not (run_dir / "merged" / "config.json").exists():
                 raise UserError(f"{run_dir} is a full fine-tune without merged/; its weights were not saved.")
@@ -95,7 +100,8 @@ def plan(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def materialize_base(model: dict[str, Any], tmp: Path) -> tuple[Path, Any]:
-    """A directory of safetensors for the base; random-init presets are built from their seed and saved."""
+    """A directory of safetensors for the base; random-init presets (the embedded ones, or any with
+    ``load_weights=false``) are rebuilt from their seed and saved."""
     from types import SimpleNamespace
 
     from . import models
@@ -104,7 +110,7 @@ def materialize_base(model: dict[str, Any], tmp: Path) -> tuple[Path, Any]:
     if source.local_dir is not None:
         models.check_weight_files(source.local_dir, allow_pickle=False)
         return source.local_dir, source
-    if source.preset is not None and source.preset.hf_repo is None:
+    if source.preset is not None and (source.preset.hf_repo is None or not model.get("load_weights", True)):
         model_cfg = SimpleNamespace(
             attn_implementation="sdpa",
             dtype="float32",

@@ -15,7 +15,7 @@ from mistral_tune import cli
 from mistral_tune.errors import UserError
 from mistral_tune.presets import PRESETS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 RECIPES = {"lora": "sft_lora", "qlora": "sft_qlora", "dora": "sft_dora", "none": "sft_full"}
 # Same 2 examples every step (max_samples = batch size): the loss on them must fall within 3 steps.
@@ -211,6 +211,12 @@ def test_preset_round_trips(runs, ids, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(preset, dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32)
     assert torch.equal(logits(model, ids), logits(merged, ids))
+    # ... and through the Python API, which reads metadata.json
+    from mistral_tune import MistralCausalLM
+
+    lm = MistralCausalLM.from_preset(str(preset), dtype="float32")
+    assert lm.metadata["provenance"]["recipe"] == "sft_lora" and lm.base_preset == "mistral_tiny"
+    assert torch.equal(logits(lm.hf_model, ids), logits(merged, ids))
     # write_preset -> from_pretrained gives the same model back, with the provenance we passed
     again = write_preset(
         model, MistralTokenizer.from_pretrained(preset), tmp_path / "p", base_preset="mine", provenance={"k": 1}

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from mistral_tune import cli, export, merge
 from mistral_tune.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SMALL = dict(
     vocab_size=32000,
     hidden_size=64,
