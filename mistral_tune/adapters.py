@@ -1,19 +1,47 @@
-"""Apply the configured adapter (LoRA, QLoRA, DoRA, or none for full fine-tuning) through PEFT."""
+"""Apply the configured adapter (LoRA, QLoRA, DoRA, or none for full fine-tuning) through PEFT.
+
+``adapter=lora`` and ``adapter=dora`` wrap the base with a PEFT ``LoraConfig`` (DoRA is
+``use_dora=True``); ``adapter=qlora`` is LoRA on a base loaded in 4-bit NF4 with double quantization
+(bitsandbytes), prepared with ``prepare_model_for_kbit_training``; ``adapter=none`` trains every weight.
+Saved adapters carry a small sidecar (``mistral_tune_adapter.json``) recording how the base was quantized,
+so a later standalone export can rebuild exactly the base the adapter was trained against.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+SIDECAR = "mistral_tune_adapter.json"
+# TrainingArguments optimizers whose state is paged between GPU and CPU memory (CUDA unified memory).
+PAGED_OPTIMIZERS = (
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+)
+
+
+def is_4bit(adapter_cfg: Any) -> bool:
+    return adapter_cfg.name == "qlora" or bool(adapter_cfg.load_in_4bit)
+
 
 def quantization_config(adapter_cfg: Any, compute_dtype: Any):
-    """bitsandbytes 4-bit NF4 config for QLoRA, or None for the other adapters."""
-    if adapter_cfg.name != "qlora" and not adapter_cfg.load_in_4bit:
+    """bitsandbytes 4-bit config for QLoRA (NF4 + double quantization by default), else None.
+
+    ``compute_dtype`` is the dtype the dequantized weights are multiplied in: the model dtype, which
+    ``model.dtype=auto`` resolves to bf16 on a bf16-capable GPU and fp32 on CPU.
+    """
+    if not is_4bit(adapter_cfg):
         return None
     try:
         import bitsandbytes  # noqa: F401
@@ -35,11 +63,31 @@ def quantization_config(adapter_cfg: Any, compute_dtype: Any):
     )
 
 
+def check_optimizer(optim: str) -> None:
+    """Paged optimizers need CUDA; on CPU bitsandbytes would silently fall back to unpaged state.
+
+    8-bit AdamW (``adamw_8bit``/``adamw_bnb_8bit``) has a CPU path in bitsandbytes >= 0.49 and is allowed.
+    """
+    import torch
+
+    if optim in PAGED_OPTIMIZERS and not torch.cuda.is_available():
+        raise UserError(
+            f"train.optim={optim} pages optimizer state through CUDA unified memory, and this machine has no CUDA "
+            "GPU. Use train.optim=adamw_8bit (8-bit state, works on CPU) or train.optim=adamw_torch."
+        )
+    if "8bit" in optim or "bnb" in optim:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise UserError(f"train.optim={optim} needs bitsandbytes: `pip install bitsandbytes`.") from exc
+
+
 def lora_config(adapter_cfg: Any):
+    """The PEFT ``LoraConfig`` for the adapter group (DoRA is LoRA with ``use_dora``)."""
     from peft import LoraConfig
 
     targets = list(adapter_cfg.target_modules)
-    init: Any = adapter_cfg.init
+    init: Any = str(adapter_cfg.init)
     if init in ("default", "true", "True"):
         init = True
     return LoraConfig(
@@ -55,32 +103,142 @@ def lora_config(adapter_cfg: Any):
     )
 
 
-def apply_adapter(model: Any, adapter_cfg: Any, *, gradient_checkpointing: bool = False):
-    """Wrap ``model`` for training; returns the model to train (a PeftModel unless adapter=none)."""
+def changes_base(adapter_cfg: Any) -> bool:
+    """PiSSA/OLoRA initialize by moving part of the base weights into the adapter."""
+    return (
+        adapter_cfg.name != "none"
+        and not adapter_cfg.resume_from
+        and str(adapter_cfg.init).startswith(("pissa", "olora"))
+    )
+
+
+def apply_adapter(
+    model: Any, adapter_cfg: Any, *, gradient_checkpointing: bool = False, init_dir: Optional[Path] = None
+):
+    """Wrap ``model`` for training; returns the model to train (a PeftModel unless adapter=none).
+
+    ``init_dir``: where to keep the initial adapter when ``adapter.init`` rewrites the base (PiSSA,
+    OLoRA), so :func:`save_adapter` can convert the trained adapter back to one for the original base.
+    """
     if adapter_cfg.name == "none":
         model.requires_grad_(True)
         return model
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
-        # Casts norms to fp32 and enables input grads, so gradients flow through frozen 4-bit layers.
+        # Freezes the base, casts 16-bit norms/embeddings to fp32 and enables input grads, so gradients
+        # flow through the frozen 4-bit layers into the adapter.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_cpu_4bit_numerics(model)
     if adapter_cfg.resume_from:
         path = Path(adapter_cfg.resume_from)
         if not (path / "adapter_config.json").exists():
             raise UserError(f"adapter.resume_from={path}: no adapter_config.json there.")
-        log.info("continuing training of the adapter in %s", path)
+        log.info("continuing training of the adapter in %s (its own r/alpha/targets apply)", path)
         return PeftModel.from_pretrained(model, path, is_trainable=True)
-    return get_peft_model(model, lora_config(adapter_cfg))
+    peft_model = get_peft_model(model, lora_config(adapter_cfg))
+    if changes_base(adapter_cfg) and init_dir is not None:
+        # PEFT's recipe: save the initial adapter with plain init, convert against it at save time.
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(init_dir)
+        peft_model.peft_config["default"].init_lora_weights = lora_config(adapter_cfg).init_lora_weights
+    return peft_model
+
+
+def keep_cpu_4bit_numerics(model: Any) -> None:
+    """Make eval-mode 4-bit layers on CPU compute as training does (dequantize, matmul in compute dtype).
+
+    On CPUs with AVX512-BF16, bitsandbytes' eval path repacks each 4-bit weight on first use, rounding
+    its block scales to bf16 (lossy, and permanent for the model in memory), and multiplies in bf16.
+    Generating samples would then change the weights that the export dequantizes, and the 4-bit
+    model's logits would no longer match what was trained.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def match_adapter_dtype(model: Any, compute_dtype: Any) -> int:
+    """With an fp32 compute dtype (QLoRA on CPU), keep trainable weights in fp32; returns how many moved.
+
+    TRL's SFTTrainer casts a quantized model's trainable weights to bf16 (the QLoRA paper's choice for
+    bf16 GPUs). With fp32 compute that only loses precision: the LoRA branch would run in bf16 and
+    small AdamW updates would round away. Call after building the trainer, before training.
+    """
+    import torch
+
+    if compute_dtype != torch.float32:
+        return 0
+    moved = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            moved += 1
+    return moved
+
+
+def is_4bit_linear(module: Any) -> bool:
+    """bitsandbytes' Linear4bit itself (not PEFT's LoRA wrapper of the same class name)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def quantized_modules(model: Any) -> list[str]:
+    """Names (as in the plain base model) of the linear layers stored in 4-bit."""
+    names = []
+    for name, module in model.named_modules():
+        if is_4bit_linear(module):
+            names.append(name.removeprefix("base_model.model.").replace(".base_layer", ""))
+    return names
+
+
+def quantization_record(model: Any) -> Optional[dict[str, Any]]:
+    """How the base was quantized, read from the model itself (None for a 16/32-bit base)."""
+    for module in model.modules():
+        if is_4bit_linear(module):
+            state = module.weight.quant_state
+            return {
+                "quant_type": state.quant_type,
+                "double_quant": bool(state.nested),
+                "blocksize": int(state.blocksize),
+                "base_dtype": str(state.dtype).removeprefix("torch."),
+                "modules": quantized_modules(model),
+            }
+    return None
+
+
+def save_adapter(
+    model: Any, out_dir: Path, *, base: dict[str, Any], kind: str, init_dir: Optional[Path] = None
+) -> Path:
+    """Save the trained adapter plus a sidecar naming its base and how that base was quantized."""
+    out_dir = Path(out_dir)
+    if base.get("label"):  # else PEFT records wherever the base was loaded from (maybe a temp dir)
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = base["label"]
+    if init_dir is not None and Path(init_dir).is_dir():
+        # The converted adapter (rank 2r) applies to the original base, not PiSSA/OLoRA's residual base.
+        model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=str(init_dir))
+        shutil.rmtree(init_dir, ignore_errors=True)
+    else:
+        model.save_pretrained(out_dir)
+    sidecar = {"adapter": kind, "base": base, "quantization": quantization_record(model)}
+    (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def read_sidecar(adapter_dir: Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / SIDECAR
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters; 4-bit weights count as their unpacked element number."""
+    """(trainable, total) parameters; 4-bit weights count as the elements of the matrix they encode."""
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
         if p.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
+            state = getattr(p, "quant_state", None)
+            # Packed storage holds two 4-bit values per byte; the quant state knows the real shape.
+            n = state.shape.numel() if state is not None else n * 2 * p.element_size()
         total += n
         if p.requires_grad:
             trainable += n

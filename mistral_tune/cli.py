@@ -23,6 +23,7 @@ usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
        mistral-tune generate preset=ID_OR_PATH prompt="..." [sampler=greedy max_length=64 ...]
        mistral-tune chat preset=ID_OR_PATH
        mistral-tune bench recipe=NAME [key=value ...] [--steps N] [--warmup N]   (see `mistral-tune bench --help`)
+       mistral-tune export run_dir=PATH formats=[merged,preset]   (or adapter=PATH base=PRESET out=DIR)
        mistral-tune --help
 
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
@@ -294,11 +295,19 @@ def cmd_bench(args: list[str]) -> int:
     return run_bench(args)
 
 
+def cmd_export(args: list[str]) -> int:
+    """Merge/publish a finished run or a saved adapter (mistral_tune/export_command.py)."""
+    from .export_command import main as export_main
+
+    return export_main(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "list": cmd_list,
     "generate": cmd_generate,
     "chat": cmd_chat,
     "bench": cmd_bench,
+    "export": cmd_export,
 }
 
 

@@ -35,9 +35,9 @@ class AdapterConfig:
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     modules_to_save: List[str] = field(default_factory=list)
     use_rslora: bool = False
-    init: str = "default"  # PEFT init_lora_weights: default | gaussian | pissa | olora | ...
+    init: str = "default"  # PEFT init_lora_weights: default | gaussian | pissa | pissa_niter_N | olora
     resume_from: Optional[str] = None  # continue training an existing adapter directory
-    load_in_4bit: bool = False
+    load_in_4bit: bool = False  # qlora sets this implicitly; true with lora/dora = QLoRA/QDoRA
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
@@ -103,6 +103,9 @@ class ExportConfig:
     dtype: str = "auto"  # auto (the base's dtype) | float32 | bfloat16 | float16
     max_shard_size: str = "2GB"
     verify: bool = True  # reload merged/ and compare logits with the in-memory model
+    tolerance: Optional[float] = None  # max |logit diff| accepted; None = per-dtype default (export.TOLERANCE)
+    preset: bool = False  # also write preset/ (Hugging Face layout + metadata.json with provenance)
+    adapter_only: bool = False  # publish only adapter/ with a README.md model card; no merged weights
     num_samples: int = 4  # greedy generations written to samples.jsonl
     sample_max_new_tokens: int = 32
 
@@ -217,6 +220,7 @@ def check_values(cfg: Any) -> list[str]:
         problems.append("resume='' is empty; use resume=auto or resume=PATH")
     if cfg.data.holdout < 0:
         problems.append(f"data.holdout={cfg.data.holdout} must be >= 0")
+    problems += adapter_problems(cfg.adapter) + export_problems(cfg.export, cfg.adapter)
     if cfg.train.bf16 and cfg.train.fp16:
         problems.append("train.bf16 and train.fp16 cannot both be true")
     if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
@@ -299,3 +303,46 @@ def schema_keys(schema: Any = RunConfig, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
+
+LORA_INITS = ("default", "true", "gaussian", "pissa", "olora")  # plus pissa_niter_<N>
+BASE_CHANGING_INITS = ("pissa", "olora")  # these rewrite the base weights at initialization
+
+
+def adapter_problems(a: Any) -> list[str]:
+    """Checks on the adapter group (ranges and the init names PEFT accepts)."""
+    problems = []
+    if a.name == "none":
+        return problems
+    if a.alpha <= 0:
+        problems.append(f"adapter.alpha={a.alpha} must be > 0")
+    if not 0 <= a.dropout < 1:
+        problems.append(f"adapter.dropout={a.dropout} must be in [0, 1)")
+    if not a.target_modules:
+        problems.append("adapter.target_modules is empty; name modules (e.g. [q_proj, v_proj]) or use [all-linear]")
+    init = str(a.init)
+    if init not in LORA_INITS and not (init.startswith("pissa_niter_") and init[12:].isdigit()):
+        problems.append(f"adapter.init={init!r} is not one of {', '.join(LORA_INITS)}, pissa_niter_<N>")
+    if (a.name == "qlora" or a.load_in_4bit) and init.startswith(BASE_CHANGING_INITS):
+        problems.append(f"adapter.init={init} rewrites the base weights, which cannot be done on a 4-bit base")
+    if a.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        problems.append(f"adapter.bnb_4bit_quant_type={a.bnb_4bit_quant_type!r} is not one of nf4, fp4")
+    if a.bnb_4bit_compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"adapter.bnb_4bit_compute_dtype={a.bnb_4bit_compute_dtype!r} is not auto or a float dtype")
+    return problems
+
+
+def export_problems(e: Any, a: Any) -> list[str]:
+    """Checks on the export group: adapter_only excludes the merged formats, tolerances are positive."""
+    problems = []
+    if e.adapter_only and (e.merged or e.preset):
+        on = [k for k in ("merged", "preset") if getattr(e, k)]
+        problems.append(
+            f"export.adapter_only=true publishes only the adapter, but export.{'/'.join(on)}=true asks for merged "
+            "weights too; use export=adapter_only, or set export.adapter_only=false"
+        )
+    if e.adapter_only and a.name == "none":
+        problems.append("export.adapter_only=true needs an adapter; adapter=none (full fine-tuning) has none")
+    if e.tolerance is not None and not e.tolerance > 0:
+        problems.append(f"export.tolerance={e.tolerance} must be > 0")
+    return problems

@@ -92,6 +92,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     for label, value in (
         ("adapter", summary.get("adapter")),
         ("merged", merged.get("path") if isinstance(merged, dict) else merged),
+        ("preset", (summary.get("preset") or {}).get("path")),
         ("plot", summary.get("plot")),
         ("tracking", tracking.get("url") or tracking.get("sync_command") or tracking.get("dir")),
         ("summary", str(Path(summary["run_dir"]) / "summary.json") if summary.get("run_dir") else None),

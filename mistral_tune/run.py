@@ -139,17 +139,22 @@ def train_and_export(
 
     from . import adapters, data, resume
     from .guards import GracefulStop, NonFiniteLoss, TrainingInterrupted, stopped_summary, train_guarded
+    from .model_card import write_model_card
     from .progress import ProgressReporter, use_progress_reporter
     from .tracking import MetricsJsonl, start_tracking
     from .trainers.sft import build_sft_trainer
 
     set_seed(cfg.train.seed)
+    adapters.check_optimizer(cfg.train.optim)
     tokenizer = models.load_tokenizer(source)
     compute_dtype = models.resolve_dtype(cfg.model.dtype)
     quant = distributed.quantization_for_engine(adapters.quantization_config(cfg.adapter, compute_dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant)
     models.check_max_length(cfg.trainer.max_length, model.config.max_position_embeddings)
-    model = adapters.apply_adapter(model, cfg.adapter, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    init_dir = run_dir / ".adapter-init"  # only used when adapter.init rewrites the base (PiSSA/OLoRA)
+    model = adapters.apply_adapter(
+        model, cfg.adapter, gradient_checkpointing=cfg.train.gradient_checkpointing, init_dir=init_dir
+    )
     trainable, total = adapters.count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -176,6 +181,8 @@ def train_and_export(
             eval_dataset=prepared.eval,
         )
         use_progress_reporter(trainer, ProgressReporter(metrics))
+        if quant is not None:
+            adapters.match_adapter_dtype(trainer.model, quant.bnb_4bit_compute_dtype)
         trainer.data_fingerprint = resume.dataset_fingerprint(train_ds)
         if resume_from is not None:
             saved = resume.check_compatible(resume_from, trainer.data_fingerprint, resume.batch_geometry(trainer.args))
@@ -188,7 +195,7 @@ def train_and_export(
                 summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
                 save_json(run_dir / "summary.json", redact(summary))
             raise
-        outputs = save_outputs(cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process)
+        outputs = save_outputs(cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process, init_dir)
         if not main_process:
             return {}
         summary = build_summary(cfg, run_dir, result, trainer, metrics.records, report, started, resume_from)
@@ -196,6 +203,8 @@ def train_and_export(
         summary["parameters"] = {"trainable": trainable, "total": total}
         summary["peak_memory_bytes"], summary["peak_memory_kind"] = peak_memory(torch)
         summary["tracking"] = tracking.info
+        if outputs["adapter"]:
+            write_model_card(Path(outputs["adapter"]), cfg, redact(summary))
         finish_run(run_dir, summary)
         tracking.log_summary(redact(summary))
     except BaseException:
@@ -207,23 +216,41 @@ def train_and_export(
 
 
 def save_outputs(
-    cfg: Any, run_dir: Path, trainer: Any, tokenizer: Any, prepared: Any, source: Any, quant: Any, main_process: bool
+    cfg: Any,
+    run_dir: Path,
+    trainer: Any,
+    tokenizer: Any,
+    prepared: Any,
+    source: Any,
+    quant: Any,
+    main_process: bool,
+    init_dir: Path,
 ) -> dict[str, Any]:
-    """adapter/, samples.jsonl and merged/; returns where they are (rank 0; {} on the other ranks)."""
-    from . import data, distributed, export
+    """adapter/, samples.jsonl, merged/ and preset/; returns where they are and each export's check.
+
+    Rank 0 only writes; the other ranks return {} after taking part in the save.
+    """
+    from . import adapters, data, distributed, export
     from .generation import greedy_generate
+    from .model_card import base_label
+    from .safety import redact
 
     # Every process takes part in saving (ZeRO-3 and FSDP gather the shards); rank 0 writes, then goes on alone.
     model = trainer.model
     adapter_dir = run_dir / "adapter" if cfg.adapter.name != "none" else None
-    saved_dir = adapter_dir or run_dir / "checkpoints" / "final"
-    if adapter_dir or distributed.params_sharded(trainer):
+    sharded = distributed.params_sharded(trainer)
+    if sharded:
+        saved_dir = adapter_dir or run_dir / "checkpoints" / "final"
         with export.atomic_directory(saved_dir) if main_process else nullcontext(saved_dir) as target:
-            distributed.save_trained(trainer, target)  # never a half-written adapter/
+            distributed.save_trained(trainer, target)
     if not main_process:
         return {}
-    if distributed.params_sharded(trainer):  # rank 0 holds only a shard: rebuild the model from the save
+    if sharded:  # rank 0 holds only a shard: rebuild the model from the save
         model = distributed.load_trained(cfg, source, quant, saved_dir)
+    if adapter_dir is not None:
+        base = {"name": cfg.model.name, "path": cfg.model.path, "seed": cfg.train.seed, "label": base_label(cfg.model)}
+        with export.atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
+            adapters.save_adapter(model, tmp, base=base, kind=cfg.adapter.name, init_dir=init_dir)
 
     holdout = prepared.holdout
     if cfg.export.num_samples and holdout:
@@ -236,18 +263,38 @@ def save_outputs(
         with (run_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 
-    merged_info = None
-    if cfg.export.merged:
-        merged_info = export.export_merged(
+    exported: dict[str, Any] = {}
+    if cfg.export.merged or cfg.export.preset:
+        exported = export.export_model(
             model,
             tokenizer,
-            run_dir / "merged",
-            dtype_name=cfg.export.dtype,
             prompts=VERIFY_PROMPTS,
+            dtype_name=cfg.export.dtype,
+            merged_dir=run_dir / "merged" if cfg.export.merged else None,
+            preset_dir=run_dir / "preset" if cfg.export.preset else None,
             max_shard_size=cfg.export.max_shard_size,
             verify=cfg.export.verify,
+            tolerance=cfg.export.tolerance,
+            base_preset=cfg.model.name,
+            provenance=redact(provenance(cfg)),
         )
-    return {"adapter": str(adapter_dir) if adapter_dir else None, "merged": merged_info}
+    return {
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "merged": exported.get("merged"),
+        "preset": exported.get("preset"),
+    }
+
+
+def provenance(cfg: Any) -> dict[str, Any]:
+    """Where a preset came from: recipe, base, adapter, data and training settings of this run."""
+    return {
+        "recipe": cfg.recipe,
+        "run_dir": cfg.output_dir,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "adapter": OmegaConf.to_container(cfg.adapter, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "train": OmegaConf.to_container(cfg.train, resolve=True),
+    }
 
 
 def build_summary(cfg, run_dir, result, trainer, records, report, started, resume_from) -> dict[str, Any]:

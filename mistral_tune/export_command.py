@@ -1,0 +1,288 @@
+"""``mistral-tune export``: merge a saved adapter into its base, streamed shard by shard, and verify it.
+
+    mistral-tune export run_dir=runs/x formats=[merged,preset]
+    mistral-tune export adapter=runs/x/adapter base=mistral_7b_en out=merged-7b dtype=bfloat16
+
+Verification loads the base with the adapter (unmerged) once to compute reference logits, frees it,
+streams the merge, then reloads the result; so it needs the model in memory once, while the merge
+itself needs about one shard. ``verify=false`` skips it (the summary then says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+USAGE = """\
+usage: mistral-tune export run_dir=PATH [formats=[merged,preset,adapter]] [dtype=auto] [max_shard_size=2GB]
+                           [verify=true] [tolerance=X]
+       mistral-tune export adapter=PATH base=PRESET_OR_DIR out=DIR [formats=[merged]] [dtype=auto] [seed=42] ...
+
+run_dir  a finished run; writes RUN/merged, RUN/preset and/or RUN/adapter/README.md (model card)
+adapter  an adapter directory; base is a preset id (mistral-tune list) or a Hugging Face directory;
+         out is the export directory (with several formats: one subdirectory per format)
+dtype    auto (the base's dtype) | float32 | bfloat16 | float16
+seed     the seed a random-init preset (mistral_tiny) was built with; run_dir reads it from the run
+"""
+KEYS = ("run_dir", "adapter", "base", "out", "formats", "dtype", "max_shard_size", "verify", "tolerance", "seed")
+FORMATS = ("merged", "preset", "adapter")
+
+
+def parse_args(args: list[str]) -> dict[str, Any]:
+    """key=value arguments; lists as [a,b]; one UserError naming every bad argument."""
+    opts: dict[str, Any] = {"formats": None, "dtype": "auto", "max_shard_size": "2GB", "verify": "true"}
+    bad = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in KEYS:
+            bad.append(arg)
+            continue
+        opts[key] = value
+    if bad:
+        raise UserError(f"mistral-tune export: unknown argument(s) {', '.join(bad)}. Keys: {', '.join(KEYS)}.")
+    if opts["formats"] is not None:
+        opts["formats"] = [f.strip() for f in opts["formats"].strip("[]").split(",") if f.strip()]
+        unknown = [f for f in opts["formats"] if f not in FORMATS]
+        if unknown:
+            raise UserError(f"formats: {', '.join(unknown)} not one of {', '.join(FORMATS)}.")
+    if opts["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"dtype={opts['dtype']} is not one of auto, float32, bfloat16, float16.")
+    opts["verify"] = str(opts["verify"]).lower() in ("true", "1", "yes")
+    opts["tolerance"] = float(opts["tolerance"]) if opts.get("tolerance") else None
+    return opts
+
+
+def plan(opts: dict[str, Any]) -> dict[str, Any]:
+    """Resolve what to merge into what, and where each format goes."""
+    from omegaconf import OmegaConf
+
+    if opts.get("run_dir"):
+        run_dir = Path(opts["run_dir"])
+        resolved = run_dir / "resolved_config.yaml"
+        if not resolved.exists():
+            raise UserError(f"run_dir={run_dir} has no resolved_config.yaml; is it a mistral-tune run directory?")
+        cfg = OmegaConf.load(resolved)
+        formats = opts["formats"] or ["merged"]
+        adapter = run_dir / "adapter" if cfg.adapter.name != "none" else None
+        model = {
+            "name": cfg.model.name,
+            "path": cfg.model.path,
+            "seed": cfg.train.seed,
+            "load_weights": cfg.model.load_weights,
+        }
+        if adapter is None:
+            if not (run_dir / "merged" / "config.json").exists():
+                raise UserError(f"{run_dir} is a full fine-tune without merged/; its weights were not saved.")
+            model = {"name": None, "path": str(run_dir / "merged"), "seed": None}
+        outs = {f: run_dir / ("adapter" if f == "adapter" else f) for f in formats}
+        return {"adapter": adapter, "model": model, "outs": outs, "run_dir": run_dir, "cfg": cfg}
+    if not (opts.get("adapter") and opts.get("base") and opts.get("out")):
+        raise UserError("mistral-tune export needs run_dir=PATH, or adapter=PATH base=PRESET_OR_DIR out=DIR.\n" + USAGE)
+    formats = opts["formats"] or ["merged"]
+    if "adapter" in formats:
+        raise UserError("formats=adapter needs run_dir=PATH (the model card is written from the run's summary).")
+    out = Path(opts["out"])
+    outs = {formats[0]: out} if len(formats) == 1 else {f: out / f for f in formats}
+    base = opts["base"]
+    is_dir = Path(base).expanduser().is_dir()
+    model = {"name": None if is_dir else base, "path": base if is_dir else None, "seed": int(opts.get("seed") or 42)}
+    return {"adapter": Path(opts["adapter"]), "model": model, "outs": outs, "run_dir": None, "cfg": None}
+
+
+def materialize_base(model: dict[str, Any], tmp: Path) -> tuple[Path, Any]:
+    """A directory of safetensors for the base; random-init presets (the embedded ones, or any with
+    ``load_weights=false``) are rebuilt from their seed and saved."""
+    from types import SimpleNamespace
+
+    from . import models
+
+    source = models.resolve_source(model["name"] or model["path"], model["path"])
+    if source.local_dir is not None:
+        models.check_weight_files(source.local_dir, allow_pickle=False)
+        return source.local_dir, source
+    if source.preset is not None and (source.preset.hf_repo is None or not model.get("load_weights", True)):
+        model_cfg = SimpleNamespace(
+            attn_implementation="sdpa",
+            dtype="float32",
+            load_weights=False,
+            path=None,
+            revision=None,
+            trust_remote_code=False,
+            allow_pickle=False,
+        )
+        base = models.load_model(model_cfg, source, seed=model["seed"])
+        base.save_pretrained(tmp, max_shard_size="2GB")
+        return tmp, source
+    return models.fetch_hub_repo(source.hub_repo), source
+
+
+def reference(base_dir: Path, adapter: Optional[Path], quant: Optional[dict], tokenizer: Any, prompts):
+    """Logits of base + adapter (unmerged) in memory, and how far the adapter moves them from the base.
+
+    For QLoRA the reference is the dequantized 4-bit base + adapter, as in the training run.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .adapters import keep_cpu_4bit_numerics
+    from .export import dequantized_copy, fine_tune_shift, reference_logits
+
+    # The reference runs in float32 whatever the export dtype: it stands for the exact fine-tuned model.
+    dtype = torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant:
+        base_dtype = getattr(torch, quant["base_dtype"])
+        kwargs = {
+            "dtype": base_dtype,
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=quant["quant_type"],
+                bnb_4bit_use_double_quant=quant["double_quant"],
+                bnb_4bit_compute_dtype=base_dtype,
+            ),
+        }
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if quant:
+        keep_cpu_4bit_numerics(model)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if quant:
+        model = dequantized_copy(model, dtype)
+    expected = reference_logits(model, tokenizer, prompts)
+    return expected, fine_tune_shift(model, tokenizer, prompts, expected)
+
+
+def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """Run the plan: merged/preset via the streamed merge (each verified), adapter via its model card."""
+    from . import adapters, export, merge
+    from .models import load_tokenizer
+    from .run import VERIFY_PROMPTS
+
+    results: dict[str, Any] = {}
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mistral-tune-export-")))
+        sidecar = adapters.read_sidecar(p["adapter"]) if p["adapter"] is not None else {}
+        quant = sidecar.get("quantization")
+        weights = {f: o for f, o in p["outs"].items() if f in ("merged", "preset")}
+        if weights:
+            base_dir, source = materialize_base(p["model"], tmp / "base")
+            tokenizer = load_tokenizer(source)
+            expected = shift = None
+            if opts["verify"]:
+                expected, shift = reference(base_dir, p["adapter"], quant, tokenizer, VERIFY_PROMPTS)
+            for fmt, out in weights.items():
+                with export.atomic_directory(out) as staging:
+                    info = merge.stream_merge(
+                        base_dir,
+                        p["adapter"],
+                        staging,
+                        dtype_name=opts["dtype"],
+                        max_shard_size=opts["max_shard_size"],
+                        quantization=quant,
+                    )
+                    export.write_tokenizer_files(tokenizer, staging)
+                    copy_generation_config(base_dir, staging, tokenizer)
+                    if fmt == "preset":
+                        write_metadata(staging, p, tokenizer)
+                    diff = tol = None
+                    if opts["verify"]:
+                        diff, tol = export.verify_export(
+                            staging, tokenizer, VERIFY_PROMPTS, expected, info["dtype"], opts["tolerance"]
+                        )
+                        export.warn_if_indistinguishable(shift, tol, info["dtype"])
+                results[fmt] = {
+                    "path": str(out),
+                    "max_abs_logit_diff": diff,
+                    "tolerance": tol,
+                    "fine_tune_max_abs_logit_shift": shift,
+                    "dtype": info["dtype"],
+                    "verified": opts["verify"],
+                    "reference": "dequantized 4-bit base + adapter" if quant else "base + adapter (unmerged)",
+                    "method": "streamed",
+                    "shards": len(info["shards"]),
+                }
+        if "adapter" in p["outs"]:
+            results["adapter"] = {"path": str(write_card(p))}
+    if p["run_dir"] is not None:
+        record_in_summary(p["run_dir"], results)
+    return results
+
+
+def copy_generation_config(base_dir: Path, out: Path, tokenizer: Any) -> None:
+    src = base_dir / "generation_config.json"
+    if src.exists():
+        shutil.copyfile(src, out / "generation_config.json")
+        return
+    from transformers import GenerationConfig
+
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, max_new_tokens=256
+    ).save_pretrained(out)
+
+
+def write_metadata(directory: Path, p: dict[str, Any], tokenizer: Any) -> None:
+    """metadata.json for a preset written by the streamed path (same fields as ``export.write_preset``)."""
+    from .export import PRESET_METADATA, preset_metadata
+    from .presets import parameter_count
+
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    provenance: dict[str, Any] = {"adapter": str(p["adapter"]) if p["adapter"] else None, "base": p["model"]}
+    if p["cfg"] is not None:
+        from .run import provenance as run_provenance
+
+        provenance.update(run_provenance(p["cfg"]))
+    meta = preset_metadata(
+        parameter_count=parameter_count(config),
+        base_preset=p["model"]["name"] or p["model"]["path"],
+        provenance=provenance,
+        chat_template=tokenizer.chat_template,
+        dtype=config.get("dtype"),
+    )
+    (directory / PRESET_METADATA).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_card(p: dict[str, Any]) -> Path:
+    from .model_card import write_model_card
+
+    summary_path = p["run_dir"] / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    path = write_model_card(p["run_dir"] / "adapter", p["cfg"], summary)
+    if path is None:
+        raise UserError(f"{p['run_dir']} has no adapter/ to publish (adapter=none trains every weight).")
+    return path
+
+
+def record_in_summary(run_dir: Path, results: dict[str, Any]) -> None:
+    from .export import save_json
+
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary.update({k: v for k, v in results.items() if k in ("merged", "preset")})
+    save_json(path, summary)
+
+
+def main(args: list[str]) -> int:
+    """Entry point of ``mistral-tune export``; prints the result as JSON."""
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    opts = parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = export_formats(plan(opts), opts)
+    json.dump(results, sys.stdout, indent=2)
+    print()
+    return 0
