@@ -58,7 +58,11 @@ def parse_args(args: list[str]) -> dict[str, Any]:
     if opts["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"dtype={opts['dtype']} is not one of auto, float32, bfloat16, float16.")
     opts["verify"] = str(opts["verify"]).lower() in ("true", "1", "yes")
-    opts["tolerance"] = float(opts["tolerance"]) if opts.get("tolerance") else None
+    try:
+        opts["tolerance"] = float(opts["tolerance"]) if opts.get("tolerance") else None
+        opts["seed"] = int(opts["seed"]) if opts.get("seed") else None
+    except ValueError as exc:
+        raise UserError(f"mistral-tune export: tolerance= takes a number and seed= an integer ({exc}).") from None
     return opts
 
 
@@ -95,8 +99,12 @@ def plan(opts: dict[str, Any]) -> dict[str, Any]:
     outs = {formats[0]: out} if len(formats) == 1 else {f: out / f for f in formats}
     base = opts["base"]
     is_dir = Path(base).expanduser().is_dir()
-    model = {"name": None if is_dir else base, "path": base if is_dir else None, "seed": int(opts.get("seed") or 42)}
-    return {"adapter": Path(opts["adapter"]), "model": model, "outs": outs, "run_dir": None, "cfg": None}
+    seed = 42 if opts.get("seed") is None else opts["seed"]  # the recipes' train.seed
+    model = {"name": None if is_dir else base, "path": base if is_dir else None, "seed": seed}
+    adapter = Path(opts["adapter"])
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"adapter={adapter} is not an adapter directory (no adapter_config.json).")
+    return {"adapter": adapter, "model": model, "outs": outs, "run_dir": None, "cfg": None}
 
 
 def materialize_base(model: dict[str, Any], tmp: Path) -> tuple[Path, Any]:
