@@ -52,12 +52,14 @@ def build_on_meta(config: dict[str, Any], adapter_cfg: Any):
 
 def run_shape(cfg: Any) -> estimate.RunShape:
     """Per-device step shape from the config; ``auto`` choices resolve as on a bf16 GPU without flash-attn."""
+    from .launch import total_processes
+
     attn = cfg.model.attn_implementation
     return estimate.RunShape(
         batch_size=cfg.train.per_device_train_batch_size,
         seq_len=cfg.trainer.max_length,
         grad_accum=cfg.train.gradient_accumulation_steps,
-        num_devices=cfg.launcher.num_processes,
+        num_devices=total_processes(cfg.launcher),  # launcher.num_processes=0 -> one per visible GPU
         adapter=cfg.adapter.name,
         target_modules=tuple(cfg.adapter.target_modules),
         lora_r=cfg.adapter.r,

@@ -229,6 +229,18 @@ def test_zero_gpus_with_automatic_process_count_is_a_clear_error():
         launch.total_processes(cfg.launcher)
 
 
+def test_dry_run_counts_the_launcher_processes(capsys):
+    import torch
+
+    from mistral_tune.cli import main
+
+    assert main(["recipe=sft_lora", "launcher=ddp", "launcher.num_processes=8", "dry_run=true"]) == 0
+    assert "x 8 device(s)" in capsys.readouterr().out
+    if not torch.cuda.is_available():  # 0 = one per GPU, and there is none: said plainly, no ZeroDivisionError
+        assert main(["recipe=sft_lora", "launcher=ddp", "dry_run=true"]) == 2
+        assert "no GPU is visible" in capsys.readouterr().err
+
+
 def test_ddp_of_one_process_is_refused():
     cfg = compose("sft_lora", ["launcher=ddp", "launcher.num_processes=1"])
     with pytest.raises(UserError, match="launcher=local"):
@@ -319,9 +331,8 @@ def jobs(tmp_path_factory):
                                                   "export.merged=false"])  # fmt: skip
             elif name == "ddp":  # the command users type: accelerate launch --multi_gpu --num_processes 2
                 accelerate_args = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
-                cache[name] = _train(
-                    tmp, name, [*PER_PROCESS_BATCH, "export.merged=false"], accelerate_args=accelerate_args
-                )
+                overrides = [*PER_PROCESS_BATCH, "export.merged=false", "tracking=wandb", "tracking.mode=offline"]
+                cache[name] = _train(tmp, name, overrides, accelerate_args=accelerate_args)
             else:  # deepspeed_zero2 / deepspeed_zero3 through mistral-tune's own launcher
                 extra = ["export.num_samples=1", "export.sample_max_new_tokens=4"] if name.endswith("3") else []
                 cache[name] = _train(tmp, name, [f"launcher={name}", "launcher.num_processes=2",
@@ -360,6 +371,7 @@ def test_only_rank_zero_writes_the_run_directory(jobs):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert not list(run_dir.glob(".*")), "temporary files left behind"
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # one tracker run, from rank 0
     assert ddp.stdout.count("run directory:") == 1  # the other process logs warnings and errors only
 
 
