@@ -82,8 +82,11 @@ def check_optimizer(optim: str) -> None:
             raise UserError(f"train.optim={optim} needs bitsandbytes: `pip install bitsandbytes`.") from exc
 
 
-def lora_config(adapter_cfg: Any):
-    """The PEFT ``LoraConfig`` for the adapter group (DoRA is LoRA with ``use_dora``)."""
+def lora_config(adapter_cfg: Any, task_type: str = "CAUSAL_LM"):
+    """The PEFT ``LoraConfig`` for the adapter group (DoRA is LoRA with ``use_dora``).
+
+    ``task_type="SEQ_CLS"`` (reward models) also trains and saves the new ``score`` head in full.
+    """
     from peft import LoraConfig
 
     targets = list(adapter_cfg.target_modules)
@@ -99,7 +102,7 @@ def lora_config(adapter_cfg: Any):
         use_rslora=adapter_cfg.use_rslora,
         use_dora=adapter_cfg.name == "dora",
         init_lora_weights=init,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -113,7 +116,12 @@ def changes_base(adapter_cfg: Any) -> bool:
 
 
 def apply_adapter(
-    model: Any, adapter_cfg: Any, *, gradient_checkpointing: bool = False, init_dir: Optional[Path] = None
+    model: Any,
+    adapter_cfg: Any,
+    *,
+    gradient_checkpointing: bool = False,
+    init_dir: Optional[Path] = None,
+    task_type: str = "CAUSAL_LM",
 ):
     """Wrap ``model`` for training; returns the model to train (a PeftModel unless adapter=none).
 
@@ -136,12 +144,12 @@ def apply_adapter(
             raise UserError(f"adapter.resume_from={path}: no adapter_config.json there.")
         log.info("continuing training of the adapter in %s (its own r/alpha/targets apply)", path)
         return PeftModel.from_pretrained(model, path, is_trainable=True)
-    peft_model = get_peft_model(model, lora_config(adapter_cfg))
+    peft_model = get_peft_model(model, lora_config(adapter_cfg, task_type))
     if changes_base(adapter_cfg) and init_dir is not None:
         # PEFT's recipe: save the initial adapter with plain init, convert against it at save time.
         peft_model.peft_config["default"].init_lora_weights = True
         peft_model.save_pretrained(init_dir)
-        peft_model.peft_config["default"].init_lora_weights = lora_config(adapter_cfg).init_lora_weights
+        peft_model.peft_config["default"].init_lora_weights = lora_config(adapter_cfg, task_type).init_lora_weights
     return peft_model
 
 

@@ -24,6 +24,7 @@ usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
        mistral-tune chat preset=ID_OR_PATH
        mistral-tune bench recipe=NAME [key=value ...] [--steps N] [--warmup N]   (see `mistral-tune bench --help`)
        mistral-tune export run_dir=PATH formats=[merged,preset]   (or adapter=PATH base=PRESET out=DIR)
+       mistral-tune score preset=RUN/merged text=TEXT   (rewards from a reward model; score --help)
        mistral-tune --help
 
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
@@ -302,12 +303,19 @@ def cmd_export(args: list[str]) -> int:
     return export_main(args)
 
 
+def cmd_score(args: list[str]) -> int:
+    from .reward_scoring import cmd_score as score
+
+    return score(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "list": cmd_list,
     "generate": cmd_generate,
     "chat": cmd_chat,
     "bench": cmd_bench,
     "export": cmd_export,
+    "score": cmd_score,
 }
 
 

@@ -45,18 +45,28 @@ class AdapterConfig:
 
 @dataclass
 class TrainerConfig:
-    name: str = "sft"  # sft
-    max_length: int = 256  # tokens per example after templating; longer ones are truncated/dropped
-    completion_only_loss: bool = True  # loss on assistant tokens only
+    name: str = "sft"  # sft | dpo | reward
+    max_length: int = 256  # tokens per example (prompt + answer) after templating; longer ones are truncated/dropped
+    completion_only_loss: bool = True  # sft: loss on assistant tokens only
     truncation: str = "truncate"  # truncate | drop: what to do with examples over max_length
-    packing: bool = False  # padding-free: several examples per row, attention kept within each example
-    loss: str = "auto"  # auto | chunked | liger | plain: how the cross-entropy meets the vocabulary
+    packing: bool = False  # sft: padding-free: several examples per row, attention kept within each example
+    loss: str = "auto"  # sft: auto | chunked | liger | plain: how the cross-entropy meets the vocabulary
+    # dpo and reward (TRL DPOConfig / RewardConfig names)
+    beta: float = 0.1  # dpo: strength of the pull towards the reference model; higher = smaller steps away from it
+    loss_type: str = "sigmoid"  # dpo: one of DPO_LOSS_TYPES, or several joined by + (e.g. sigmoid+sft)
+    loss_weights: Optional[List[float]] = None  # dpo: one weight per loss_type entry; null = all 1.0
+    label_smoothing: float = 0.0  # dpo: flip probability for robust/sigmoid, epsilon for exo_pair; in [0, 0.5)
+    max_prompt_length: Optional[int] = None  # prompts longer than this keep BOS and their last tokens
+    truncation_mode: str = "keep_start"  # over max_length: keep_start cuts answers' ends, keep_end the prompt's start
+    precompute_ref_log_probs: bool = False  # dpo: reference log-probs once before training, cached on disk
+    ref_cache_dir: Optional[str] = None  # dpo: cache of precomputed reference log-probs; null = ~/.cache/mistral-tune
+    center_rewards_coefficient: Optional[float] = None  # reward: pulls mean reward towards 0 (e.g. 0.01)
 
 
 @dataclass
 class DataConfig:
     path: str = "data/sft_sample.jsonl"  # .jsonl/.json/.parquet file, or a hub dataset name
-    format: str = "auto"  # auto | messages | alpaca | text
+    format: str = "auto"  # auto | sft: messages | alpaca | text; dpo/reward: preference | preference_messages | hh
     split: str = "train"  # split of a hub dataset
     max_samples: Optional[int] = None  # cap on training examples (after holdout)
     holdout: int = 4  # examples kept out of training; their prompts feed samples.jsonl
@@ -169,6 +179,14 @@ GROUPS = {
 
 SCHEMA_NAME = "mistral_tune"
 
+SFT_DATA_FORMATS = ("messages", "alpaca", "text")
+PREFERENCE_DATA_FORMATS = ("preference", "preference_messages", "hh")
+# The loss types of the installed TRL 1.16 DPOConfig.loss_type (tests/test_dpo_config.py checks they still match).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
 
 def register_schemas() -> None:
     """Store the root schema and one schema per group (idempotent)."""
@@ -193,10 +211,15 @@ def check_values(cfg: Any) -> list[str]:
         ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
     )
     one_of("adapter.name", cfg.adapter.name, ("lora", "qlora", "dora", "none"))
-    one_of("trainer.name", cfg.trainer.name, ("sft",))
+    one_of("trainer.name", cfg.trainer.name, ("sft", "dpo", "reward"))
     one_of("trainer.truncation", cfg.trainer.truncation, ("truncate", "drop"))
     one_of("trainer.loss", cfg.trainer.loss, ("auto", "chunked", "liger", "plain"))
-    one_of("data.format", cfg.data.format, ("auto", "messages", "alpaca", "text"))
+    preference = cfg.trainer.name in ("dpo", "reward")
+    one_of("data.format", cfg.data.format, ("auto", *(PREFERENCE_DATA_FORMATS if preference else SFT_DATA_FORMATS)))
+    if preference:
+        problems.extend(check_preference(cfg.trainer))
+    if cfg.trainer.name == "reward" and cfg.export.preset:
+        problems.append("export.preset=true writes a causal-LM preset; a reward model exports as merged/ only")
     one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
     one_of("on_nan", cfg.on_nan, ("stop", "skip"))
     one_of("launcher.name", cfg.launcher.name, LAUNCHERS)
@@ -345,4 +368,33 @@ def export_problems(e: Any, a: Any) -> list[str]:
         problems.append("export.adapter_only=true needs an adapter; adapter=none (full fine-tuning) has none")
     if e.tolerance is not None and not e.tolerance > 0:
         problems.append(f"export.tolerance={e.tolerance} must be > 0")
+    return problems
+
+
+def check_preference(trainer: Any) -> list[str]:
+    """The DPO/reward settings TRL would only reject after the model is loaded."""
+    problems = []
+    losses = [t.strip() for t in str(trainer.loss_type).split("+")]
+    unknown = [t for t in losses if t not in DPO_LOSS_TYPES]
+    if unknown:
+        problems.append(f"trainer.loss_type={trainer.loss_type!r}: unknown {unknown}; use {', '.join(DPO_LOSS_TYPES)}")
+    if trainer.loss_weights is not None and len(trainer.loss_weights) != len(losses):
+        problems.append(f"trainer.loss_weights needs one weight per loss type ({len(losses)}: {losses})")
+    if trainer.truncation_mode not in ("keep_start", "keep_end"):
+        problems.append(f"trainer.truncation_mode={trainer.truncation_mode!r} is not one of keep_start, keep_end")
+    if trainer.beta <= 0:
+        problems.append(f"trainer.beta={trainer.beta} must be > 0")
+    if not 0.0 <= trainer.label_smoothing < 0.5:
+        problems.append(f"trainer.label_smoothing={trainer.label_smoothing} must be in [0, 0.5)")
+    if "exo_pair" in losses and trainer.label_smoothing == 0.0:
+        problems.append("trainer.loss_type=exo_pair needs trainer.label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if trainer.max_prompt_length is not None and not 1 < trainer.max_prompt_length < trainer.max_length:
+        problems.append(
+            f"trainer.max_prompt_length={trainer.max_prompt_length} must be > 1 and below "
+            f"trainer.max_length={trainer.max_length}, leaving room for the answers"
+        )
+    if trainer.packing:
+        problems.append(f"trainer.packing=true is for sft; trainer={trainer.name} keeps each pair in its own row")
+    if trainer.loss != "auto":
+        problems.append(f"trainer.loss={trainer.loss} is for sft; trainer={trainer.name} computes its own loss")
     return problems

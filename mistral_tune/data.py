@@ -178,9 +178,32 @@ def load_records(
     return pq.read_table(local).to_pylist()
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub: without it, ``load_dataset`` retries for ~25 s before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
     import datasets
+    from huggingface_hub import constants
 
+    # In offline mode datasets answers from its cache at once; otherwise fail fast when the hub is unreachable.
+    if not (constants.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE) and not hub_reachable():
+        raise UserError(
+            f"Could not reach the Hugging Face hub to fetch dataset '{name}'. This machine looks offline. "
+            "Download it elsewhere, save it as .jsonl/.json/.parquet, and pass data.path=that/file "
+            "(or set HF_DATASETS_OFFLINE=1 to use a copy already in the datasets cache)."
+        )
     try:
         return list(datasets.load_dataset(name, split=split))
     except Exception as exc:  # offline shows up as ConnectionError or hub-specific types

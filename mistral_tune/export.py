@@ -86,6 +86,8 @@ def reference_logits(model: Any, tokenizer: Any, prompts: Sequence[str]):
     with torch.no_grad():
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
     model.train(was_training)
+    if logits.dim() == 2:  # a reward model: one score per text, read at its last real token
+        return logits.float().cpu()
     return logits.float().cpu() * attention_mask[..., None]
 
 
@@ -101,6 +103,8 @@ def write_hf_checkpoint(
     kwargs = {} if state_dict is None else {"state_dict": dict(state_dict)}  # save_pretrained consumes it
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size, **kwargs)
     write_tokenizer_files(tokenizer, out_dir)
+    if not model.can_generate():
+        return  # a reward model (sequence classification) has no generation settings
     GenerationConfig(
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
@@ -211,11 +215,16 @@ def verify_export(
     dtype_name: str,
     tolerance: Optional[float] = None,
 ) -> tuple[float, float]:
-    """Reload ``out_dir`` with plain transformers and compare its logits; returns (max |diff|, tolerance)."""
+    """Reload ``out_dir`` with plain transformers and compare its logits (a reward model's scores);
+    returns (max |diff|, tolerance)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    architectures = AutoConfig.from_pretrained(out_dir).architectures or []
+    reward = any(a.endswith("ForSequenceClassification") for a in architectures)
+    reloaded = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_pretrained(
+        out_dir, dtype=torch.float32
+    )
     got = reference_logits(reloaded, tokenizer, prompts)
     del reloaded
     diff = float((got - expected).abs().max())

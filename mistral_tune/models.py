@@ -263,23 +263,30 @@ def load_tokenizer(source: ModelSource):
     return MistralTokenizer.from_version(preset.tokenizer, chat_template=preset.chat_template or "v1")
 
 
-def load_model(model_cfg: Any, source: ModelSource, *, seed: int = 0, quantization_config: Any = None):
+def load_model(
+    model_cfg: Any, source: ModelSource, *, seed: int = 0, quantization_config: Any = None, task: str = "CAUSAL_LM"
+):
     """Build the causal LM: random init from the architecture, a local directory, or a hub download.
 
     Random init happens for the embedded presets and whenever ``model_cfg.load_weights`` is false
     (only the config is read, no weights are downloaded). Inside ``with torch.device("meta"):`` that
-    builds a 7B architecture without allocating it.
+    builds a 7B architecture without allocating it. ``task="SEQ_CLS"`` builds a reward model instead:
+    the same backbone with a one-output ``score`` head (``MistralForSequenceClassification``,
+    ``num_labels=1``), new when the checkpoint is a causal LM (e.g. an SFT export).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_class = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+    head = {"num_labels": 1} if task == "SEQ_CLS" else {}
 
     attn = pick_attn_implementation(model_cfg.attn_implementation)
     dtype = resolve_dtype(model_cfg.dtype)
     weightless = source.local_dir is None and source.hub_repo is None  # embedded preset
     if weightless or not model_cfg.load_weights:
         torch.manual_seed(seed)  # a random-init model is the same model for the same seed
-        config = load_config(source, model_cfg.revision)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(dtype)
+        config = load_config(source, model_cfg.revision, **head)
+        model = auto_class.from_config(config, attn_implementation=attn).to(dtype)
         if quantization_config is None:
             return model
         # bitsandbytes quantizes while loading, so a random-init base goes through a temporary save.
@@ -287,7 +294,7 @@ def load_model(model_cfg: Any, source: ModelSource, *, seed: int = 0, quantizati
 
         with tempfile.TemporaryDirectory(prefix="mistral-tune-base-") as tmp:
             model.save_pretrained(tmp)
-            return AutoModelForCausalLM.from_pretrained(
+            return auto_class.from_pretrained(
                 tmp, dtype=dtype, attn_implementation=attn, quantization_config=quantization_config
             )
     directory = source.local_dir or download_source(source, model_cfg).local_dir
@@ -298,8 +305,9 @@ def load_model(model_cfg: Any, source: ModelSource, *, seed: int = 0, quantizati
             "checkpoint (e.g. hf://mistralai/Mistral-7B-v0.1 or a Kaggle PyTorch/HF variation)."
         )
     check_weight_files(directory, model_cfg.allow_pickle)
-    return AutoModelForCausalLM.from_pretrained(
+    return auto_class.from_pretrained(
         directory,
+        **head,
         dtype=dtype,
         attn_implementation=attn,
         quantization_config=quantization_config,

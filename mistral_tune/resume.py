@@ -61,11 +61,13 @@ def resolve_resume(resume: str | None, run_dir: Path, output_dir_given: bool) ->
 
 
 def dataset_fingerprint(dataset: Any) -> str:
-    """sha256 over the token ids and labels of every example, in order."""
+    """sha256 over the token columns of every example, in order (SFT: input_ids and labels; DPO: prompt,
+    chosen and rejected ids)."""
     digest = hashlib.sha256()
+    columns = dataset.column_names
     for batch in dataset.iter(batch_size=1024):
-        for ids, labels in zip(batch["input_ids"], batch["labels"]):
-            digest.update(array("q", ids).tobytes() + b"|" + array("q", labels).tobytes() + b";")
+        for row in zip(*(batch[c] for c in columns)):
+            digest.update(b"|".join(array("q", ids).tobytes() for ids in row) + b";")
     return digest.hexdigest()[:16]
 
 

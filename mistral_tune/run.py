@@ -137,28 +137,33 @@ def train_and_export(
     import torch
     from transformers import set_seed
 
-    from . import adapters, data, resume
+    from . import adapters, resume
     from .guards import GracefulStop, NonFiniteLoss, TrainingInterrupted, stopped_summary, train_guarded
     from .model_card import write_model_card
     from .progress import ProgressReporter, use_progress_reporter
     from .tracking import MetricsJsonl, start_tracking
-    from .trainers.sft import build_sft_trainer
+    from .trainers import get_trainer
 
+    method = get_trainer(cfg.trainer.name)  # trainers/sft.py, dpo.py, reward.py: one interface
     set_seed(cfg.train.seed)
     adapters.check_optimizer(cfg.train.optim)
     tokenizer = models.load_tokenizer(source)
     compute_dtype = models.resolve_dtype(cfg.model.dtype)
     quant = distributed.quantization_for_engine(adapters.quantization_config(cfg.adapter, compute_dtype))
-    model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant)
+    model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant, task=method.TASK_TYPE)
     models.check_max_length(cfg.trainer.max_length, model.config.max_position_embeddings)
     init_dir = run_dir / ".adapter-init"  # only used when adapter.init rewrites the base (PiSSA/OLoRA)
     model = adapters.apply_adapter(
-        model, cfg.adapter, gradient_checkpointing=cfg.train.gradient_checkpointing, init_dir=init_dir
+        model,
+        cfg.adapter,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        init_dir=init_dir,
+        task_type=method.TASK_TYPE,
     )
     trainable, total = adapters.count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    prepared = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+    prepared = method.prepare_data(cfg, tokenizer)
     train_ds, report = prepared.train, prepared.report
     steps = resume.planned_steps(cfg.train, len(train_ds), distributed.world_size())
     resume.check_disk_for_run(
@@ -171,14 +176,13 @@ def train_and_export(
     tracking = start_tracking(cfg.tracking, run_dir, config, config_yaml) if main_process else None
     extra = [*tracking.callbacks] if tracking else []
     try:
-        trainer = build_sft_trainer(
+        trainer = method.build_trainer(
             cfg,
             model,
-            tokenizer.to_hf(),
-            train_ds,
+            tokenizer,
+            prepared,
             run_dir,
             [*extra, metrics, stop, *distributed.fault_drill_callbacks(), *callbacks],
-            eval_dataset=prepared.eval,
         )
         use_progress_reporter(trainer, ProgressReporter(metrics))
         if quant is not None:
@@ -195,11 +199,15 @@ def train_and_export(
                 summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
                 save_json(run_dir / "summary.json", redact(summary))
             raise
-        outputs = save_outputs(cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process, init_dir)
+        extras = method.finish(trainer, prepared)
+        outputs = save_outputs(
+            cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process, init_dir, method.samples
+        )
         if not main_process:
             return {}
         summary = build_summary(cfg, run_dir, result, trainer, metrics.records, report, started, resume_from)
         summary.update(outputs)
+        summary.update(extras)
         summary["parameters"] = {"trainable": trainable, "total": total}
         summary["peak_memory_bytes"], summary["peak_memory_kind"] = peak_memory(torch)
         summary["tracking"] = tracking.info
@@ -225,13 +233,13 @@ def save_outputs(
     quant: Any,
     main_process: bool,
     init_dir: Path,
+    make_samples: Any,
 ) -> dict[str, Any]:
     """adapter/, samples.jsonl, merged/ and preset/; returns where they are and each export's check.
 
     Rank 0 only writes; the other ranks return {} after taking part in the save.
     """
-    from . import adapters, data, distributed, export
-    from .generation import greedy_generate
+    from . import adapters, distributed, export
     from .model_card import base_label
     from .safety import redact
 
@@ -252,14 +260,8 @@ def save_outputs(
         with export.atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
             adapters.save_adapter(model, tmp, base=base, kind=cfg.adapter.name, init_dir=init_dir)
 
-    holdout = prepared.holdout
-    if cfg.export.num_samples and holdout:
-        pairs = [
-            data.prompt_and_reference(r, prepared.format, cfg.data.system_prompt)
-            for r in holdout[: cfg.export.num_samples]
-        ]
-        generations = greedy_generate(model, tokenizer, [p for p, _ in pairs], cfg.export.sample_max_new_tokens)
-        samples = [{"prompt": p, "reference": ref, "generation": g} for (p, ref), g in zip(pairs, generations)]
+    samples = make_samples(model, tokenizer, prepared, cfg)  # the trainer module's samples.jsonl records
+    if samples:
         with (run_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 

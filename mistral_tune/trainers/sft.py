@@ -157,3 +157,35 @@ def build_sft_trainer(
 def pad_token_id(hf_tokenizer: Any) -> int:
     """The id padding uses (TRL falls back to EOS the same way); padded positions are never trained."""
     return hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else hf_tokenizer.eos_token_id
+
+
+# The interface shared by every trainer module (see mistral_tune/trainers/__init__.py).
+TASK_TYPE = "CAUSAL_LM"
+
+
+def prepare_data(cfg: Any, tokenizer: Any):
+    from .. import data
+
+    return data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+
+
+def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path, callbacks: list):
+    return build_sft_trainer(cfg, model, tokenizer.to_hf(), data.train, run_dir, callbacks, eval_dataset=data.eval)
+
+
+def finish(trainer: Any, data: Any) -> dict:
+    return {}
+
+
+def samples(model: Any, tokenizer: Any, data: Any, cfg: Any) -> list[dict]:
+    """Greedy generations for held-out prompts, next to the reference answer."""
+    from ..data import prompt_and_reference
+    from ..generation import greedy_generate
+
+    if not cfg.export.num_samples or not data.holdout:
+        return []
+    pairs = [
+        prompt_and_reference(r, data.format, cfg.data.system_prompt) for r in data.holdout[: cfg.export.num_samples]
+    ]
+    generations = greedy_generate(model, tokenizer, [p for p, _ in pairs], cfg.export.sample_max_new_tokens)
+    return [{"prompt": p, "reference": ref, "generation": g} for (p, ref), g in zip(pairs, generations)]
