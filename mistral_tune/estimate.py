@@ -61,6 +61,7 @@ class RunShape:
     attn: str = "sdpa"  # flash_attention_2 | sdpa | eager
     optim: str = "adamw_torch"
     dropout_mask_bytes: int = 1  # CUDA keeps a bool dropout mask; the CPU kernel keeps a float one
+    loss: str = "plain"  # trainer.loss: plain (full logits) | chunked (liger counts the same)
 
     @property
     def tokens_per_step(self) -> int:
@@ -183,6 +184,21 @@ def logits_bytes_per_token(c: dict[str, Any], s: RunShape) -> float:
     return c["vocab_size"] * (copy + 4 + 4)
 
 
+LOSS_CHUNK_TOKENS = 1024  # mistral_tune.losses.DEFAULT_CHUNK_SIZE (kept here: this module imports no torch)
+
+
+def logits_bytes(c: dict[str, Any], s: RunShape, tokens: int) -> float:
+    """Peak bytes of the loss: full logits (plain), or one chunk of them plus the hidden-state gradient."""
+    if s.loss == "plain":
+        return logits_bytes_per_token(c, s) * tokens
+    a = activation_bytes(s)
+    copy = a if a < 4 else 0
+    # one chunk: the projection in the compute dtype, its fp32 softmax/gradient (in place), and that
+    # gradient cast back for the matmul; plus the gathered hidden states and their gradient.
+    chunk = min(tokens, LOSS_CHUNK_TOKENS)
+    return chunk * c["vocab_size"] * (copy + 4 + copy) + 2 * tokens * c["hidden_size"] * a
+
+
 def optimizer_bytes_per_param(optim: str, param_bytes: int) -> float:
     """Optimizer state per trainable parameter (torch AdamW keeps two moments in the parameter dtype)."""
     name = optim.lower()
@@ -229,7 +245,7 @@ def estimate_memory(c: dict[str, Any], s: RunShape, *, trainable: int, total: in
     tokens = s.batch_size * s.seq_len
     layer = sum(layer_activation_terms(c, s).values()) * tokens
     checkpoints = d["layers"] * tokens * d["h"] * activation_bytes(s)  # each layer's input
-    logits = logits_bytes_per_token(c, s) * tokens
+    logits = logits_bytes(c, s, tokens)
     with_gc = checkpoints + max(logits, layer)  # one layer is recomputed at a time, after the loss
     without_gc = d["layers"] * layer + logits
     if s.gradient_checkpointing:
@@ -249,7 +265,11 @@ def estimate_memory(c: dict[str, Any], s: RunShape, *, trainable: int, total: in
             d["layers"] * layer,
             f"{d['layers']} layers x {gib(layer)}; with gradient checkpointing {gib(checkpoints + layer)}",
         )
-        est.add("logits + loss", logits, f"{tokens:,} tokens x {d['vocab']:,} vocab (compute dtype + 2 fp32 copies)")
+        if s.loss == "plain":
+            what = f"{tokens:,} tokens x {d['vocab']:,} vocab (compute dtype + 2 fp32 copies)"
+        else:
+            what = f"chunked loss: {min(tokens, LOSS_CHUNK_TOKENS):,} tokens x {d['vocab']:,} vocab at a time"
+        est.add("logits + loss", logits, what)
     est.add("CUDA context", CUDA_CONTEXT_BYTES, "context, cuBLAS workspace, allocator slack (fixed)")
     fixed = sum(b for k, (b, _) in est.terms.items() if k in ("weights", "CUDA context") or "optimizer" in k)
     est.peak_bytes = fixed + (with_gc if s.gradient_checkpointing else without_gc)

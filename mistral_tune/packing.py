@@ -87,6 +87,8 @@ def pack_examples(dataset: Any, max_length: int):
 class PackedRowsCollator:
     """Collate packed rows into ``input_ids``/``labels``/``position_ids`` of shape (rows, longest row).
 
+    Rows without ``seq_lengths`` (unpacked examples, as in the eval split) count as one example each.
+
     Rows shorter than the longest are right-padded: pad tokens get position 0 (each one its own
     one-token "example", attending only to itself) and label -100, so they change nothing.
     """
@@ -102,7 +104,8 @@ class PackedRowsCollator:
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
-            positions = torch.cat([torch.arange(length) for length in row["seq_lengths"]])
+            # An unpacked row (the eval split is not packed) is one example.
+            positions = torch.cat([torch.arange(length) for length in row.get("seq_lengths", [n])])
             row_labels = torch.tensor(row["labels"], dtype=torch.long)
             row_labels[positions == 0] = -100  # an example's first token is nobody's next token
             input_ids[i, :n] = torch.tensor(row["input_ids"], dtype=torch.long)
