@@ -29,10 +29,13 @@ def timed(fn, n: int = 30) -> float:
 
 
 def main(overrides: list[str]) -> int:
+    import torch
     from transformers import set_seed
 
     from mistral_tune import adapters, data, models
     from mistral_tune.cli import compose
+    from mistral_tune.guards import GracefulStop
+    from mistral_tune.progress import ProgressReporter, use_progress_reporter
     from mistral_tune.tracking import MetricsJsonl
     from mistral_tune.trainers.sft import build_sft_trainer
 
@@ -43,7 +46,9 @@ def main(overrides: list[str]) -> int:
     model = adapters.apply_adapter(models.load_model(cfg.model, source, seed=cfg.train.seed), cfg.adapter)
     dataset = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer).train
     run_dir = Path(tempfile.mkdtemp(prefix="step-breakdown-"))
-    trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), dataset, run_dir, [MetricsJsonl(run_dir / "m.jsonl")])
+    metrics = MetricsJsonl(run_dir / "metrics.jsonl")
+    trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), dataset, run_dir, [GracefulStop(), metrics])
+    use_progress_reporter(trainer, ProgressReporter(metrics))  # as mistral_tune.run does
     trainer.train()
 
     model = trainer.model_wrapped
@@ -56,9 +61,10 @@ def main(overrides: list[str]) -> int:
         ("floating_point_ops (flos metric)", timed(lambda: trainer.floating_point_ops(batch))),
         ("model.train()", timed(model.train)),
         ("clip_grad_norm_ (max_grad_norm)", timed(lambda: trainer._clip_grad_norm(model))),
+        ("grad-norm finite check (on_nan)", timed(lambda: trainer._get_grad_norm(model, grad_norm=torch.tensor(1.0)))),
         ("lr_scheduler.step() + read lr", timed(lambda: (trainer.lr_scheduler.step(), trainer._get_learning_rate()))),
         (
-            "log() incl. metrics.jsonl",
+            "log() incl. metrics.jsonl and the progress line",
             timed(lambda: trainer.log({"loss": 1.0, "grad_norm": 1.0, "learning_rate": 1e-3})),
         ),
     ]

@@ -149,7 +149,9 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     from .. import adapters, data, models
     from ..cli import compose
+    from ..guards import GracefulStop
     from ..packing import prepare_packing
+    from ..progress import ProgressReporter, use_progress_reporter
     from ..tracking import MetricsJsonl
     from ..trainers.sft import build_sft_trainer, pad_token_id, sft_config
     from .memory import PhasePeaks, current_rss, process_peak_rss
@@ -180,7 +182,8 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     peaks = PhasePeaks(cuda=cuda)
     timer = StepTimer(spec["warmup"], options["bench.bare"].lower() == "true", peaks, cuda)
-    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), timer]
+    metrics = MetricsJsonl(run_dir / "metrics.jsonl")
+    callbacks = [metrics, timer]
     if options["bench.trainer"] == "trl":
         from trl import SFTTrainer
 
@@ -199,7 +202,9 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
             callbacks=callbacks,
         )
     else:
-        trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), dataset, run_dir, callbacks)
+        # As mistral_tune.run builds it: metrics.jsonl, the stop-on-signal check and the progress lines.
+        trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), dataset, run_dir, [GracefulStop(), *callbacks])
+        use_progress_reporter(trainer, ProgressReporter(metrics))
     timer.trainer = trainer
     compute_loss = trainer.compute_loss
 
