@@ -6,7 +6,7 @@ steps taken right after them, under the same load. The warm-up steps include the
 (``warmup_seconds`` in the results): weigh it against the per-step saving before turning it on.
 
 Command (writes bench/results/compile_cpu/results.{json,md}):
-    python bench/compile_cpu.py --steps 8 --warmup 3 --out bench/results/compile_cpu
+    python bench/compile_cpu.py --steps 8 --warmup 3 --repeat 2 --out bench/results/compile_cpu
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ Alpaca (instruction/input/output) has a long-tailed length distribution (on 2,00
 the Mistral template: mean 90 tokens, median 73, p99 297, longest 450), so padded batches carry
 a lot of padding. Both variants count only real tokens. The packed variant packs examples into
 rows of 512 tokens and takes 2 rows a step, about as many real tokens per step as 8 padded
-examples, so the comparison is about padding, not about batch size. Skipped when the data file
-is absent.
+examples, so the comparison is about padding, not about batch size. Each is run with the default
+chunked loss (which already skips padding in the LM head) and with the full-logits loss. Skipped
+when the data file is absent.
 
 Command (writes bench/results/packing_alpaca/results.{json,md}):
-    python bench/packing_alpaca.py --steps 8 --warmup 2 --repeat 2 --out bench/results/packing_alpaca
+    python bench/packing_alpaca.py --steps 8 --warmup 2 --repeat 3 --out bench/results/packing_alpaca
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ ARGS = [
     "bench.bare=false",
     "--variant", "padded", "train.per_device_train_batch_size=8",
     "--variant", "packed", "trainer.packing=true", "train.per_device_train_batch_size=2",
+    # With the full-logits loss the LM head also works on every padding position.
+    "--variant", "padded_plain_loss", "trainer.loss=plain", "train.per_device_train_batch_size=8",
+    "--variant", "packed_plain_loss", "trainer.loss=plain", "trainer.packing=true", "train.per_device_train_batch_size=2",
 ]  # fmt: skip
 
 if __name__ == "__main__":

@@ -157,3 +157,16 @@ def test_bench_command_smoke(tmp_path):
     assert v["overhead_ratio"] > 0 and len(v["bare_losses"]) == 2
     assert all(5 < loss < 15 for loss in v["bare_losses"])  # a random 32k-vocab model starts near ln(32000)
     assert "| framework |" in (out / "results.md").read_text()
+
+
+def test_throughput_is_the_median_run_so_one_disturbed_round_does_not_dominate():
+    quiet, disturbed = _raw(), _raw()
+    disturbed["framework_seconds"] = [4.0, 4.0, 4.0]  # a load spike: 4x slower
+    s = summarize("v", [quiet, disturbed, _raw()])
+    assert s["framework"]["tokens_per_second"] == pytest.approx(3000 / 3.3)  # the quiet runs' figure
+    assert sorted(s["framework"]["tokens_per_second_runs"])[0] == pytest.approx(3000 / 12.0)
+    assert s["measured_steps"] == 9
+
+
+def test_summarize_only_is_an_option():
+    assert parse_bench_args(["recipe=sft_lora", "--summarize-only"])[3].summarize_only

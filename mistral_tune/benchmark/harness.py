@@ -29,12 +29,13 @@ BENCH_KEYS = {"bench.trainer": "mistral", "bench.bare": "true", "bench.synthetic
 
 USAGE = """\
 usage: mistral-tune bench recipe=NAME [key=value ...] [--steps N] [--warmup N] [--repeat N] [--out DIR]
-                          [--peak-tflops X] [--variant NAME [key=value ...]] ...
+                          [--peak-tflops X] [--summarize-only] [--variant NAME [key=value ...]] ...
 
 Runs the recipe for warmup + steps optimizer steps per variant, each framework step paired with a
 bare PyTorch step (forward, backward, optimizer) on the same model and batches. Writes
 DIR/results.json and DIR/results.md. Variant options: bench.trainer=trl (TRL's stock SFTTrainer),
 bench.bare=false (no bare loop), bench.synthetic_length=N (random rows of N tokens, no data file).
+--summarize-only rebuilds results.json/md from the per-variant results already in DIR.
 
   mistral-tune bench recipe=sft_lora --steps 10 --warmup 3
   mistral-tune bench recipe=sft_lora --variant chunked trainer.loss=chunked --variant plain trainer.loss=plain
@@ -48,6 +49,7 @@ class BenchOptions:
     repeat: int = 1
     out: str | None = None
     peak_tflops: float | None = None
+    summarize_only: bool = False  # re-summarize the worker results already in --out, run nothing
 
 
 def split_bench_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -86,6 +88,8 @@ def parse_bench_args(args: list[str]):
                 setattr(opts, field, cast(inline))
             except ValueError:
                 raise UserError(f"{name}={inline!r} is not a valid {cast.__name__}.") from None
+        elif arg == "--summarize-only":
+            opts.summarize_only = True
         elif arg == "--variant":
             if i + 1 >= len(args) or args[i + 1].startswith("-") or "=" in args[i + 1]:
                 raise UserError("--variant needs a name, e.g. `--variant chunked trainer.loss=chunked`.")
@@ -125,6 +129,12 @@ def run_benchmark(recipe: str, common: list[str], variants: list, opts: BenchOpt
                 "warmup": opts.warmup,
                 "run_dir": str(out / "runs" / tag),
             }
+            if opts.summarize_only:
+                result_path = out / f"{tag}.result.json"
+                if not result_path.exists():
+                    raise UserError(f"--summarize-only: {result_path} does not exist; run the benchmark first.")
+                runs[name].append(json.loads(result_path.read_text(encoding="utf-8")))
+                continue
             print(f"bench: {tag}: {' '.join(spec['overrides']) or '(recipe as is)'}", flush=True)
             result = run_worker(spec, out / f"{tag}.spec.json", out / f"{tag}.result.json", out / f"{tag}.log")
             if isinstance(result, str):
@@ -132,9 +142,12 @@ def run_benchmark(recipe: str, common: list[str], variants: list, opts: BenchOpt
                 print(f"bench: {tag} FAILED (see {out / (tag + '.log')}): {result.splitlines()[-1]}", flush=True)
             else:
                 runs[name].append(result)
+    measured = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command}
+    if opts.summarize_only and (out / "results.json").exists():  # keep when and how it was measured
+        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        measured = {k: earlier.get(k, v) for k, v in measured.items()}
     summary = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": command,
+        **measured,
         "recipe": recipe,
         "common_overrides": common,
         "steps": opts.steps,
@@ -175,7 +188,11 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 
 def summarize(name: str, runs: list[dict], peak_tflops: float | None = None) -> dict[str, Any]:
-    """Pool the measured steps of a variant's runs into step times, tokens/s, memory and MFU."""
+    """Pool a variant's runs: step times over all measured steps, throughput as the median run.
+
+    Throughput (tokens/s, MFU) is computed per run (its tokens over its seconds) and the median run
+    is reported: on a shared machine one disturbed round would otherwise dominate a pooled sum.
+    """
     first = runs[0]
     fw = [t for r in runs for t in r["framework_seconds"]]
     bare = [t for r in runs for t in r["bare_seconds"]]
@@ -186,25 +203,33 @@ def summarize(name: str, runs: list[dict], peak_tflops: float | None = None) -> 
     config = SimpleNamespace(**first["model_config"])
     frozen = first["adapter"] != "none"
     adapter_params = first["parameters"]["trainable"] if frozen else 0
-    step_flops = [
-        flops.step_flops(
-            config, [n for b in s for n in b["lengths"]], frozen_base=frozen, adapter_parameters=adapter_params
-        )
-        for s in steps
-    ]
+
+    def flops_of(step: list[dict]) -> float:
+        lengths = [n for b in step for n in b["lengths"]]
+        return flops.step_flops(config, lengths, frozen_base=frozen, adapter_parameters=adapter_params)
+
+    step_flops = [flops_of(s) for s in steps]
     peak = peak_tflops or (flops.peak_tflops(first["device_name"] or "") if first["device"] == "cuda" else None)
     if first["dtype"] not in ("bfloat16", "float16"):
         peak = None  # MFU against the bf16 tensor-core peak means nothing for fp32 runs
 
-    def side(seconds: list[float], phase: str) -> dict[str, Any] | None:
+    def side(key: str, phase: str) -> dict[str, Any] | None:
+        seconds = [t for r in runs for t in r[key]]
         if not seconds:
             return None
-        total = sum(seconds)
+        per_run = []  # (tokens/s, model FLOPs/s) of each run
+        for r in runs:
+            total = sum(r[key])
+            if total > 0:
+                n = len(r[key])
+                run_tokens = sum(sum(b["tokens"] for b in s) for s in r["step_batches"][:n])
+                per_run.append((run_tokens / total, sum(flops_of(s) for s in r["step_batches"][:n]) / total))
         return {
             "step_seconds": _stats(seconds),
-            "tokens_per_second": sum(tokens[: len(seconds)]) / total,
+            "tokens_per_second": statistics.median(t for t, _ in per_run),
+            "tokens_per_second_runs": [t for t, _ in per_run],
             "peak_memory_bytes": max((r["peak_memory"].get(phase, 0) for r in runs), default=None),
-            "mfu": flops.mfu(sum(step_flops[: len(seconds)]) / total, peak),
+            "mfu": flops.mfu(statistics.median(f for _, f in per_run), peak),
         }
 
     paired = [f / b for f, b in zip(fw, bare) if b > 0]
@@ -228,8 +253,8 @@ def summarize(name: str, runs: list[dict], peak_tflops: float | None = None) -> 
         "label_tokens_per_step": statistics.fmean(labels) if labels else None,
         "flops_per_step": statistics.fmean(step_flops) if step_flops else None,
         "peak_tflops": peak,
-        "framework": side(fw, "framework"),
-        "bare": side(bare, "bare"),
+        "framework": side("framework_seconds", "framework"),
+        "bare": side("bare_seconds", "bare"),
         # Median of per-step ratios: each framework step against the bare step right after it.
         "overhead_ratio": statistics.median(paired) if paired else None,
         # Fastest against fastest: the least disturbed step of each, a second estimate under load.
@@ -307,7 +332,9 @@ def markdown_report(summary: dict) -> str:
     lines.append(f"- hardware: {', '.join(devices) or hw['cpu_model']}")
     lines.append(f"- versions: {', '.join(f'{k} {v}' for k, v in summary['versions'].items() if v)}")
     lines.append(f"- {summary['warmup']} warm-up + {summary['steps']} measured steps per variant, x{summary['repeat']}")
-    lines.append("- step times are medians; framework/bare is the median of per-step ratios (interleaved steps)")
+    lines.append(
+        "- step times: medians over all measured steps; tokens/s: the median run; framework/bare: median of per-step ratios"
+    )
     mem = {v["memory_kind"] for v in summary["variants"]}
     lines.append(f"- peak memory: {', '.join(sorted(mem))}\n")
     lines.append(markdown_table(summary["variants"]))
