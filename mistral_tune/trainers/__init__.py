@@ -64,9 +64,22 @@ class RunStateMixin:
     def tokens_seen(self) -> int:
         return int(self.state.num_input_tokens_seen)
 
-    def count_tokens(self, model: Any, inputs: dict) -> None:
-        if model.training:
-            self.state.num_input_tokens_seen += int(inputs["attention_mask"].sum()) * self.accelerator.num_processes
+    def count_tokens(self, model: Any, inputs: dict, local: int | None = None) -> None:
+        """Add the non-padding tokens of this training micro-batch, summed over all processes.
+
+        ``local`` is this process's count (default: the attention mask's ones). Processes see different
+        batches with different padding, so each rank's count is gathered, not multiplied by the world size.
+        Every rank calls this once per micro-batch (a collective, like the forward pass).
+        """
+        if not model.training:
+            return
+        import torch
+
+        count = int(inputs["attention_mask"].sum()) if local is None else local
+        if self.accelerator.num_processes > 1:
+            device = next(iter(inputs.values())).device
+            count = int(self.accelerator.gather(torch.tensor([count], device=device)).sum())
+        self.state.num_input_tokens_seen += count
 
     def checkpoint_state(self) -> dict:
         from ..resume import batch_geometry

@@ -16,14 +16,14 @@ from .. import losses
 from ..checkpoints import AtomicCheckpointMixin
 from ..guards import NonFiniteLossMixin
 from ..packing import batch_token_count, prepare_packing
-from ..resume import batch_geometry
 from ..safety import redact_text
 from ..tracking import report_to
+from . import RunStateMixin
 
 log = logging.getLogger(__name__)
 
 
-class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
+class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
     """SFTTrainer with a lean causal-LM loss and a count of non-padding tokens.
 
     TRL's own ``compute_loss`` routes every step through a chunked log-prob/entropy head to log
@@ -36,20 +36,6 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
     ``on_nan`` (``NonFiniteLossMixin``).
     """
 
-    data_fingerprint: str | None = None  # set by the pipeline; stored in checkpoints, checked on resume
-
-    @property
-    def tokens_seen(self) -> int:
-        # Kept in TrainerState so that it is saved in trainer_state.json and restored on resume.
-        return int(self.state.num_input_tokens_seen)
-
-    def checkpoint_state(self) -> dict:
-        return {
-            "data_fingerprint": self.data_fingerprint,
-            "batch_geometry": batch_geometry(self.args),
-            "nan_skipped_steps": list(self.nan_skipped_steps),
-        }
-
     def __init__(self, *args: Any, loss_impl: str = "plain", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_impl = loss_impl
@@ -57,11 +43,7 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            import torch
-
-            local = torch.tensor([batch_token_count(inputs)], device=inputs["input_ids"].device)
-            # Processes see different batches (and padding): sum their counts, as HF's own token count does.
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(local).sum())
+            self.count_tokens(model, inputs, batch_token_count(inputs))
         inputs["use_cache"] = False  # also required for packed batches: a cache hides their layout
         if self.loss_impl != "plain":
             self.loss_impl = losses.resolve_impl(self.loss_impl, self.args.device)
@@ -91,7 +73,6 @@ class MistralSFTTrainer(AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        logs["tokens_seen"] = self.tokens_seen
         if isinstance(logs.get("eval_loss"), float):
             # Perplexity of the eval split: exp of the mean token NLL (inf past float range).
             logs["eval_perplexity"] = math.exp(logs["eval_loss"]) if logs["eval_loss"] < 700 else float("inf")
