@@ -163,24 +163,32 @@ def save_trained(trainer: Any, out_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def load_trained(cfg: Any, source: Any, quant: Any, saved_dir: Path):
+def load_trained(cfg: Any, source: Any, quant: Any, saved_dir: Path, pad_token_id: int | None = None):
     """Rank 0 rebuilds the whole trained model (base + saved adapter, or the saved full model) for
-    samples and export, when its own copy is only a shard (ZeRO-3, FSDP)."""
+    samples and export, when its own copy is only a shard (ZeRO-3, FSDP). A reward model gets
+    ``pad_token_id`` back, as training set it: its score is read at the last non-pad token."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from . import models
+    from .trainers import get_trainer
 
     # Transformers would otherwise build the model as ZeRO-3 partitions, waiting for ranks that are gone.
     unset_hf_deepspeed_config()
     log.info("rebuilding the trained model from %s for samples and export", saved_dir)
+    task = get_trainer(cfg.trainer.name).TASK_TYPE  # a reward model is rebuilt with its score head
     if cfg.adapter.name == "none":
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        return AutoModelForCausalLM.from_pretrained(saved_dir, dtype=models.resolve_dtype(cfg.model.dtype))
-    from peft import PeftModel
+        auto_class = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+        model = auto_class.from_pretrained(saved_dir, dtype=models.resolve_dtype(cfg.model.dtype))
+    else:
+        from peft import PeftModel
 
-    base = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant)
-    return PeftModel.from_pretrained(base, saved_dir)
+        base = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant, task=task)
+        model = PeftModel.from_pretrained(base, saved_dir)
+    if task == "SEQ_CLS":
+        model.config.pad_token_id = pad_token_id
+    return model
 
 
 def run_facts(trainer: Any, launcher_name: str) -> dict[str, Any]:

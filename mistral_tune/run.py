@@ -254,7 +254,7 @@ def save_outputs(
     if not main_process:
         return {}
     if sharded:  # rank 0 holds only a shard: rebuild the model from the save
-        model = distributed.load_trained(cfg, source, quant, saved_dir)
+        model = distributed.load_trained(cfg, source, quant, saved_dir, pad_token_id=tokenizer.pad_id)
     if adapter_dir is not None:
         base = {"name": cfg.model.name, "path": cfg.model.path, "seed": cfg.train.seed, "label": base_label(cfg.model)}
         with export.atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
