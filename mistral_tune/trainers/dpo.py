@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TASK_TYPE = "CAUSAL_LM"
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def installed_loss_types() -> list[str]:
@@ -73,27 +74,68 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if self.ref_cache_dir is None:
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        path = self.ref_cache_dir / f"{self.cache_key(dataset)}.json"
-        if path.is_file():
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if len(cached["ref_chosen_logps"]) == len(dataset):
-                log.info("dpo: reference log-probs for %s loaded from cache %s", name, path)
-                self.ref_cache[name] = {"path": str(path), "hit": True}
-                from datasets import Value
+        from accelerate.utils import broadcast_object_list
 
-                for column in ("ref_chosen_logps", "ref_rejected_logps"):
-                    dataset = dataset.add_column(column, cached[column], feature=Value("float32"))
-                return dataset
-        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        # Rank 0 decides for everyone: under ZeRO-3 each rank hashes only its own weight shards, and a rank
+        # that skipped the pass while the others ran it would hang in their collectives.
+        decision = [None, None]  # the cache key, and the cached columns when the cache hits
         if self.accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            columns = {c: [float(x) for x in dataset[c]] for c in ("ref_chosen_logps", "ref_rejected_logps")}
-            tmp.write_text(json.dumps(columns), encoding="utf-8")
-            tmp.replace(path)  # atomic: a reader never sees half a file
-            log.info("dpo: reference log-probs for %s cached in %s", name, path)
-        self.ref_cache[name] = {"path": str(path), "hit": False}
+            key = self.cache_key(dataset)
+            path = self.ref_cache_dir / f"{key}.json"
+            cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+            hit = cached is not None and all(len(cached.get(c, [])) == len(dataset) for c in REF_COLUMNS)
+            decision = [key, cached if hit else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(decision, from_process=0)
+        key, columns = decision
+        path = self.ref_cache_dir / f"{key}.json"
+        if columns is not None:
+            log.info("dpo: reference log-probs for %s loaded from cache %s", name, path)
+            self.ref_cache[name] = {"path": str(path), "hit": True}
+        else:
+            columns = self._compute_ref_columns(dataset, name, batch_size, key)
+            if self.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(columns), encoding="utf-8")
+                tmp.replace(path)  # atomic: a reader never sees half a file
+                log.info("dpo: reference log-probs for %s cached in %s", name, path)
+            self.ref_cache[name] = {"path": str(path), "hit": False}
+        from datasets import Value
+
+        for column in REF_COLUMNS:
+            dataset = dataset.add_column(column, columns[column], feature=Value("float32"))
         return dataset
+
+    def _compute_ref_columns(self, dataset, name, batch_size, key) -> dict[str, list[float]]:
+        """TRL's reference pass, as plain lists (every rank gets all of them).
+
+        TRL hands rank 0's result to the other ranks through a file in the dataset's cache directory. Our
+        datasets live in memory, and each process's in-memory cache directory is its own temporary one, so
+        with several processes the dataset is first saved where every rank finds it (next to the cache),
+        and removed once all ranks have read the result.
+        """
+        if self.accelerator.num_processes == 1 or dataset.cache_files:
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            return {c: [float(x) for x in out[c]] for c in REF_COLUMNS}
+        import shutil
+
+        from datasets import Dataset
+
+        shared = self.ref_cache_dir / f"{key}.{name}.dataset"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(shared, ignore_errors=True)  # a crashed run's leftover
+            dataset.save_to_disk(str(shared))
+        self.accelerator.wait_for_everyone()
+        out = super()._precompute_ref_logps(Dataset.load_from_disk(str(shared)), name, batch_size)
+        columns = {c: [float(x) for x in out[c]] for c in REF_COLUMNS}
+        del out
+        # No barrier on an error path (a rank waiting there would outlive the failed one): a crash leaves the
+        # directory behind, and the next run with the same key removes it first.
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(shared, ignore_errors=True)
+        return columns
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(model, inputs)  # non-padding tokens of the chosen and the rejected sequences
