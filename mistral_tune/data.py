@@ -82,10 +82,6 @@ class PreparedData:
     format: str
     report: DataReport
 
-    def __iter__(self):
-        """Unpacks as the former ``(train, holdout, format, report)`` tuple, for existing callers."""
-        return iter((self.train, self.holdout, self.format, self.report))
-
 
 def resolve_local_path(path: str) -> Optional[Path]:
     """A local file for ``path``: as given, else the bundled sample data; None for a hub name."""

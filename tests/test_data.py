@@ -87,7 +87,7 @@ def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
     ]
     cfg = compose("sft_lora", [f"data.path={write_jsonl(tmp_path / 'd.jsonl', rows)}", "data.holdout=3"])
     prepared = data.prepare_sft_data(cfg.data, cfg.trainer, tok)
-    ds, holdout, fmt, report = prepared  # unpacks as the former 4-tuple
+    ds, holdout, fmt, report = prepared.train, prepared.holdout, prepared.format, prepared.report
     assert fmt == "messages" and len(ds) == 7 and len(holdout) == 3 and prepared.eval is None
     assert report.as_dict() == {
         "read": 10,

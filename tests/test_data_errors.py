@@ -73,7 +73,8 @@ def test_non_utf8_line_fails_with_file_and_line(tmp_path):
 
 def test_on_error_skip_counts_every_bad_line_and_row(tmp_path, tokenizer):
     cfg = data_cfg(hostile_file(tmp_path), **{"data.on_error": "skip", "trainer.truncation": "drop"})
-    ds, _, fmt, report = prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+    prepared = prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+    ds, fmt, report = prepared.train, prepared.format, prepared.report
     d = report.as_dict()
     assert fmt == "messages"
     assert d["dropped"] == {
@@ -94,7 +95,8 @@ def test_on_error_skip_counts_every_bad_line_and_row(tmp_path, tokenizer):
 def test_dedup_drops_duplicates_and_counts_them(tmp_path, tokenizer):
     lines = good_rows(10) + good_rows(3)  # three exact duplicates
     cfg = data_cfg(write_lines(tmp_path / "dups.jsonl", lines), **{"data.dedup": "true"})
-    ds, _, _, report = prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+    prepared = prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+    ds, report = prepared.train, prepared.report
     assert report.duplicates == 3 and report.dropped["duplicate"] == 3
     assert len(ds) == 10
 
@@ -102,12 +104,14 @@ def test_dedup_drops_duplicates_and_counts_them(tmp_path, tokenizer):
 def test_long_samples_truncated_or_dropped_per_config(tmp_path, tokenizer):
     lines = good_rows(5) + [chat("Long " * 200, "answer"), chat("Short question?", "Long answer " * 100)]
     path = write_lines(tmp_path / "long.jsonl", lines)
-    ds, _, _, report = prepare_sft_data(*_groups(data_cfg(path)), tokenizer)
+    prepared = prepare_sft_data(*_groups(data_cfg(path)), tokenizer)
+    ds, report = prepared.train, prepared.report
     # Truncation keeps the second one (assistant tokens survive) but must drop the first: its
     # assistant turn is cut off entirely, so no loss token is left.
     assert report.truncated == 1 and report.dropped["no_loss_tokens"] == 1
     assert max(len(x) for x in ds["input_ids"]) == 64
-    ds, _, _, report = prepare_sft_data(*_groups(data_cfg(path, **{"trainer.truncation": "drop"})), tokenizer)
+    prepared = prepare_sft_data(*_groups(data_cfg(path, **{"trainer.truncation": "drop"})), tokenizer)
+    ds, report = prepared.train, prepared.report
     assert report.truncated == 0 and report.dropped["too_long"] == 2 and len(ds) == 5
 
 

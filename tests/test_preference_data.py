@@ -168,7 +168,7 @@ def test_bad_pairs_are_counted_not_dropped_silently(tmp_path, tokenizer):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     cfg = data_cfg(path, holdout=1, on_error="skip", dedup=True)
     prepared = prepare_preference_data(cfg, trainer_cfg(max_length=128), tokenizer)
-    train, holdout, fmt, report = prepared
+    train, holdout, fmt, report = prepared.train, prepared.holdout, prepared.format, prepared.report
     assert fmt == "preference" and prepared.eval is None
     got = report.as_dict()
     assert got["dropped"] == {
@@ -258,7 +258,8 @@ def test_fit_pair_truncation_modes():
 
 def test_sample_file_converts_completely(tokenizer):
     cfg = data_cfg("data/preference_sample.jsonl", holdout=8)
-    train, holdout, fmt, report = prepare_preference_data(cfg, trainer_cfg(max_length=64), tokenizer)
+    prepared = prepare_preference_data(cfg, trainer_cfg(max_length=64), tokenizer)
+    fmt, report = prepared.format, prepared.report
     assert (fmt, report.read, report.used, report.held_out, sum(report.dropped.values()), report.duplicates) == (
         "preference", 200, 192, 8, 0, 0)  # fmt: skip
     assert isinstance(report, DataReport) and report.truncated == 0

@@ -29,7 +29,7 @@ def get_trainer(name: str) -> ModuleType:
 
 
 def common_args(cfg: Any, run_dir: Path, has_eval: bool = False) -> dict[str, Any]:
-    """TrainingArguments shared by the preference trainers: the ``train`` group plus run-directory wiring."""
+    """TrainingArguments shared by every trainer: the ``train`` group plus run-directory wiring."""
     from omegaconf import OmegaConf
 
     from ..safety import redact_text

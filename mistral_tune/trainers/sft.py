@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
@@ -16,9 +14,7 @@ from .. import losses
 from ..checkpoints import AtomicCheckpointMixin
 from ..guards import NonFiniteLossMixin
 from ..packing import batch_token_count, prepare_packing
-from ..safety import redact_text
-from ..tracking import report_to
-from . import RunStateMixin
+from . import RunStateMixin, common_args
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +78,15 @@ class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
 def sft_config(cfg: Any, run_dir: Path, has_eval: bool = False, *, flat_packing: bool = False) -> SFTConfig:
     """TRL's config from ours. ``flat_packing``: packed rows go through TRL's flattening padding-free
     collator (flash-attn varlen); otherwise packed batches use mistral_tune.packing's collator."""
-    train = OmegaConf.to_container(cfg.train, resolve=True)
-    if train.get("data_seed") is None:
-        train["data_seed"] = train["seed"]  # fixes the sample order, so a resumed run continues at the same sample
     return SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        **train,
-        save_strategy="steps",
-        logging_strategy="steps",
-        eval_strategy="steps" if has_eval else "no",  # every train.eval_steps (default: logging_steps)
+        **common_args(cfg, run_dir, has_eval),
         prediction_loss_only=True,  # eval needs the loss only; gathering logits would cost vocab x tokens
-        report_to=report_to(cfg.tracking),
-        run_name=redact_text(cfg.tracking.run_name or run_dir.name),  # trackers store it
         max_length=None,  # examples are tokenized and truncated by mistral_tune.data
         dataset_kwargs={"skip_prepare_dataset": True},
         # Packing itself is done by mistral_tune.packing (whole examples, counted).
         packing=flat_packing,
         padding_free=flat_packing,
         remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty(),
-        use_cpu=False,
         label_names=["labels"],
     )
 
