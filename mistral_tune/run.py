@@ -145,6 +145,14 @@ def train_and_export(
     from .trainers import get_trainer
 
     method = get_trainer(cfg.trainer.name)  # trainers/sft.py, dpo.py, reward.py: one interface
+    if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        from .errors import UserError
+
+        raise UserError(
+            "model.attn_implementation=flex_attention cannot train without a CUDA GPU: torch compiles it for "
+            "inference only on CPU (no backward). Use model.attn_implementation=sdpa here (also sliding-window "
+            "correct); flex_attention stays available for generate/chat."
+        )
     set_seed(cfg.train.seed)
     adapters.check_optimizer(cfg.train.optim)
     tokenizer = models.load_tokenizer(source)

@@ -95,6 +95,13 @@ def test_flash_attention_without_flash_attn_or_cuda(capsys, tmp_path):
     assert "flash_attention_2 needs a CUDA GPU and flash-attn >= 2.3" in msg and "attn_implementation=sdpa" in msg
 
 
+def test_flex_attention_training_on_cpu_is_refused_before_loading(capsys, tmp_path):
+    args = ["recipe=sft_lora", "model.attn_implementation=flex_attention", f"output_dir={tmp_path / 'r'}"]
+    msg = fails_cleanly(capsys, args)
+    assert "flex_attention cannot train without a CUDA GPU" in msg and "attn_implementation=sdpa" in msg
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
 def test_output_dir_not_writable(capsys, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
