@@ -261,7 +261,7 @@ def cmd_train(args: list[str]) -> int:
         )
     cfg = compose(recipe, overrides)
     if show is not None:
-        print(OmegaConf.to_yaml(cfg))
+        print(OmegaConf.to_yaml(cfg, resolve=True))  # the values the run would use
         return 0
     if cfg.dry_run:
         from .dryrun import dry_run

@@ -188,8 +188,23 @@ DPO_LOSS_TYPES = (
 )  # fmt: skip
 
 
+def random_demo_base(model: Any) -> bool:
+    """True for the embedded ``mistral_tiny`` preset: random weights, so recipes need far higher learning rates."""
+    return model.name == "mistral_tiny" and not model.path
+
+
+def by_model(demo: Any, pretrained: Any, *, _root_: Any) -> Any:
+    """``${by_model:DEMO,PRETRAINED}`` in a recipe: DEMO on the random-weight ``mistral_tiny`` default,
+    PRETRAINED on real weights (a 7B preset, ``model.path``). A frozen random base learns nothing at a
+    7B learning rate, and a real 7B diverges at the demo's."""
+    return demo if random_demo_base(_root_.model) else pretrained
+
+
 def register_schemas() -> None:
-    """Store the root schema and one schema per group (idempotent)."""
+    """Store the root schema and one schema per group, and the recipes' resolvers (idempotent)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("by_model", by_model, replace=True)
     cs = ConfigStore.instance()
     cs.store(name=SCHEMA_NAME, node=RunConfig)
     for group, node in GROUPS.items():

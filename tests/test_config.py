@@ -91,6 +91,19 @@ def test_cfg_job_prints_resolved_config(capsys):
     assert cli.main(["recipe=sft_lora", "train.max_steps=7", "--cfg", "job"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 7" in out and "recipe: sft_lora" in out
+    assert "learning_rate: 0.005" in out and "${" not in out
+
+
+@pytest.mark.parametrize(
+    "recipe", ["sft_lora", "sft_qlora", "sft_dora", "sft_full", "dpo_lora", "dpo_full", "reward_lora"]
+)
+def test_learning_rate_follows_the_base_model(compose, recipe):
+    demo = compose(recipe, []).train.learning_rate
+    preset = compose(recipe, ["model=mistral_7b_en"]).train.learning_rate
+    local = compose(recipe, ["model.path=/models/my-mistral"]).train.learning_rate
+    assert preset == local and 0 < preset < 3e-4  # the usual ranges for a pretrained 7B
+    assert demo >= 10 * preset  # a random tiny base needs far more
+    assert compose(recipe, ["model=mistral_7b_en", "train.learning_rate=3e-5"]).train.learning_rate == 3e-5
 
 
 def test_cli_entry_point_runs_without_source_tree_imports():
