@@ -77,8 +77,7 @@ class RunStateMixin:
 
         count = int(inputs["attention_mask"].sum()) if local is None else local
         if self.accelerator.num_processes > 1:
-            device = next(iter(inputs.values())).device
-            count = int(self.accelerator.gather(torch.tensor([count], device=device)).sum())
+            count = int(self.accelerator.gather(torch.tensor([count], device=self.accelerator.device)).sum())
         self.state.num_input_tokens_seen += count
 
     def checkpoint_state(self) -> dict:
