@@ -205,13 +205,27 @@ def run_facts(trainer: Any, launcher_name: str) -> dict[str, Any]:
         engine = f"fsdp{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
     else:
         engine = "ddp" if world > 1 else "single"
-    return {
+    facts = {
         "launcher": launcher_name,
         "engine": engine,
         "world_size": world,
         "num_machines": num_machines(),
         "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
     }
+    if stage and getattr(trainer, "deepspeed", None) is not None:
+        facts["offload"] = deepspeed_offload(trainer.deepspeed)
+    return facts
+
+
+def deepspeed_offload(engine: Any) -> dict[str, str]:
+    """Where the running DeepSpeed engine keeps parameters and optimizer states: ``{"param": "cpu", ...}``
+    (``none`` = on the accelerator)."""
+
+    def device(offload: Any) -> str:
+        value = getattr(offload, "device", None) if offload is not None else None
+        return str(getattr(value, "value", value) or "none")
+
+    return {"param": device(engine.zero_offload_param()), "optimizer": device(engine.zero_offload_optimizer())}
 
 
 def fault_drill_callbacks() -> list:

@@ -325,6 +325,18 @@ def _relative_diff(a: dict, b: dict) -> float:
     return float((x - y).norm() / x.norm())
 
 
+def offload_without_cpu_adam(tmp: Path) -> Path:
+    """The shipped ZeRO-3 offload JSON with torch's AdamW instead of DeepSpeed's CPU Adam, whose C++ build
+    takes minutes on a fresh machine: parameters and optimizer states are still offloaded and partitioned."""
+    config = json.loads((launch.CONFIG_DIR / "deepspeed_zero3_offload.json").read_text())
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    del config["optimizer"]  # transformers then hands DeepSpeed its own torch AdamW
+    config["zero_force_ds_cpu_optimizer"] = False
+    path = tmp / "zero3_offload_torch_adam.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     """Runs shared by the slow tests, started lazily: each costs ~20-40 s of 2-core CPU."""
@@ -341,8 +353,10 @@ def jobs(tmp_path_factory):
                 accelerate_args = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
                 overrides = [*PER_PROCESS_BATCH, "export.merged=false", "tracking=wandb", "tracking.mode=offline"]
                 cache[name] = _train(tmp, name, overrides, accelerate_args=accelerate_args)
-            else:  # deepspeed_zero2 / deepspeed_zero3 through mistral-tune's own launcher
+            else:  # deepspeed_zero2 / deepspeed_zero3 / deepspeed_zero3_offload through mistral-tune's own launcher
                 extra = ["export.num_samples=1", "export.sample_max_new_tokens=4"] if name.endswith("3") else []
+                if name.endswith("offload"):
+                    extra = [f"launcher.deepspeed_config={offload_without_cpu_adam(tmp)}"]
                 cache[name] = _train(tmp, name, [f"launcher={name}", "launcher.num_processes=2",
                                                  "launcher.main_process_port=0", *PER_PROCESS_BATCH, *extra])  # fmt: skip
         return cache[name]
@@ -384,7 +398,7 @@ def test_only_rank_zero_writes_the_run_directory(jobs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
 def test_deepspeed_trains_saves_the_adapter_and_exports_a_merge(jobs, name):
     import torch
     from peft import PeftModel
@@ -398,7 +412,10 @@ def test_deepspeed_trains_saves_the_adapter_and_exports_a_merge(jobs, name):
     _ok(proc)
     _, reference_dir = jobs("ddp")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["engine"] == name and summary["world_size"] == 2 and summary["global_batch_size"] == 4
+    assert summary["engine"] == name.removesuffix("_offload") and summary["launcher"] == name
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 4
+    offloaded = "cpu" if name.endswith("offload") else "none"  # as the running DeepSpeed engine reports it
+    assert summary["offload"] == {"param": offloaded, "optimizer": offloaded}
     assert _losses(run_dir) == pytest.approx(_losses(reference_dir), abs=1e-5, rel=0)
     # ZeRO-3 holds each weight on one rank only: a save that skipped the gather would differ (or be empty).
     assert _relative_diff(_adapter(run_dir), _adapter(reference_dir)) < 1e-4
