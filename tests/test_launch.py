@@ -555,3 +555,28 @@ def test_reward_model_under_zero3_matches_one_process_and_exports_a_classifier(d
     assert (summary["engine"], summary["world_size"], summary["global_batch_size"]) == ("deepspeed_zero3", 2, 4)
     assert summary["merged"]["verified"]
     assert AutoConfig.from_pretrained(zero3_dir / "merged").architectures == ["MistralForSequenceClassification"]
+
+
+# --------------------------------------------------------------------------- resuming a 2-process run (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2"])
+def test_a_resumed_two_process_run_ends_like_an_uninterrupted_one(tmp_path, launcher):
+    """2 steps with a checkpoint per step, then resume=auto to step 3, against 3 steps in one go.
+
+    A constant learning rate makes the first 2 steps the same whatever max_steps is; the resumed step 3
+    must then see the same model, optimizer state and batch as the uninterrupted run's step 3.
+    """
+    shared = [f"launcher={launcher}", "launcher.num_processes=2", "launcher.main_process_port=0", *PER_PROCESS_BATCH,
+              "train.lr_scheduler_type=constant", "export.merged=false"]  # fmt: skip
+    whole, whole_dir = _train(tmp_path, "whole", shared)
+    first, run_dir = _train(tmp_path, "resumed", [*shared, "train.max_steps=2", "train.save_steps=1"])
+    _ok(whole)
+    _ok(first)
+    assert (run_dir / "checkpoints" / "checkpoint-2").is_dir()
+    again, _ = _train(tmp_path, "resumed", [*shared, "resume=auto"])
+    _ok(again)
+    assert "checkpoint-2" in json.loads((run_dir / "summary.json").read_text())["resumed_from"]
+    assert _losses(run_dir) == pytest.approx(_losses(whole_dir), abs=1e-5, rel=0)  # steps 1-2 kept, 3 resumed
+    assert _relative_diff(_adapter(whole_dir), _adapter(run_dir)) < 1e-5
