@@ -297,11 +297,46 @@ def tokenize_rows(
     return out
 
 
+def split_eval_and_train(data_cfg: Any, items: list, rest: list[int], report: DataReport, noun: str):
+    """(eval items, training items) from ``rest``, the shuffled indices of ``items`` left after the holdout.
+
+    ``data.eval_split`` as a fraction takes the first of them for eval; the training items keep file
+    order and are capped at ``data.max_samples`` (the excess is counted as ``over_max_samples``).
+    """
+    from .config import eval_fraction
+
+    fraction = eval_fraction(data_cfg.eval_split)
+    eval_items = []
+    if fraction is not None:
+        eval_n = max(1, round(fraction * len(rest)))
+        if eval_n >= len(rest):
+            raise UserError(
+                f"data.eval_split={data_cfg.eval_split} of {len(rest)} {noun} leaves nothing to train on; "
+                "use a smaller fraction."
+            )
+        eval_items, rest = [items[i] for i in rest[:eval_n]], rest[eval_n:]
+    train = [items[i] for i in sorted(rest)]
+    if data_cfg.max_samples is not None and len(train) > data_cfg.max_samples:
+        report.dropped["over_max_samples"] += len(train) - data_cfg.max_samples
+        train = train[: data_cfg.max_samples]
+    return eval_items, train
+
+
+def load_eval_file(data_cfg: Any, eval_report: DataReport) -> Optional[list[dict]]:
+    """The rows of ``data.eval_split`` when it names a file (None for a fraction or no eval split)."""
+    from .config import eval_fraction
+
+    if not data_cfg.eval_split or eval_fraction(data_cfg.eval_split) is not None:
+        return None
+    rows = load_records(data_cfg.eval_split, data_cfg.split, data_cfg.on_error, eval_report)
+    if not rows:
+        raise UserError(f"data.eval_split={data_cfg.eval_split} holds no examples.")
+    return rows
+
+
 def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
     """Load, split off the holdout and the eval split, tokenize; every lost row is counted."""
     from datasets import Dataset
-
-    from .config import eval_fraction
 
     report = DataReport()
     rows = load_records(data_cfg.path, data_cfg.split, data_cfg.on_error, report)
@@ -323,25 +358,11 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
     report.truncated = 0  # counted for training examples only
     holdout_n = report.held_out = len(holdout)
-    fraction = eval_fraction(data_cfg.eval_split)
-    eval_rows, eval_fmt, eval_report = [], fmt, DataReport()
-    if fraction is not None:
-        eval_n = max(1, round(fraction * len(rest)))
-        if eval_n >= len(rest):
-            raise UserError(
-                f"data.eval_split={data_cfg.eval_split} of {len(rest)} rows leaves nothing to train on; "
-                "use a smaller fraction."
-            )
-        eval_rows, rest = [rows[i] for i in rest[:eval_n]], rest[eval_n:]
-    elif data_cfg.eval_split:
-        eval_rows = load_records(data_cfg.eval_split, data_cfg.split, data_cfg.on_error, eval_report)
-        if not eval_rows:
-            raise UserError(f"data.eval_split={data_cfg.eval_split} holds no examples.")
-        eval_fmt = detect_format(eval_rows, data_cfg.format)
-    train_rows = [rows[i] for i in sorted(rest)]
-    if data_cfg.max_samples is not None and len(train_rows) > data_cfg.max_samples:
-        report.dropped["over_max_samples"] += len(train_rows) - data_cfg.max_samples
-        train_rows = train_rows[: data_cfg.max_samples]
+    eval_rows, train_rows = split_eval_and_train(data_cfg, rows, rest, report, "rows")
+    eval_fmt, eval_report = fmt, DataReport()
+    eval_file_rows = load_eval_file(data_cfg, eval_report)
+    if eval_file_rows is not None:
+        eval_rows, eval_fmt = eval_file_rows, detect_format(eval_file_rows, data_cfg.format)
     examples = tokenize_rows(train_rows, fmt, tokenizer, report=report, **options)
     report.used = len(examples)
     for reason, n in sorted(report.dropped.items()):

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .data import DataReport, PreparedData, find_duplicates, load_records
+from .data import DataReport, PreparedData, find_duplicates, load_eval_file, load_records, split_eval_and_train
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -274,8 +274,6 @@ def prepare_preference_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> 
     """
     from datasets import Dataset
 
-    from .config import eval_fraction
-
     report = DataReport()
     rows = load_records(data_cfg.path, data_cfg.split, data_cfg.on_error, report)
     report.read += len(rows)
@@ -291,27 +289,13 @@ def prepare_preference_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> 
     holdout = [p for p in holdout if tokenize_pairs([p], tokenizer, trainer_cfg, report)]
     report.truncated = 0  # counted for training pairs only
     report.held_out = len(holdout)
-    fraction = eval_fraction(data_cfg.eval_split)
-    eval_pairs, eval_report = [], DataReport()
-    if fraction is not None:
-        eval_n = max(1, round(fraction * len(rest)))
-        if eval_n >= len(rest):
-            raise UserError(
-                f"data.eval_split={data_cfg.eval_split} of {len(rest)} pairs leaves nothing to train on; "
-                "use a smaller fraction."
-            )
-        eval_pairs, rest = [pairs[i] for i in rest[:eval_n]], rest[eval_n:]
-    elif data_cfg.eval_split:
-        eval_rows = load_records(data_cfg.eval_split, data_cfg.split, data_cfg.on_error, eval_report)
-        if not eval_rows:
-            raise UserError(f"data.eval_split={data_cfg.eval_split} holds no examples.")
+    eval_pairs, train_pairs = split_eval_and_train(data_cfg, pairs, rest, report, "pairs")
+    eval_report = DataReport()
+    eval_rows = load_eval_file(data_cfg, eval_report)
+    if eval_rows is not None:
         eval_report.read += len(eval_rows)
         eval_fmt = detect_preference_format(eval_rows, data_cfg.format)
         eval_pairs = to_pairs(eval_rows, eval_fmt, data_cfg.system_prompt, eval_report)
-    train_pairs = [pairs[i] for i in sorted(rest)]
-    if data_cfg.max_samples is not None and len(train_pairs) > data_cfg.max_samples:
-        report.dropped["over_max_samples"] += len(train_pairs) - data_cfg.max_samples
-        train_pairs = train_pairs[: data_cfg.max_samples]
     examples = tokenize_pairs(train_pairs, tokenizer, trainer_cfg, report)
     report.used = len(examples)
     for reason, n in sorted(report.dropped.items()):
@@ -331,7 +315,7 @@ def prepare_preference_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> 
     eval_ds = None
     if eval_pairs or eval_report.read:
         eval_examples = tokenize_pairs(eval_pairs, tokenizer, trainer_cfg, eval_report)
-        report.eval_read = len(eval_pairs) if fraction is not None else eval_report.read
+        report.eval_read = len(eval_pairs) if eval_rows is None else eval_report.read
         report.eval_used, report.eval_dropped = len(eval_examples), eval_report.dropped
         for reason, n in sorted(eval_report.dropped.items()):
             log.warning("data: dropped %d evaluation pair(s): %s", n, reason)
