@@ -224,10 +224,12 @@ def save_adapter(
             peft_config.base_model_name_or_path = base["label"]
     if init_dir is not None and Path(init_dir).is_dir():
         # The converted adapter (rank 2r) applies to the original base, not PiSSA/OLoRA's residual base.
-        model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=str(init_dir))
+        model.save_pretrained(
+            out_dir, path_initial_model_for_weight_conversion=str(init_dir), save_embedding_layers=False
+        )
         shutil.rmtree(init_dir, ignore_errors=True)
     else:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, save_embedding_layers=False)
     sidecar = {"adapter": kind, "base": base, "quantization": quantization_record(model)}
     (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return out_dir
