@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -100,12 +101,23 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     cfg.output_dir = str(run_dir)
     setup_logging(run_dir, main_process)
     distributed.prepare_process(cfg)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # a log file or CI: the progress lines say enough, no tqdm bars
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = log_warning
             warnings.filterwarnings("ignore", message=".*pin_memory.*")  # CPU-only machines: harmless
+            # TRL and PEFT read the renamed model property; nothing a user can change
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             return train_and_export(cfg, run_dir, output_dir_given, callbacks, main_process)
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         teardown_logging()
 
 
@@ -145,6 +157,8 @@ def train_and_export(
     from .trainers import get_trainer
 
     method = get_trainer(cfg.trainer.name)  # trainers/sft.py, dpo.py, reward.py: one interface
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks here anyway, minus its warning
     if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         from .errors import UserError
 

@@ -28,6 +28,15 @@ def get_trainer(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{TRAINERS[name]}")
 
 
+def training_argument_names() -> set[str]:
+    """The field names of the installed transformers' ``TrainingArguments``."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
 def common_args(cfg: Any, run_dir: Path, has_eval: bool = False) -> dict[str, Any]:
     """TrainingArguments shared by every trainer: the ``train`` group plus run-directory wiring."""
     from omegaconf import OmegaConf
@@ -38,6 +47,9 @@ def common_args(cfg: Any, run_dir: Path, has_eval: bool = False) -> dict[str, An
     train = OmegaConf.to_container(cfg.train, resolve=True)
     if train.get("data_seed") is None:
         train["data_seed"] = train["seed"]  # fixes the sample order, so a resumed run continues at the same sample
+    if "activation_checkpointing" in training_argument_names():
+        # transformers >= 5.2x renamed it (the old name warns and goes in v6); ours stays train.gradient_checkpointing
+        train["activation_checkpointing"] = train.pop("gradient_checkpointing")
     return dict(
         output_dir=str(run_dir / "checkpoints"),
         **train,
