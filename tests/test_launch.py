@@ -1,5 +1,6 @@
 """Multi-process launches on CPU: the launcher group, accelerate/DeepSpeed configs, DDP parity, ZeRO-2/3
-training + saving + merged export, rank-0-only writes and whole-job failure.
+(and ZeRO-3 offload) training + saving + merged export, rank-0-only writes, whole-job failure, DPO under
+DDP and ZeRO-2, a reward model under ZeRO-3, and resuming DDP/ZeRO-2 runs.
 
 The slow tests start real 2-process jobs (gloo on CPU) through ``accelerate launch`` and
 ``mistral-tune launcher=...``, and compare them with a 1-process run of the same global batch:
