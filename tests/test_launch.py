@@ -352,7 +352,9 @@ def jobs(tmp_path_factory):
                                                   "export.merged=false"])  # fmt: skip
             elif name == "ddp":  # the command users type: accelerate launch --multi_gpu --num_processes 2
                 accelerate_args = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
-                overrides = [*PER_PROCESS_BATCH, "export.merged=false", "tracking=wandb", "tracking.mode=offline"]
+                # with gradient checkpointing, which must neither change the result nor trip DDP's gradient hooks
+                overrides = [*PER_PROCESS_BATCH, "export.merged=false", "tracking=wandb", "tracking.mode=offline",
+                             "train.gradient_checkpointing=true"]  # fmt: skip
                 cache[name] = _train(tmp, name, overrides, accelerate_args=accelerate_args)
             else:  # deepspeed_zero2 / deepspeed_zero3 / deepspeed_zero3_offload through mistral-tune's own launcher
                 extra = ["export.num_samples=1", "export.sample_max_new_tokens=4"] if name.endswith("3") else []
