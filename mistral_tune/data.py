@@ -55,6 +55,17 @@ class DataReport:
         if len(self.bad_lines) < self.MAX_BAD_LINES:
             self.bad_lines.append(f"{where}: {detail}")
 
+    def log_losses(self, unit: str, max_length: int, dedup: bool) -> None:
+        """Warn about every training example (``unit``: examples, pairs) dropped, skipped, kept twice or cut."""
+        for reason, n in sorted(self.dropped.items()):
+            log.warning("data: dropped %d %s: %s", n, unit, reason)
+        for where in self.bad_lines:
+            log.warning("data: skipped %s", where)
+        if self.duplicates and not dedup:
+            log.warning("data: %d exact duplicate row(s) kept; set data.dedup=true to drop them", self.duplicates)
+        if self.truncated:
+            log.warning("data: truncated %d %s to trainer.max_length=%d", self.truncated, unit, max_length)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "read": self.read,
@@ -365,18 +376,11 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
         eval_rows, eval_fmt = eval_file_rows, detect_format(eval_file_rows, data_cfg.format)
     examples = tokenize_rows(train_rows, fmt, tokenizer, report=report, **options)
     report.used = len(examples)
-    for reason, n in sorted(report.dropped.items()):
-        log.warning("data: dropped %d example(s): %s", n, reason)
-    for where in report.bad_lines:
-        log.warning("data: skipped %s", where)
-    if report.duplicates and not data_cfg.dedup:
-        log.warning("data: %d exact duplicate row(s) kept; set data.dedup=true to drop them", report.duplicates)
+    report.log_losses("example(s)", trainer_cfg.max_length, data_cfg.dedup)
     if report.extra_fields:
         log.info(
             "data: %d row(s) have fields the %s format does not use; those fields are ignored", report.extra_fields, fmt
         )
-    if report.truncated:
-        log.warning("data: truncated %d example(s) to trainer.max_length=%d", report.truncated, trainer_cfg.max_length)
     if not examples:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
         raise UserError(

@@ -298,14 +298,7 @@ def prepare_preference_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> 
         eval_pairs = to_pairs(eval_rows, eval_fmt, data_cfg.system_prompt, eval_report)
     examples = tokenize_pairs(train_pairs, tokenizer, trainer_cfg, report)
     report.used = len(examples)
-    for reason, n in sorted(report.dropped.items()):
-        log.warning("data: dropped %d pair(s): %s", n, reason)
-    for where in report.bad_lines:
-        log.warning("data: skipped %s", where)
-    if report.duplicates and not data_cfg.dedup:
-        log.warning("data: %d exact duplicate row(s) kept; set data.dedup=true to drop them", report.duplicates)
-    if report.truncated:
-        log.warning("data: truncated %d pair(s) to trainer.max_length=%d", report.truncated, trainer_cfg.max_length)
+    report.log_losses("pair(s)", trainer_cfg.max_length, data_cfg.dedup)
     if not examples:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
         raise UserError(
