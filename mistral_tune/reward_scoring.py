@@ -84,18 +84,25 @@ def _architectures(source: Any) -> list[str]:
     return json.loads((source.local_dir / "config.json").read_text(encoding="utf-8")).get("architectures") or []
 
 
-def parse_args(args: list[str]) -> dict[str, str]:
-    options = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in ("preset", "adapter", "text", "prompt", "response", "file", "batch_size", "seed"):
-            raise UserError(f"score: unexpected argument '{arg}'.\n{USAGE}")
-        options[key] = value
-    if "preset" not in options:
+ARGUMENTS = {"preset": str, "adapter": str, "text": str, "prompt": str, "response": str, "file": str,
+             "batch_size": int, "seed": int}  # fmt: skip
+
+
+def parse_args(args: list[str]) -> dict[str, Any]:
+    """The ``score`` command's key=value arguments, typed and checked (the ``generate`` command's parser)."""
+    from .generate_cli import parse_args as parse_key_values
+
+    if not any(arg.partition("=")[0] == "preset" for arg in args):
         raise UserError(f"score: preset=MODEL is required.\n{USAGE}")
+    try:
+        options = parse_key_values(args, ARGUMENTS)
+    except UserError as exc:
+        raise UserError(f"score: {exc}\n{USAGE}") from None
     given = [k for k in ("text", "file") if k in options] + (["prompt"] if "prompt" in options else [])
     if len(given) != 1 or ("prompt" in options) != ("response" in options):
         raise UserError(f"score: pass exactly one of text=, prompt= with response=, or file=.\n{USAGE}")
+    if options.setdefault("batch_size", 8) < 1:
+        raise UserError(f"score: batch_size={options['batch_size']} must be at least 1.")
     return options
 
 
@@ -137,7 +144,7 @@ def cmd_score(args: list[str]) -> int:
         print(USAGE)
         return 0
     options = parse_args(args)
-    batch_size = int(options.get("batch_size", 8))
+    batch_size = options["batch_size"]
     if "file" in options:
         from .data import load_records
 
@@ -147,7 +154,7 @@ def cmd_score(args: list[str]) -> int:
     else:
         chat = [{"role": "user", "content": options["prompt"]}, {"role": "assistant", "content": options["response"]}]
         singles, pairs, bad = [chat], [], 0
-    model, tokenizer = load_reward_model(options["preset"], options.get("adapter"), int(options.get("seed", 42)))
+    model, tokenizer = load_reward_model(options["preset"], options.get("adapter"), options.get("seed", 42))
     try:
         if singles:
             for item, reward in zip(singles, score_chats(model, tokenizer, singles, batch_size)):
