@@ -250,17 +250,17 @@ def cmd_train(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
     recipe, overrides = split_recipe(args)
-    show = None
-    if "--cfg" in overrides:
+    show = "--cfg" in overrides  # `--cfg` or Hydra's `--cfg job`: print the config, run nothing
+    if show:
         i = overrides.index("--cfg")
-        show = overrides[i + 1] if i + 1 < len(overrides) else "job"
-        del overrides[i : i + 2]
+        # only a Hydra section name goes with it, never the next override
+        del overrides[i : i + (2 if overrides[i + 1 : i + 2] in (["job"], ["hydra"], ["all"]) else 1)]
     if recipe is None:
         raise UserError(
             "No recipe given. Pass recipe=NAME, e.g. `mistral-tune recipe=sft_lora`; see `mistral-tune --help`."
         )
     cfg = compose(recipe, overrides)
-    if show is not None:
+    if show:
         print(OmegaConf.to_yaml(cfg, resolve=True))  # the values the run would use
         return 0
     if cfg.dry_run:

@@ -92,6 +92,8 @@ def test_cfg_job_prints_resolved_config(capsys):
     out = capsys.readouterr().out
     assert "max_steps: 7" in out and "recipe: sft_lora" in out
     assert "learning_rate: 0.005" in out and "${" not in out
+    assert cli.main(["recipe=sft_lora", "--cfg", "train.max_steps=9"]) == 0  # the override after --cfg still counts
+    assert "max_steps: 9" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
