@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
+from .adapters import read_sidecar
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def plan(opts: dict[str, Any]) -> dict[str, Any]:
         cfg = OmegaConf.load(resolved)
         formats = opts["formats"] or ["merged"]
         adapter = run_dir / "adapter" if cfg.adapter.name != "none" else None
+        if adapter is not None and (adapter / "adapter_config.json").is_file():
+            check_causal_lm_adapter(adapter)
         model = {
             "name": cfg.model.name,
             "path": cfg.model.path,
@@ -99,12 +102,29 @@ def plan(opts: dict[str, Any]) -> dict[str, Any]:
     outs = {formats[0]: out} if len(formats) == 1 else {f: out / f for f in formats}
     base = opts["base"]
     is_dir = Path(base).expanduser().is_dir()
-    seed = 42 if opts.get("seed") is None else opts["seed"]  # the recipes' train.seed
-    model = {"name": None if is_dir else base, "path": base if is_dir else None, "seed": seed}
     adapter = Path(opts["adapter"])
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"adapter={adapter} is not an adapter directory (no adapter_config.json).")
+    check_causal_lm_adapter(adapter)
+    # A random-init base is rebuilt from the seed it was trained on: the one the adapter's sidecar records
+    # when it names this base, else the recipes' train.seed (42).
+    trained_on = read_sidecar(adapter).get("base") or {}
+    same_base = not is_dir and trained_on.get("name") == base
+    seed = opts["seed"] if opts.get("seed") is not None else (trained_on.get("seed", 42) if same_base else 42)
+    model = {"name": None if is_dir else base, "path": base if is_dir else None, "seed": seed}
+    if same_base and "load_weights" in trained_on:
+        model["load_weights"] = trained_on["load_weights"]
     return {"adapter": adapter, "model": model, "outs": outs, "run_dir": None, "cfg": None}
+
+
+def check_causal_lm_adapter(adapter: Path) -> None:
+    """Refuse a reward-model (sequence-classification) adapter before any weights are read."""
+    task = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+    if task == "SEQ_CLS":
+        raise UserError(
+            f"{adapter} is a reward-model adapter (task_type SEQ_CLS); mistral-tune export merges causal-LM "
+            "adapters. A reward run's merged/ (written when it trains) is the merged reward model."
+        )
 
 
 def materialize_base(model: dict[str, Any], tmp: Path) -> tuple[Path, Any]:

@@ -89,7 +89,8 @@ def model_card(cfg: Any, summary: dict[str, Any]) -> str:
     lines += [
         "Merge it into the base (streamed shard by shard, verified):",
         "```",
-        f"mistral-tune export adapter=PATH/TO/THIS/DIRECTORY base={cfg.model.path or cfg.model.name} out=merged",
+        f"mistral-tune export adapter=PATH/TO/THIS/DIRECTORY base={cfg.model.path or cfg.model.name} out=merged"
+        + (f" seed={cfg.train.seed}" if base == cfg.model.name else ""),  # a random-init base: its seed
         "```",
         "",
     ]

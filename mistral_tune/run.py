@@ -278,7 +278,8 @@ def save_outputs(
     if sharded:  # rank 0 holds only a shard: rebuild the model from the save
         model = distributed.load_trained(cfg, source, quant, saved_dir, pad_token_id=tokenizer.pad_id)
     if adapter_dir is not None:
-        base = {"name": cfg.model.name, "path": cfg.model.path, "seed": cfg.train.seed, "label": base_label(cfg.model)}
+        base = {"name": cfg.model.name, "path": cfg.model.path, "seed": cfg.train.seed, "label": base_label(cfg.model),
+                "load_weights": cfg.model.load_weights}  # fmt: skip
         with export.atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
             adapters.save_adapter(model, tmp, base=base, kind=cfg.adapter.name, init_dir=init_dir)
 

@@ -251,6 +251,7 @@ def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(run
     card = (out / "adapter" / "README.md").read_text()
     for needle in ("base_model: mistral_tiny", "recipe `sft_lora`", "data/sft_sample.jsonl", "loss: first"):
         assert needle in card
+    assert "base=mistral_tiny out=merged seed=42" in card  # the random base's seed goes with the merge command
 
 
 def test_paged_optimizer_on_cpu_is_one_clear_error(tmp_path):
