@@ -286,7 +286,6 @@ def merged_state_dict(model: Any):
     Plain LoRA layers are folded as W + delta, computed out of place, so a model still being trained
     keeps its adapter. Other PEFT wrappers (DoRA, modules_to_save) are merged on a copy.
     """
-    import copy
 
     from peft import PeftModel
     from peft.tuners.lora import Linear as LoraLinear

@@ -24,19 +24,21 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_
     was_training = model.training
     model.eval()
     outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_id,
-                pad_token_id=tokenizer.pad_id,
-            )
-            outputs.append(tokenizer.decode(out[0, ids.shape[1] :].tolist()))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for prompt in prompts:
+                ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_id,
+                    pad_token_id=tokenizer.pad_id,
+                )
+                outputs.append(tokenizer.decode(out[0, ids.shape[1] :].tolist()))
+    finally:
+        model.train(was_training)
     return outputs
 
 
@@ -118,7 +120,6 @@ def generate_ids(
     sampler: Any,
     max_length: int,
     stop_ids: Optional[tuple[int, ...]],
-    use_cache: bool = True,
 ) -> list[list[int]]:
     """New token ids per prompt, batched with left padding, cut before the first stop id.
 
@@ -142,7 +143,7 @@ def generate_ids(
                 max_length=max_length,
                 eos_token_id=list(stop_ids) if stop_ids else None,
                 pad_token_id=tokenizer.pad_id,
-                use_cache=use_cache,
+                use_cache=True,
                 **kwargs,
             )
     finally:

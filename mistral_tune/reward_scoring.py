@@ -30,14 +30,16 @@ def score_ids(model: Any, sequences: Sequence[Sequence[int]], pad_id: int, batch
     was_training = model.training
     model.eval()
     rewards: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            batch = [list(s) for s in sequences[start : start + batch_size]]
-            width = max(len(s) for s in batch)
-            ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in batch], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=device)
-            rewards += model(input_ids=ids, attention_mask=mask).logits.float().squeeze(-1).tolist()
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                batch = [list(s) for s in sequences[start : start + batch_size]]
+                width = max(len(s) for s in batch)
+                ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in batch], device=device)
+                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=device)
+                rewards += model(input_ids=ids, attention_mask=mask).logits.float().squeeze(-1).tolist()
+    finally:
+        model.train(was_training)
     return rewards
 
 

@@ -200,7 +200,7 @@ def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path
         callbacks=callbacks,
         ref_cache_dir=cache,
         chat_template=tokenizer.jinja_chat_template,
-        on_nan=cfg.get("on_nan", "stop"),
+        on_nan=cfg.on_nan,
     )
 
 

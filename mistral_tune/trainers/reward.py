@@ -31,9 +31,10 @@ class MistralRewardTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMi
         self.count_tokens(model, inputs)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        chosen, rejected = outputs.logits.detach().squeeze(-1).chunk(2)  # the batch is [chosen..., rejected...]
-        self._metrics[mode]["rewards/chosen"].append(self.accelerator.gather_for_metrics(chosen).mean().item())
-        self._metrics[mode]["rewards/rejected"].append(self.accelerator.gather_for_metrics(rejected).mean().item())
+        pairs = outputs.logits.detach().squeeze(-1).view(2, -1).T  # the batch is [chosen..., rejected...]
+        chosen, rejected = self.accelerator.gather_for_metrics(pairs).mean(0).tolist()  # one gather, one sync
+        self._metrics[mode]["rewards/chosen"].append(chosen)
+        self._metrics[mode]["rewards/rejected"].append(rejected)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -82,7 +83,7 @@ def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path
         eval_dataset=data.eval,
         processing_class=tokenizer.to_hf(),
         callbacks=callbacks,
-        on_nan=cfg.get("on_nan", "stop"),
+        on_nan=cfg.on_nan,
     )
 
 

@@ -34,15 +34,14 @@ class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
 
     def __init__(self, *args: Any, loss_impl: str = "plain", **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.loss_impl = loss_impl
+        # auto -> liger or chunked, once (an impossible liger fails here, before the first step)
+        self.loss_impl = loss_impl if loss_impl == "plain" else losses.resolve_impl(loss_impl, self.args.device)
         self._head_capture = None  # installed on the first chunked/liger step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self.count_tokens(model, inputs, batch_token_count(inputs))
         inputs["use_cache"] = False  # also required for packed batches: a cache hides their layout
-        if self.loss_impl != "plain":
-            self.loss_impl = losses.resolve_impl(self.loss_impl, self.args.device)
         if self.loss_impl == "plain" or return_outputs or "labels" not in inputs:
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -113,7 +112,7 @@ def build_sft_trainer(
         eval_dataset=eval_dataset,
         processing_class=hf_tokenizer,
         callbacks=callbacks,
-        on_nan=cfg.get("on_nan", "stop"),
+        on_nan=cfg.on_nan,
         loss_impl=cfg.trainer.loss,
     )
     trainer.packing_report = packing_report
