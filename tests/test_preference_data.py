@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 
 import pytest
 
+from mistral_tune.config import DataConfig, TrainerConfig
 from mistral_tune.data import DataReport
 from mistral_tune.errors import UserError
 from mistral_tune.preference_data import (
@@ -34,16 +34,12 @@ def tokenizer():
 
 
 def data_cfg(path, **kw):
-    return SimpleNamespace(
-        path=str(path), split="train", format=kw.get("format", "auto"), max_samples=None,
-        holdout=kw.get("holdout", 0), system_prompt=kw.get("system_prompt"), seed=0,
-        on_error=kw.get("on_error", "fail"), dedup=kw.get("dedup", False), eval_split=kw.get("eval_split"),
-    )  # fmt: skip
+    """The real schema class, with no holdout unless asked (the recipes hold out 4)."""
+    return DataConfig(path=str(path), **{"holdout": 0, **kw})
 
 
 def trainer_cfg(**kw):
-    base = dict(max_length=256, max_prompt_length=None, truncation="truncate", truncation_mode="keep_start")
-    return SimpleNamespace(**{**base, **kw})
+    return TrainerConfig(**{"name": "dpo", **kw})
 
 
 # ---- detection and conversion, one test per layout, with exact splits ----

@@ -4,7 +4,6 @@ choice, eval split."""
 import io
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +13,9 @@ from mistral_tune.tracking import MetricsJsonl, wandb_mode
 
 
 def state(step, max_steps=120):
-    return SimpleNamespace(global_step=step, max_steps=max_steps, is_world_process_zero=True)
+    from transformers import TrainerState
+
+    return TrainerState(global_step=step, max_steps=max_steps)  # is_world_process_zero defaults to True
 
 
 def feed(metrics, reporter, step, logs):
