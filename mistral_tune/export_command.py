@@ -193,7 +193,8 @@ def reference(base_dir: Path, adapter: Optional[Path], quant: Optional[dict], to
 
 
 def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    """Run the plan: merged/preset via the streamed merge (each verified), adapter via its model card."""
+    """Run the plan: merged/preset via one streamed, verified merge (the second format links its files),
+    adapter via its model card."""
     from . import adapters, export, merge
     from .models import load_tokenizer
     from .run import VERIFY_PROMPTS
@@ -210,26 +211,32 @@ def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
             expected = shift = None
             if opts["verify"]:
                 expected, shift = reference(base_dir, p["adapter"], quant, tokenizer, VERIFY_PROMPTS)
+            first = None  # merged and preset hold the same weights: merge and verify once, link the second
             for fmt, out in weights.items():
                 with export.atomic_directory(out) as staging:
-                    info = merge.stream_merge(
-                        base_dir,
-                        p["adapter"],
-                        staging,
-                        dtype_name=opts["dtype"],
-                        max_shard_size=opts["max_shard_size"],
-                        quantization=quant,
-                    )
-                    export.write_tokenizer_files(tokenizer, staging)
-                    copy_generation_config(base_dir, staging, tokenizer)
+                    if first is None:
+                        info = merge.stream_merge(
+                            base_dir,
+                            p["adapter"],
+                            staging,
+                            dtype_name=opts["dtype"],
+                            max_shard_size=opts["max_shard_size"],
+                            quantization=quant,
+                        )
+                        export.write_tokenizer_files(tokenizer, staging)
+                        copy_generation_config(base_dir, staging, tokenizer)
+                        diff = tol = None
+                        if opts["verify"]:
+                            diff, tol = export.verify_export(
+                                staging, tokenizer, VERIFY_PROMPTS, expected, info["dtype"], opts["tolerance"]
+                            )
+                            export.warn_if_indistinguishable(shift, tol, info["dtype"])
+                    else:
+                        shutil.rmtree(staging)
+                        shutil.copytree(first, staging, copy_function=link_or_copy, ignore=ignore_metadata)
                     if fmt == "preset":
                         write_metadata(staging, p, tokenizer)
-                    diff = tol = None
-                    if opts["verify"]:
-                        diff, tol = export.verify_export(
-                            staging, tokenizer, VERIFY_PROMPTS, expected, info["dtype"], opts["tolerance"]
-                        )
-                        export.warn_if_indistinguishable(shift, tol, info["dtype"])
+                first = out
                 results[fmt] = {
                     "path": str(out),
                     "max_abs_logit_diff": diff,
@@ -246,6 +253,20 @@ def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     if p["run_dir"] is not None:
         record_in_summary(p["run_dir"], results)
     return results
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a file of the first export into the second (a copy across filesystems)."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def ignore_metadata(directory: str, names: list[str]) -> list[str]:
+    return [n for n in names if n == "metadata.json"]  # preset/ writes its own
 
 
 def copy_generation_config(base_dir: Path, out: Path, tokenizer: Any) -> None:

@@ -175,6 +175,19 @@ def test_streamed_merge_equals_in_memory_merge(runs, kind, tmp_path):
     assert worst <= 1e-6, f"{kind}: streamed and in-memory merges differ by {worst}"
 
 
+def test_merged_and_preset_in_one_export_share_one_verified_merge(runs, tmp_path):
+    out = tmp_path / "both"
+    args = [f"adapter={runs('lora') / 'adapter'}", "base=mistral_tiny", f"out={out}", "formats=[merged,preset]"]
+    assert cli.main(["export", *args]) == 0
+    merged, preset = (out / "merged"), (out / "preset")
+    assert (merged / "model.safetensors").read_bytes() == (preset / "model.safetensors").read_bytes()
+    assert (preset / "metadata.json").is_file() and not (merged / "metadata.json").exists()
+    assert (merged / "tokenizer.json").is_file() and (preset / "tokenizer.json").is_file()
+    in_memory = load_file(runs("lora") / "merged" / "model.safetensors")
+    streamed = load_file(preset / "model.safetensors")
+    assert max((in_memory[k] - streamed[k]).abs().max().item() for k in in_memory) <= 1e-6
+
+
 def test_exported_config_keeps_sliding_window_rope_and_chat_template(runs):
     from transformers import AutoConfig, AutoTokenizer
 
