@@ -65,8 +65,8 @@ def build(workdir: Path, layers: int, shard_size: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
-    from mistral_tune.models import mistral_config
-    from mistral_tune.presets import PRESETS
+    from mistral_tune.models.loading import mistral_config
+    from mistral_tune.models.presets import PRESETS
 
     torch.manual_seed(0)
     # What models.load_model does for model.load_weights=false, at fewer layers: the preset's
@@ -90,7 +90,7 @@ def build(workdir: Path, layers: int, shard_size: str) -> dict:
 
 
 def merge_streamed(workdir: Path, shard_size: str) -> None:
-    from mistral_tune.merge import stream_merge
+    from mistral_tune.export.stream_merge import stream_merge
 
     stream_merge(workdir / "base", workdir / "adapter", workdir / "streamed", max_shard_size=shard_size)
 
@@ -112,8 +112,6 @@ def measure(mode: str, workdir: Path, shard_size: str) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import mistral_tune.merge  # noqa: F401
-
     with PeakSampler() as sampler:
         baseline = sampler.sample()
         start = time.perf_counter()
@@ -124,7 +122,7 @@ def measure(mode: str, workdir: Path, shard_size: str) -> dict:
 
 def compare(workdir: Path) -> float:
     """Largest |difference| between the two merged checkpoints, tensor by tensor."""
-    from mistral_tune.merge import base_shards
+    from mistral_tune.export.stream_merge import base_shards
 
     def tensors(directory):
         from safetensors import safe_open

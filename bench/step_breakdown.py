@@ -1,6 +1,6 @@
 """Where a training step's time goes besides forward + backward: each piece of the Trainer loop, timed alone.
 
-Builds the recipe's real trainer (mistral_tune.trainers.sft with the metrics.jsonl callback), trains a
+Builds the recipe's real trainer (mistral_tune.train.sft with the metrics.jsonl callback), trains a
 few steps so every lazy initialization is done, then times each per-step piece of the loop on
 its own (median of 30 calls) next to a full ``training_step`` (forward + backward).
 
@@ -32,17 +32,21 @@ def main(overrides: list[str]) -> int:
     import torch
     from transformers import set_seed
 
-    from mistral_tune import adapters, data, models
-    from mistral_tune.cli import compose
-    from mistral_tune.guards import GracefulStop
-    from mistral_tune.progress import ProgressReporter, use_progress_reporter
-    from mistral_tune.tracking import MetricsJsonl
-    from mistral_tune.trainers.sft import build_sft_trainer
+    import mistral_tune.adapters.build as adapters
+    import mistral_tune.data.sft as data
+    import mistral_tune.models.loading as models
+    from mistral_tune.config.compose import compose
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
+    from mistral_tune.tracking.metrics import MetricsJsonl
+    from mistral_tune.tracking.progress import ProgressReporter, use_progress_reporter
+    from mistral_tune.train.sft import build_sft_trainer
+    from mistral_tune.train.signals import GracefulStop
 
     cfg = compose("sft_lora", ["train.max_steps=3", "train.save_steps=1000", "train.logging_steps=1", *overrides])
     set_seed(cfg.train.seed)
-    source = models.resolve_source(cfg.model.name, cfg.model.path)
-    tokenizer = models.load_tokenizer(source)
+    source = resolve_source(cfg.model.name, cfg.model.path)
+    tokenizer = load_tokenizer(source)
     model = adapters.apply_adapter(models.load_model(cfg.model, source, seed=cfg.train.seed), cfg.adapter)
     dataset = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer).train
     run_dir = Path(tempfile.mkdtemp(prefix="step-breakdown-"))

@@ -2,7 +2,6 @@
 
 The Python API (keras-hub's names) loads lazily, so ``import mistral_tune`` stays cheap:
 
-    from mistral_tune import MistralBackbone, MistralCausalLM, MistralTokenizer
 """
 
 from importlib import import_module
@@ -11,17 +10,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MistralBackbone": "backbone",
-    "MistralCausalLM": "causal_lm",
-    "MistralTokenizer": "tokenizer",
-    "Sampler": "samplers",
-    "GreedySampler": "samplers",
-    "TopKSampler": "samplers",
-    "TopPSampler": "samplers",
-    "RandomSampler": "samplers",
-    "BeamSampler": "samplers",
-    "ContrastiveSampler": "samplers",
-    "UserError": "errors",
+    "MistralBackbone": "api.backbone",
+    "MistralCausalLM": "api.causal_lm",
+    "MistralTokenizer": "models.tokenizer",
+    "Sampler": "inference.samplers",
+    "GreedySampler": "inference.samplers",
+    "TopKSampler": "inference.samplers",
+    "TopPSampler": "inference.samplers",
+    "RandomSampler": "inference.samplers",
+    "BeamSampler": "inference.samplers",
+    "ContrastiveSampler": "inference.samplers",
+    "UserError": "core.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -38,7 +38,7 @@ PIPELINE_ORDER = ("model", "adapter", "trainer", "data", "launcher", "tracking",
 def describe(group: str, path: Path) -> str:
     if group == "model":  # presets: their size and description from presets.py
         sys.path.insert(0, str(ROOT))
-        from mistral_tune.presets import PRESETS, format_params
+        from mistral_tune.models.presets import PRESETS, format_params
 
         preset = PRESETS.get(path.stem)
         if preset is not None:

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture
 def compose():
     """Compose a recipe exactly as the CLI does."""
-    from mistral_tune.cli import compose as _compose
+    from mistral_tune.config.compose import compose as _compose
 
     return _compose
 

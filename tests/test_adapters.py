@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from mistral_tune import cli
-from mistral_tune.errors import UserError
-from mistral_tune.presets import PRESETS
+from mistral_tune.config.compose import compose
+from mistral_tune.core.errors import UserError
+from mistral_tune.models.presets import PRESETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
@@ -37,14 +38,14 @@ TINY_PARAMS = PRESETS["mistral_tiny"].parameter_count
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Train each kind at most once per module; returns a getter kind -> run directory."""
-    from mistral_tune.run import run
+    from mistral_tune.pipeline.run import run
 
     root, done = tmp_path_factory.mktemp("adapters"), {}
 
     def get(kind):
         if kind not in done:
             out = root / kind
-            run(cli.compose(RECIPES[kind], SHORT + EXTRA.get(kind, []) + [f"output_dir={out}"]))
+            run(compose(RECIPES[kind], SHORT + EXTRA.get(kind, []) + [f"output_dir={out}"]))
             done[kind] = out
         return done[kind]
 
@@ -57,11 +58,13 @@ def summary(run_dir):
 
 def base_model(quantized=False):
     """The run's base, rebuilt from preset + seed (the recipes' train.seed is 42)."""
-    from mistral_tune import adapters, models
+    import mistral_tune.models.loading as models
+    from mistral_tune.adapters.quantization import quantization_config
+    from mistral_tune.models.sources import resolve_source
 
-    cfg = cli.compose("sft_qlora" if quantized else "sft_lora", [])
-    quant = adapters.quantization_config(cfg.adapter, torch.float32) if quantized else None
-    return models.load_model(cfg.model, models.resolve_source("mistral_tiny"), seed=42, quantization_config=quant)
+    cfg = compose("sft_qlora" if quantized else "sft_lora", [])
+    quant = quantization_config(cfg.adapter, torch.float32) if quantized else None
+    return models.load_model(cfg.model, resolve_source("mistral_tiny"), seed=42, quantization_config=quant)
 
 
 def logits(model, ids):
@@ -71,7 +74,8 @@ def logits(model, ids):
 
 @pytest.fixture(scope="module")
 def ids():
-    from mistral_tune.models import load_tokenizer, resolve_source
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
 
     return torch.tensor([load_tokenizer(resolve_source("mistral_tiny")).encode(TEXT)])
 
@@ -191,7 +195,7 @@ def test_merged_and_preset_in_one_export_share_one_verified_merge(runs, tmp_path
 def test_exported_config_keeps_sliding_window_rope_and_chat_template(runs):
     from transformers import AutoConfig, AutoTokenizer
 
-    from mistral_tune.tokenizer import MistralTokenizer
+    from mistral_tune.models.tokenizer import MistralTokenizer
 
     merged = runs("lora") / "merged"
     config = AutoConfig.from_pretrained(merged)
@@ -211,8 +215,8 @@ def test_exported_config_keeps_sliding_window_rope_and_chat_template(runs):
 def test_preset_round_trips(runs, ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mistral_tune.export import write_preset
-    from mistral_tune.tokenizer import MistralTokenizer
+    from mistral_tune.export.preset import write_preset
+    from mistral_tune.models.tokenizer import MistralTokenizer
 
     run_dir = runs("lora")
     preset = run_dir / "preset"
@@ -241,7 +245,7 @@ def test_preset_round_trips(runs, ids, tmp_path):
 
 
 def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(runs, tmp_path):
-    from mistral_tune.run import run
+    from mistral_tune.pipeline.run import run
 
     first = runs("lora")
     out = tmp_path / "resumed"
@@ -252,7 +256,7 @@ def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(run
         "export=adapter_only",
         f"output_dir={out}",
     ]
-    s = run(cli.compose("sft_lora", overrides))
+    s = run(compose("sft_lora", overrides))
     before = load_file(first / "adapter" / "adapter_model.safetensors")
     after = load_file(out / "adapter" / "adapter_model.safetensors")
     b_key = next(k for k in before if "lora_B" in k)
@@ -268,10 +272,10 @@ def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(run
 
 
 def test_paged_optimizer_on_cpu_is_one_clear_error(tmp_path):
-    from mistral_tune.run import run
+    from mistral_tune.pipeline.run import run
 
     if torch.cuda.is_available():
         pytest.skip("paged optimizers are fine with CUDA")
-    cfg = cli.compose("sft_qlora", ["train.optim=paged_adamw_8bit", f"output_dir={tmp_path / 'r'}"])
+    cfg = compose("sft_qlora", ["train.optim=paged_adamw_8bit", f"output_dir={tmp_path / 'r'}"])
     with pytest.raises(UserError, match="paged_adamw_8bit.*no CUDA GPU.*adamw_8bit"):
         run(cfg)

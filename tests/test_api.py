@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from mistral_tune import MistralBackbone, MistralCausalLM, MistralTokenizer
-from mistral_tune.errors import UserError
-from mistral_tune.presets import PRESETS, parameter_count
-from mistral_tune.tokenizer import tokenizer_file
+from mistral_tune.core.errors import UserError
+from mistral_tune.models.presets import PRESETS, parameter_count
+from mistral_tune.models.tokenizer import tokenizer_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -23,11 +23,11 @@ import torch
 import transformers.integrations.flex_attention as hf_flex
 
 from mistral_tune import MistralCausalLM
-from mistral_tune.errors import UserError
-from mistral_tune.generation import generate_ids, left_pad, positions_from_mask
-from mistral_tune.models import pick_attn_implementation
-from mistral_tune.samplers import GreedySampler
-from mistral_tune.scoring import batch_logits
+from mistral_tune.core.errors import UserError
+from mistral_tune.inference.generation import generate_ids, left_pad, positions_from_mask
+from mistral_tune.inference.samplers import GreedySampler
+from mistral_tune.inference.scoring import batch_logits
+from mistral_tune.models.attention import pick_attn_implementation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -195,12 +195,12 @@ def test_cached_generation_matches_uncached_past_the_window(models, backend):
 
 
 def test_pick_attn_implementation_logs_and_errors(caplog, monkeypatch):
-    with caplog.at_level(logging.INFO, logger="mistral_tune.models"):
+    with caplog.at_level(logging.INFO, logger="mistral_tune.models.loading"):
         assert pick_attn_implementation("auto") == "sdpa"  # no CUDA here
         assert pick_attn_implementation("eager") == "eager"
     assert "attention backend: sdpa (auto; flash-attn not usable)" in caplog.text
     assert "attention backend: eager (requested)" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="mistral_tune.models"):
+    with caplog.at_level(logging.WARNING, logger="mistral_tune.models.loading"):
         assert pick_attn_implementation("flex_attention") == "flex_attention"
     assert "inference only" in caplog.text
     with pytest.raises(UserError, match="flash-attn >= 2.3"):

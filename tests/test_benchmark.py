@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from mistral_tune.benchmark import flops
-from mistral_tune.benchmark.harness import markdown_table, parse_bench_args, summarize
-from mistral_tune.errors import UserError
-from mistral_tune.packing import batch_token_count
-from mistral_tune.presets import PRESETS
+from mistral_tune.benchmark.harness import markdown_table, summarize
+from mistral_tune.cli.bench import parse_bench_args
+from mistral_tune.core.errors import UserError
+from mistral_tune.data.packing import batch_token_count
+from mistral_tune.models.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

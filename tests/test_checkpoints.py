@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mistral_tune import checkpoints, resume
-from mistral_tune.errors import UserError
-from mistral_tune.export import atomic_directory
+from mistral_tune.core.errors import UserError
+from mistral_tune.core.files import atomic_directory
+from mistral_tune.train import checkpoints, resume
 
 
 def fake_checkpoint(root: Path, step: int, *, complete: bool = True) -> Path:

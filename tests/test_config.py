@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
+import mistral_tune.config.compose as config_compose
 from mistral_tune import cli
-from mistral_tune.config import check_values
-from mistral_tune.errors import UserError
+from mistral_tune.config.compose import config_dir, recipes
+from mistral_tune.config.schema import check_values
+from mistral_tune.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("recipe", cli.recipes())
+@pytest.mark.parametrize("recipe", recipes())
 def test_every_recipe_composes_and_validates(recipe, compose):
     cfg = compose(recipe, [])
     assert cfg.recipe == recipe
@@ -50,8 +52,8 @@ def test_unknown_key_in_a_config_file_names_the_file(compose, tmp_path, monkeypa
     recipes.mkdir()
     text = (ROOT / "recipes" / "sft_lora.yaml").read_text() + "\nexport:\n  bogus_key: 1\n"
     (recipes / "bad.yaml").write_text(text)
-    real = cli.config_dir
-    monkeypatch.setattr(cli, "config_dir", lambda name: recipes if name == "recipes" else real(name))
+    real = config_dir
+    monkeypatch.setattr(config_compose, "config_dir", lambda name: recipes if name == "recipes" else real(name))
     with pytest.raises(UserError) as err:
         compose("bad", [])
     assert "export.bogus_key" in str(err.value) and "config file" in str(err.value)
@@ -81,7 +83,7 @@ def test_unknown_recipe_message(capsys):
 def test_help_lists_recipes_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in cli.recipes():
+    for name in recipes():
         assert name in out
     for group in ("model", "adapter", "trainer", "data", "launcher", "tracking", "export"):
         assert f"  {group}" in out
@@ -133,12 +135,14 @@ def test_wheel_ships_recipes_conf_and_sample_data(tmp_path):
     )
     (wheel,) = tmp_path.glob("mistral_tune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for recipe in cli.recipes():
+    for recipe in recipes():
         assert f"mistral_tune/recipes/{recipe}.yaml" in names
     assert "mistral_tune/conf/model/mistral_tiny.yaml" in names
     assert "mistral_tune/data/sft_sample.jsonl" in names
     for launcher in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"):
         assert f"mistral_tune/conf/launcher/{launcher}.yaml" in names
-        assert f"mistral_tune/launch_configs/{launcher}.yaml" in names  # the accelerate config launch.py uses
+        assert (
+            f"mistral_tune/launch/configs/{launcher}.yaml" in names
+        )  # the accelerate config launch/accelerate.py uses
     for stage in ("zero2", "zero3", "zero3_offload"):
-        assert f"mistral_tune/launch_configs/deepspeed_{stage}.json" in names
+        assert f"mistral_tune/launch/configs/deepspeed_{stage}.json" in names

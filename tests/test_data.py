@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from mistral_tune import data
-from mistral_tune.errors import UserError
-from mistral_tune.tokenizer import MistralTokenizer
+import mistral_tune.data.sft as data
+from mistral_tune.core.errors import UserError
+from mistral_tune.data.report import DataReport
+from mistral_tune.data.sources import load_records
+from mistral_tune.models.tokenizer import MistralTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_alpaca_becomes_one_chat_turn():
 
 
 def test_chat_labels_cover_only_the_answer_and_eos(tok):
-    report = data.DataReport()
+    report = DataReport()
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}]
     (ex,) = data.tokenize_rows(
         rows, "messages", tok, max_length=64, truncation="truncate", system_prompt=None, report=report
@@ -57,7 +59,7 @@ def test_chat_labels_cover_only_the_answer_and_eos(tok):
 
 
 def test_text_rows_learn_every_token_and_end_with_eos(tok):
-    report = data.DataReport()
+    report = DataReport()
     (ex,) = data.tokenize_rows(
         [{"text": "one two"}], "text", tok, max_length=64, truncation="truncate", system_prompt=None, report=report
     )
@@ -67,13 +69,13 @@ def test_text_rows_learn_every_token_and_end_with_eos(tok):
 def test_truncation_and_drops_are_counted(tok):
     long = {"messages": [{"role": "user", "content": "x " * 50}, {"role": "assistant", "content": "y " * 50}]}
     bad = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "z"}]}
-    report = data.DataReport()
+    report = DataReport()
     out = data.tokenize_rows(
         [long, bad], "messages", tok, max_length=70, truncation="truncate", system_prompt=None, report=report
     )
     assert len(out) == 1 and len(out[0]["input_ids"]) == 70 and report.truncated == 1
     assert report.dropped["empty_field"] == 1
-    report = data.DataReport()
+    report = DataReport()
     out = data.tokenize_rows(
         [long], "messages", tok, max_length=70, truncation="drop", system_prompt=None, report=report
     )
@@ -116,30 +118,30 @@ def test_json_and_parquet_files(tmp_path, suffix):
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(rows), path)
-    assert data.load_records(str(path)) == rows
+    assert load_records(str(path)) == rows
 
 
 def test_missing_dir_and_glob_paths(tmp_path):
     with pytest.raises(UserError, match="no such file"):
-        data.load_records(str(tmp_path / "nope.jsonl"))
+        load_records(str(tmp_path / "nope.jsonl"))
     with pytest.raises(UserError, match="directory"):
-        data.load_records(str(tmp_path))
+        load_records(str(tmp_path))
     with pytest.raises(UserError, match="glob"):
-        data.load_records(str(tmp_path / "*.jsonl"))
+        load_records(str(tmp_path / "*.jsonl"))
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(UserError, match=r"bad.jsonl:2"):
-        data.load_records(str(p))
+        load_records(str(p))
 
 
 def test_hub_dataset_offline_fails_fast():
     with pytest.raises(UserError, match="offline"):
-        data.load_records("someorg/somedataset")
+        load_records("someorg/somedataset")
 
 
 def test_bundled_sample_data_is_found_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert len(data.load_records("data/sft_sample.jsonl")) == 400
+    assert len(load_records("data/sft_sample.jsonl")) == 400

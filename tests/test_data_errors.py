@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from mistral_tune.cli import compose
-from mistral_tune.data import DataReport, load_records, prepare_sft_data, read_jsonl, resolve_local_path
-from mistral_tune.errors import UserError
-from mistral_tune.models import load_tokenizer, resolve_source
+from mistral_tune.config.compose import compose
+from mistral_tune.core.errors import UserError
+from mistral_tune.data.report import DataReport
+from mistral_tune.data.sft import prepare_sft_data
+from mistral_tune.data.sources import load_records, read_jsonl, resolve_local_path
+from mistral_tune.models.sources import resolve_source
+from mistral_tune.models.tokenizer import load_tokenizer
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sft_sample.jsonl"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mistral_tune.cli import compose, main
-from mistral_tune.config import DPO_LOSS_TYPES
-from mistral_tune.errors import UserError
+from mistral_tune.cli import main
+from mistral_tune.config.compose import compose
+from mistral_tune.config.schema import DPO_LOSS_TYPES
+from mistral_tune.core.errors import UserError
 
 RECIPES = ("dpo_lora", "dpo_qlora", "dpo_full", "reward_lora")
 
@@ -20,7 +21,7 @@ def test_recipes_compose(recipe):
 
 
 def test_loss_types_match_installed_trl():
-    from mistral_tune.trainers.dpo import installed_loss_types
+    from mistral_tune.train.dpo import installed_loss_types
 
     assert set(DPO_LOSS_TYPES) == set(installed_loss_types())
     assert {"sigmoid", "ipo", "hinge", "robust"} <= set(DPO_LOSS_TYPES)
@@ -29,12 +30,15 @@ def test_loss_types_match_installed_trl():
 @pytest.fixture(scope="module")
 def tiny_dpo_trainer(tmp_path_factory):
     """A real MistralDPOTrainer on mistral_tiny with 4 sample pairs (built once)."""
-    from mistral_tune import adapters, models
-    from mistral_tune.trainers import dpo
+    import mistral_tune.adapters.build as adapters
+    import mistral_tune.models.loading as models
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
+    from mistral_tune.train import dpo
 
     cfg = compose("dpo_lora", ["data.max_samples=2", "data.holdout=0", "train.per_device_train_batch_size=2"])
-    source = models.resolve_source(cfg.model.name)
-    tokenizer = models.load_tokenizer(source)
+    source = resolve_source(cfg.model.name)
+    tokenizer = load_tokenizer(source)
     model = adapters.apply_adapter(models.load_model(cfg.model, source), cfg.adapter)
     data = dpo.prepare_data(cfg, tokenizer)
     return dpo.build_trainer(cfg, model, tokenizer, data, tmp_path_factory.mktemp("dpo"), [])
@@ -66,7 +70,7 @@ def test_unknown_loss_type_is_refused_by_trl(tiny_dpo_trainer):
 
 
 def test_settings_reach_dpo_config(tmp_path):
-    from mistral_tune.trainers.dpo import dpo_config
+    from mistral_tune.train.dpo import dpo_config
 
     cfg = compose(
         "dpo_lora",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mistral_tune.cli import compose
-from mistral_tune.run import run
+from mistral_tune.config.compose import compose
+from mistral_tune.pipeline.run import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 LN2 = math.log(2)
@@ -43,8 +43,10 @@ def test_dpo_lora_learns_the_preferences(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mistral_tune import models
-    from mistral_tune.preference_data import prepare_preference_data
+    import mistral_tune.models.loading as models
+    from mistral_tune.data.preference import prepare_preference_data
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
 
     # 12 steps * 8 pairs: the tiny base is random, so a high lr and all-linear LoRA make the signal show fast.
     overrides = [
@@ -71,9 +73,9 @@ def test_dpo_lora_learns_the_preferences(tmp_path):
     # Independent check on every training pair: DPO's implicit reward beta * log(pi / pi_ref), with the
     # reloaded merged export as pi and the same random-init base as pi_ref.
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
-    source = models.resolve_source(cfg.model.name)
+    source = resolve_source(cfg.model.name)
     reference = models.load_model(cfg.model, source, seed=cfg.train.seed).eval()
-    tokenizer = models.load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
     train_ds = prepare_preference_data(cfg.data, cfg.trainer, tokenizer).train
     prompts, chosen, rejected = (list(train_ds[c]) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
     logps = {

@@ -3,7 +3,7 @@
 import re
 
 from mistral_tune import cli
-from mistral_tune.presets import PRESETS
+from mistral_tune.models.presets import PRESETS
 
 QLORA_7B = [
     "recipe=sft_lora",
@@ -34,7 +34,7 @@ def test_dry_run_7b_qlora_prints_sizes_and_estimates(capsys, tmp_path, monkeypat
 
 
 def test_dry_run_returns_numbers_for_the_default_recipe(compose):
-    from mistral_tune.dryrun import dry_run
+    from mistral_tune.pipeline.dry_run import dry_run
 
     cfg = compose("sft_lora", ["dry_run=true", "dry_run_gpu=L4", "dry_run_mfu=0.3"])
     result = dry_run(cfg)

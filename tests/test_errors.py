@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from mistral_tune import cli
+from mistral_tune.config.compose import key_origin
 
 
 def fails_cleanly(capsys, args) -> str:
@@ -50,9 +51,9 @@ def test_unknown_group_option_without_search_path_dump(capsys):
 
 
 def test_key_origin_names_the_config_file():
-    assert cli.key_origin("train.max_steps", [], "sft_lora") == "the config file recipes/sft_lora.yaml"
-    assert cli.key_origin("adapter.alpha", [], "sft_lora") == "the config file conf/adapter/lora.yaml"
-    assert cli.key_origin("export.merged", ["export=none"], "sft_lora") == "the config file conf/export/none.yaml"
+    assert key_origin("train.max_steps", [], "sft_lora") == "the config file recipes/sft_lora.yaml"
+    assert key_origin("adapter.alpha", [], "sft_lora") == "the config file conf/adapter/lora.yaml"
+    assert key_origin("export.merged", ["export=none"], "sft_lora") == "the config file conf/export/none.yaml"
 
 
 def test_missing_data_file_fails_before_the_model_loads(capsys, tmp_path):

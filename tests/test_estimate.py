@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from mistral_tune import estimate as E
-from mistral_tune.presets import PRESETS
+import mistral_tune.pipeline.estimate as E
+from mistral_tune.models.presets import PRESETS
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forward passes: one thread is faster under load
 
@@ -136,8 +136,8 @@ def test_estimates_move_the_right_way():
 
 
 def test_lora_count_matches_peft_on_the_meta_device():
-    from mistral_tune.config import AdapterConfig
-    from mistral_tune.dryrun import build_on_meta
+    from mistral_tune.config.schema import AdapterConfig
+    from mistral_tune.pipeline.dry_run import build_on_meta
 
     for config, targets, r in ((TINY, ["q_proj", "v_proj"], 8), (SEVEN_B, ["all-linear"], 16)):
         adapter = AdapterConfig(name="lora", r=r, target_modules=targets)

@@ -11,8 +11,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mistral_tune import cli, export, merge
-from mistral_tune.errors import UserError
+import mistral_tune.export.merged as export
+import mistral_tune.export.stream_merge as merge
+from mistral_tune import cli
+from mistral_tune.core.errors import UserError
+from mistral_tune.export.verify import ExportMismatch, reference_logits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,7 +43,7 @@ def small_base(seed=0):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from mistral_tune.tokenizer import MistralTokenizer
+    from mistral_tune.models.tokenizer import MistralTokenizer
 
     return MistralTokenizer.from_version("v1")
 
@@ -106,7 +109,7 @@ def test_shards_respect_the_limit_and_load_in_transformers(base_dir, tmp_path, t
     from transformers import AutoModelForCausalLM
 
     model = trained_adapter(tmp_path / "adapter", **ADAPTERS["lora"])
-    expected = export.reference_logits(model, tokenizer, PROMPTS)
+    expected = reference_logits(model, tokenizer, PROMPTS)
     merge.stream_merge(base_dir, tmp_path / "adapter", tmp_path / "out", max_shard_size="3MB")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -116,7 +119,7 @@ def test_shards_respect_the_limit_and_load_in_transformers(base_dir, tmp_path, t
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         assert size <= 3_000_000 or len(tensors) == 1
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    assert (export.reference_logits(reloaded, tokenizer, PROMPTS) - expected).abs().max() < 1e-4
+    assert (reference_logits(reloaded, tokenizer, PROMPTS) - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -134,7 +137,7 @@ def test_failed_verification_keeps_nothing_and_spares_the_previous_export(tmp_pa
     out = tmp_path / "merged"
     out.mkdir()
     (out / "marker").write_text("previous export")
-    with pytest.raises(export.ExportMismatch, match="does not reproduce"):
+    with pytest.raises(ExportMismatch, match="does not reproduce"):
         # bf16 rounding makes the difference > 0, so a 1e-9 tolerance must fail after writing everything
         export.export_model(model, tokenizer, prompts=PROMPTS, dtype_name="bfloat16", merged_dir=out, tolerance=1e-9)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -206,8 +209,8 @@ def test_unconverted_pissa_adapter_is_refused(base_dir, tmp_path):
 def test_pissa_adapter_is_saved_for_the_original_base(tmp_path, tokenizer):
     from peft import PeftModel
 
-    from mistral_tune import adapters
-    from mistral_tune.config import AdapterConfig
+    import mistral_tune.adapters.build as adapters
+    from mistral_tune.config.schema import AdapterConfig
 
     cfg = AdapterConfig(name="lora", r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"], init="pissa")
     model = adapters.apply_adapter(small_base(), cfg, init_dir=tmp_path / "init")
@@ -215,17 +218,17 @@ def test_pissa_adapter_is_saved_for_the_original_base(tmp_path, tokenizer):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.add_(torch.randn_like(p) * 0.05)
-    trained = export.reference_logits(model, tokenizer, PROMPTS)
+    trained = reference_logits(model, tokenizer, PROMPTS)
     adapters.save_adapter(model, tmp_path / "adapter", base={"name": "small"}, kind="lora", init_dir=tmp_path / "init")
     assert not (tmp_path / "init").exists()
     reloaded = PeftModel.from_pretrained(small_base(), tmp_path / "adapter")  # the original, un-rewritten base
-    assert (export.reference_logits(reloaded, tokenizer, PROMPTS) - trained).abs().max() < 1e-4
+    assert (reference_logits(reloaded, tokenizer, PROMPTS) - trained).abs().max() < 1e-4
 
 
 def test_nf4_round_trip_reproduces_transformers_4bit_loading(base_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from mistral_tune.adapters import keep_cpu_4bit_numerics, quantization_record
+    from mistral_tune.adapters.quantization import keep_cpu_4bit_numerics, quantization_record
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     quantized = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, quantization_config=bnb)
@@ -242,7 +245,7 @@ def test_nf4_round_trip_reproduces_transformers_4bit_loading(base_dir):
 def test_count_parameters_of_a_4bit_model_is_the_full_size(base_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from mistral_tune.adapters import count_parameters
+    from mistral_tune.adapters.build import count_parameters
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     quantized = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, quantization_config=bnb)
@@ -300,7 +303,7 @@ def _adapter_dir(path, task_type="CAUSAL_LM", sidecar_base=None):
 
 
 def test_export_rebuilds_a_random_base_from_the_seed_the_adapter_was_trained_on(tmp_path):
-    from mistral_tune.export_command import plan
+    from mistral_tune.export.from_adapter import plan
 
     trained = {"name": "mistral_tiny", "path": None, "seed": 7, "label": "mistral_tiny", "load_weights": True}
     adapter = _adapter_dir(tmp_path / "a", sidecar_base=trained)

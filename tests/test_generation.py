@@ -14,9 +14,9 @@ from mistral_tune import (
     TopKSampler,
     TopPSampler,
 )
-from mistral_tune.errors import UserError
-from mistral_tune.generation import encode_inputs, resolve_stop_ids
-from mistral_tune.samplers import get_sampler
+from mistral_tune.core.errors import UserError
+from mistral_tune.inference.generation import encode_inputs, resolve_stop_ids
+from mistral_tune.inference.samplers import get_sampler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -152,7 +152,7 @@ def test_stop_token_ids(lm):
     prompts = [PROMPTS[0], "Another prompt"]
     n_prompt = max(len(lm.tokenizer.encode(p)) for p in prompts)
     ids = [lm.tokenizer.encode(p) for p in prompts]
-    from mistral_tune.generation import generate_ids
+    from mistral_tune.inference.generation import generate_ids
 
     free = generate_ids(
         lm.hf_model, lm.tokenizer, ids, sampler=GreedySampler(), max_length=n_prompt + 10, stop_ids=None
@@ -174,7 +174,7 @@ def test_stop_token_ids(lm):
 
 def test_auto_stops_at_eos():
     """Make EOS a likely greedy choice, then check that "auto" stops at the first EOS."""
-    from mistral_tune.generation import generate_ids
+    from mistral_tune.inference.generation import generate_ids
 
     model = MistralCausalLM.from_preset("mistral_tiny")
     assert isinstance(model.sampler, TopKSampler) and model.sampler.k == 5  # keras-hub's default sampler

@@ -17,10 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from mistral_tune import distributed, launch
-from mistral_tune.cli import compose
-from mistral_tune.config import LAUNCHERS
-from mistral_tune.errors import UserError
+import mistral_tune.launch.accelerate as launch
+import mistral_tune.launch.engine as distributed
+from mistral_tune.config.compose import compose
+from mistral_tune.config.schema import LAUNCHERS
+from mistral_tune.core.errors import UserError
+from mistral_tune.core.process import (
+    FAIL_RANK_ENV,
+    engine_from_env,
+    in_launched_process,
+    is_main_process,
+    shared_run_dir,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -128,7 +136,7 @@ def test_shipped_fsdp_config_is_fsdp2_per_decoder_layer(monkeypatch):
     assert plugin.fsdp_version == 2
     assert plugin.transformer_cls_names_to_wrap == ["MistralDecoderLayer"]
     assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
-    assert distributed.engine_from_env() == "fsdp"
+    assert engine_from_env() == "fsdp"
 
 
 def test_fsdp2_shards_each_decoder_layer_with_its_lora_weights(monkeypatch):
@@ -136,12 +144,14 @@ def test_fsdp2_shards_each_decoder_layer_with_its_lora_weights(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-    from mistral_tune import adapters, models
+    import mistral_tune.adapters.build as adapters
+    import mistral_tune.models.loading as models
+    from mistral_tune.models.sources import resolve_source
 
     for key, value in _engine_env("fsdp").items():
         monkeypatch.setenv(key, value)
     cfg = compose("sft_lora", [])
-    model = models.load_model(cfg.model, models.resolve_source(cfg.model.name), seed=0)
+    model = models.load_model(cfg.model, resolve_source(cfg.model.name), seed=0)
     model = adapters.apply_adapter(model, cfg.adapter)
     plugin = FullyShardedDataParallelPlugin()
     plugin.set_auto_wrap_policy(model)
@@ -177,12 +187,12 @@ def test_processes_of_one_machine_share_the_default_run_dir(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    distributed.shared_run_dir(None, default_dir)
+    shared_run_dir(None, default_dir)
     assert named[0].timestamp() == pytest.approx(psutil.Process(os.getppid()).create_time(), abs=1e-3)
-    assert distributed.shared_run_dir("/given", default_dir) == Path("/given")
+    assert shared_run_dir("/given", default_dir) == Path("/given")
     monkeypatch.setenv("WORLD_SIZE", "4")  # two machines of two processes
     with pytest.raises(UserError, match="output_dir"):
-        distributed.shared_run_dir(None, default_dir)
+        shared_run_dir(None, default_dir)
 
 
 @pytest.mark.parametrize("engine_env, use_cpu", [({}, "true"), ({"ACCELERATE_USE_DEEPSPEED": "true"}, None)])
@@ -200,7 +210,7 @@ def test_cpu_processes_form_a_real_group(engine_env, use_cpu, monkeypatch):
     distributed.prepare_process(cfg)
     assert cfg.train.ddp_backend == "gloo"
     assert os.environ.get("ACCELERATE_USE_CPU") == use_cpu  # DeepSpeed refuses accelerate's CPU mode
-    assert not distributed.is_main_process() and distributed.in_launched_process()
+    assert not is_main_process() and in_launched_process()
 
 
 def test_fsdp_on_cpu_is_refused_instead_of_quietly_running_ddp(monkeypatch, capsys, tmp_path):
@@ -272,7 +282,7 @@ def test_an_accelerate_config_accelerate_refuses_is_one_clear_error(tmp_path, ca
 
 
 def _run(args: list[str], tmp: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != distributed.FAIL_RANK_ENV}
+    full_env = {k: v for k, v in os.environ.items() if k != FAIL_RANK_ENV}
     # One intra-op thread, as torchrun gives each of its processes: the same arithmetic in every run.
     full_env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(args, cwd=tmp, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -407,9 +417,10 @@ def test_deepspeed_trains_saves_the_adapter_and_exports_a_merge(jobs, name):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mistral_tune import models
-    from mistral_tune.export import reference_logits
-    from mistral_tune.run import VERIFY_PROMPTS
+    import mistral_tune.models.loading as models
+    from mistral_tune.export.verify import VERIFY_PROMPTS, reference_logits
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
 
     proc, run_dir = jobs(name)
     _ok(proc)
@@ -425,8 +436,8 @@ def test_deepspeed_trains_saves_the_adapter_and_exports_a_merge(jobs, name):
     assert summary["merged"]["verified"] and summary["merged"]["max_abs_logit_diff"] <= 1e-4
     # The merge loads with plain transformers and matches base + the DDP run's adapter.
     cfg = compose("sft_lora", [])
-    tokenizer = models.load_tokenizer(models.resolve_source(cfg.model.name))
-    base = models.load_model(cfg.model, models.resolve_source(cfg.model.name), seed=cfg.train.seed)
+    tokenizer = load_tokenizer(resolve_source(cfg.model.name))
+    base = models.load_model(cfg.model, resolve_source(cfg.model.name), seed=cfg.train.seed)
     expected = reference_logits(PeftModel.from_pretrained(base, reference_dir / "adapter"), tokenizer, VERIFY_PROMPTS)
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32)
     assert float((reference_logits(merged, tokenizer, VERIFY_PROMPTS) - expected).abs().max()) < 1e-4
@@ -441,7 +452,7 @@ def test_a_failure_on_one_rank_ends_the_job_and_shows_that_error(tmp_path):
         "fail",
         ["launcher=ddp", "launcher.num_processes=2", "launcher.main_process_port=0", *PER_PROCESS_BATCH,
          "export.merged=false"],
-        env={distributed.FAIL_RANK_ENV: "1"},
+        env={FAIL_RANK_ENV: "1"},
     )  # fmt: skip
     assert proc.returncode != 0
     assert "error: the job stopped" in proc.stderr, proc.stderr[-5000:]

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mistral_tune import losses
-from mistral_tune.errors import UserError
-from mistral_tune.presets import PRESETS
+import mistral_tune.train.lm_head_loss as losses
+from mistral_tune.core.errors import UserError
+from mistral_tune.models.presets import PRESETS
 
 
 def _labels(batch: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:

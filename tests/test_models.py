@@ -4,19 +4,21 @@ import time
 
 import pytest
 
-from mistral_tune import models
-from mistral_tune.errors import UserError
-from mistral_tune.presets import PRESETS, parameter_count
+import mistral_tune.models.loading as models
+from mistral_tune.core.errors import UserError
+from mistral_tune.models.attention import pick_attn_implementation
+from mistral_tune.models.presets import PRESETS, parameter_count
+from mistral_tune.models.sources import check_weight_files, fetch_hub_repo, resolve_source
 
 
 def test_builtin_ids_resolve_to_their_hub_repos():
-    src = models.resolve_source("mistral_7b_en")
+    src = resolve_source("mistral_7b_en")
     assert src.hub_repo == "mistralai/Mistral-7B-v0.1" and src.local_dir is None
-    assert models.resolve_source("mistral_0.3_instruct_7b_en").hub_repo == "mistralai/Mistral-7B-Instruct-v0.3"
+    assert resolve_source("mistral_0.3_instruct_7b_en").hub_repo == "mistralai/Mistral-7B-Instruct-v0.3"
 
 
 def test_local_dir_and_path_override(tmp_path):
-    src = models.resolve_source("mistral_7b_en", str(tmp_path))
+    src = resolve_source("mistral_7b_en", str(tmp_path))
     assert src.local_dir == tmp_path.resolve() and src.preset.id == "mistral_7b_en"
 
 
@@ -25,13 +27,13 @@ def test_local_dir_and_path_override(tmp_path):
 )
 def test_bad_ids_are_refused(bad):
     with pytest.raises(UserError):
-        models.resolve_source(bad)
+        resolve_source(bad)
 
 
 def test_offline_hub_fails_fast_naming_the_repo():
     start = time.monotonic()
     with pytest.raises(UserError) as err:
-        models.fetch_hub_repo("mistralai/Mistral-7B-v0.1")
+        fetch_hub_repo("mistralai/Mistral-7B-v0.1")
     assert time.monotonic() - start < 30
     assert "mistralai/Mistral-7B-v0.1" in str(err.value) and "model.path=" in str(err.value)
 
@@ -64,7 +66,7 @@ def test_tiny_model_is_reproducible_for_a_seed(compose):
     import torch
 
     cfg = compose("sft_lora", [])
-    src = models.resolve_source("mistral_tiny")
+    src = resolve_source("mistral_tiny")
     a = models.load_model(cfg.model, src, seed=3)
     b = models.load_model(cfg.model, src, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
@@ -73,11 +75,11 @@ def test_tiny_model_is_reproducible_for_a_seed(compose):
 
 def test_flash_attention_without_cuda_is_a_clear_error():
     with pytest.raises(UserError, match="flash-attn"):
-        models.pick_attn_implementation("flash_attention_2")
+        pick_attn_implementation("flash_attention_2")
 
 
 def test_pickle_weights_refused_unless_allowed(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="allow_pickle"):
-        models.check_weight_files(tmp_path, allow_pickle=False)
-    models.check_weight_files(tmp_path, allow_pickle=True)
+        check_weight_files(tmp_path, allow_pickle=False)
+    check_weight_files(tmp_path, allow_pickle=True)

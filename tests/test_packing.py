@@ -9,9 +9,9 @@ import torch
 from datasets import Dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from mistral_tune import losses
-from mistral_tune.packing import PackedRowsCollator, batch_token_count, pack_examples
-from mistral_tune.presets import PRESETS
+import mistral_tune.train.lm_head_loss as losses
+from mistral_tune.data.packing import PackedRowsCollator, batch_token_count, pack_examples
+from mistral_tune.models.presets import PRESETS
 
 # mistral_tiny has sliding_window=32: 70 and 100 tokens run past it, 5 and 20 do not.
 LENGTHS = (70, 5, 100, 20, 33)
@@ -119,14 +119,18 @@ def test_pack_examples_keeps_every_token_and_reports_fill():
 
 def test_sft_trainer_with_packing_and_chunked_loss_matches_plain_padded(compose, tmp_path):
     """Config to trainer to collator to loss: trainer.packing + trainer.loss=chunked give the plain loss."""
-    from mistral_tune import adapters, data, models
-    from mistral_tune.trainers.sft import build_sft_trainer
+    import mistral_tune.adapters.build as adapters
+    import mistral_tune.data.sft as data
+    import mistral_tune.models.loading as models
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
+    from mistral_tune.train.sft import build_sft_trainer
 
     common = ["adapter.dropout=0.0", "train.per_device_train_batch_size=12", "data.max_samples=12"]
     packed_cfg = compose("sft_lora", [*common, "trainer.packing=true", "trainer.loss=chunked"])
     plain_cfg = compose("sft_lora", [*common, "trainer.loss=plain"])
-    source = models.resolve_source("mistral_tiny")
-    tokenizer = models.load_tokenizer(source)
+    source = resolve_source("mistral_tiny")
+    tokenizer = load_tokenizer(source)
     model = adapters.apply_adapter(models.load_model(plain_cfg.model, source, seed=0), plain_cfg.adapter)
     dataset = data.prepare_sft_data(plain_cfg.data, plain_cfg.trainer, tokenizer).train
     assert len(dataset) == 12 and max(len(x) for x in dataset["input_ids"]) > 32  # past the sliding window

@@ -7,10 +7,9 @@ import time
 
 import pytest
 
-from mistral_tune.config import DataConfig, TrainerConfig
-from mistral_tune.data import DataReport
-from mistral_tune.errors import UserError
-from mistral_tune.preference_data import (
+from mistral_tune.config.schema import DataConfig, TrainerConfig
+from mistral_tune.core.errors import UserError
+from mistral_tune.data.preference import (
     BadPair,
     detect_preference_format,
     fit_pair,
@@ -19,7 +18,8 @@ from mistral_tune.preference_data import (
     to_pair,
     tokenize_pair,
 )
-from mistral_tune.tokenizer import MistralTokenizer
+from mistral_tune.data.report import DataReport
+from mistral_tune.models.tokenizer import MistralTokenizer
 
 U, A = "user", "assistant"
 
@@ -198,7 +198,7 @@ def test_json_and_parquet_sources(tmp_path, tokenizer):
 
 
 def test_hub_name_offline_fails_fast_and_clearly(tokenizer):
-    from mistral_tune.data import hub_reachable
+    from mistral_tune.data.sources import hub_reachable
 
     if hub_reachable():
         pytest.skip("the hub is reachable here; this test is about the offline error")

@@ -24,12 +24,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from mistral_tune import checkpoints
-from mistral_tune.cli import compose
-from mistral_tune.errors import UserError
-from mistral_tune.guards import NonFiniteLoss, TrainingInterrupted
-from mistral_tune.run import run
-from mistral_tune.safety import MASK
+from mistral_tune.config.compose import compose
+from mistral_tune.core.errors import UserError
+from mistral_tune.core.redaction import MASK
+from mistral_tune.pipeline.run import run
+from mistral_tune.train import checkpoints
+from mistral_tune.train.nonfinite import NonFiniteLoss
+from mistral_tune.train.signals import TrainingInterrupted
 
 REPO = Path(__file__).resolve().parent.parent
 # Small and fast: 2 conversations of <= 64 tokens per step on the tiny preset.

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mistral_tune.cli import compose, main
-from mistral_tune.run import run
+from mistral_tune.cli import main
+from mistral_tune.config.compose import compose
+from mistral_tune.pipeline.run import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
@@ -23,8 +24,8 @@ def reward_run(tmp_path_factory):
 
 
 def pair_accuracy(model, tokenizer, cfg) -> float:
-    from mistral_tune.preference_data import prepare_preference_data
-    from mistral_tune.reward_scoring import score_ids
+    from mistral_tune.data.preference import prepare_preference_data
+    from mistral_tune.inference.reward_scoring import score_ids
 
     train = prepare_preference_data(cfg.data, cfg.trainer, tokenizer).train
     chosen = score_ids(model, [r["prompt_ids"] + r["chosen_ids"] for r in train], tokenizer.pad_id)
@@ -36,7 +37,9 @@ def test_reward_model_learns_and_exports(reward_run):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from mistral_tune import models
+    import mistral_tune.models.loading as models
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
 
     cfg, summary = reward_run
     run_dir = Path(summary["run_dir"])
@@ -51,8 +54,8 @@ def test_reward_model_learns_and_exports(reward_run):
 
     # Accuracy on the training pairs, scored independently of TRL: the untrained model (same seed, same random
     # score head) against the reloaded export.
-    source = models.resolve_source(cfg.model.name)
-    tokenizer = models.load_tokenizer(source)
+    source = resolve_source(cfg.model.name)
+    tokenizer = load_tokenizer(source)
     untrained = models.load_model(cfg.model, source, seed=cfg.train.seed, task="SEQ_CLS")
     untrained.config.pad_token_id = tokenizer.pad_id
     before, after = pair_accuracy(untrained, tokenizer, cfg), pair_accuracy(exported, tokenizer, cfg)
@@ -67,8 +70,8 @@ def test_score_command_prints_the_export_rewards(reward_run, capsys):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from mistral_tune.reward_scoring import score_chats
-    from mistral_tune.tokenizer import MistralTokenizer
+    from mistral_tune.inference.reward_scoring import score_chats
+    from mistral_tune.models.tokenizer import MistralTokenizer
 
     merged = Path(reward_run[1]["merged"]["path"])
     assert main(["score", f"preset={merged}", "prompt=What colour is milk?", "response=Milk is white."]) == 0

@@ -77,8 +77,9 @@ def test_merged_loads_in_plain_transformers_with_logit_parity(run_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mistral_tune.cli import compose
-    from mistral_tune.models import load_model, resolve_source
+    from mistral_tune.config.compose import compose
+    from mistral_tune.models.loading import load_model
+    from mistral_tune.models.sources import resolve_source
 
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(run_dir / "merged")

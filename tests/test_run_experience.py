@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
-from mistral_tune.progress import ProgressReporter
-from mistral_tune.report import format_summary, plot_metrics
-from mistral_tune.tracking import MetricsJsonl, wandb_mode
+from mistral_tune.tracking.metrics import MetricsJsonl
+from mistral_tune.tracking.progress import ProgressReporter
+from mistral_tune.tracking.report import format_summary, plot_metrics
+from mistral_tune.tracking.trackers import wandb_mode
 
 
 def state(step, max_steps=120):
@@ -42,7 +43,7 @@ def test_progress_log_lines_when_not_on_a_tty(tmp_path, caplog):
     metrics = MetricsJsonl(tmp_path / "m.jsonl")
     reporter = ProgressReporter(metrics, stream=io.StringIO(), tty=False)
     reporter.on_train_begin(None, state(0), None)
-    with caplog.at_level(logging.INFO, logger="mistral_tune.progress"):
+    with caplog.at_level(logging.INFO, logger="mistral_tune.tracking.progress"):
         feed(metrics, reporter, 20, {"loss": 7.1, "learning_rate": 2e-4, "tokens_seen": 36000})
         feed(metrics, reporter, 20, {"eval_loss": 6.9, "eval_perplexity": 992.3, "eval_runtime": 0.1})
         feed(metrics, reporter, 20, {"train_runtime": 9.0, "tokens_seen": 36000})  # totals: no new record
@@ -119,14 +120,15 @@ def test_wandb_mode(tmp_path):
 
 @pytest.mark.parametrize("split,expected", [("0.1", 0.1), ("data/eval.jsonl", None), (None, None)])
 def test_eval_split_is_a_fraction_or_a_file(split, expected):
-    from mistral_tune.config import eval_fraction
+    from mistral_tune.config.schema import eval_fraction
 
     assert eval_fraction(split) == expected
 
 
 def test_eval_split_from_a_file(tmp_path, compose):
-    from mistral_tune import data
-    from mistral_tune.models import load_tokenizer, resolve_source
+    import mistral_tune.data.sft as data
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
 
     rows = [{"instruction": f"say {i}", "output": f"{i}"} for i in range(5)]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -137,7 +139,7 @@ def test_eval_split_from_a_file(tmp_path, compose):
 
 
 def test_eval_fraction_must_be_between_0_and_1(compose):
-    from mistral_tune.errors import UserError
+    from mistral_tune.core.errors import UserError
 
     with pytest.raises(UserError, match="data.eval_split=1.5 must be a fraction between 0 and 1, or a file"):
         compose("sft_lora", ["data.eval_split=1.5"])
@@ -148,7 +150,7 @@ def test_gradient_checkpointing_is_on_during_training_only_when_asked(tmp_path, 
     """train.gradient_checkpointing reaches the model (transformers 5.2x calls it activation_checkpointing)."""
     from transformers import TrainerCallback
 
-    from mistral_tune.run import run
+    from mistral_tune.pipeline.run import run
 
     seen = []
 

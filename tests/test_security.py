@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mistral_tune.cli import compose, main
-from mistral_tune.errors import UserError
-from mistral_tune.models import load_model, resolve_source
-from mistral_tune.presets import PRESETS
-from mistral_tune.safety import MASK, RedactingFilter, redact, redact_text
+from mistral_tune.cli import main
+from mistral_tune.config.compose import compose
+from mistral_tune.core.errors import UserError
+from mistral_tune.core.redaction import MASK, RedactingFilter, redact, redact_text
+from mistral_tune.models.loading import load_model
+from mistral_tune.models.presets import PRESETS
+from mistral_tune.models.sources import resolve_source
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mistral_tune"
 

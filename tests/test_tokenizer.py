@@ -1,4 +1,4 @@
-"""Exactness tests for mistral_tune.tokenizer against sentencepiece and mistral_common."""
+"""Exactness tests for mistral_tune.models.tokenizer against sentencepiece and mistral_common."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 
-from mistral_tune.tokenizer import SIDECAR_FILE, MistralTokenizer, tokenizer_file
+from mistral_tune.models.tokenizer import SIDECAR_FILE, MistralTokenizer, tokenizer_file
 
 ALPACA = Path("/work/shared/data/alpaca_5000.json")
 
@@ -152,9 +152,7 @@ def test_tokenizer_file():
 
 
 def test_import_is_light():
-    code = (
-        "import sys, mistral_tune.tokenizer; assert not {'torch', 'transformers', 'sentencepiece'} & set(sys.modules)"
-    )
+    code = "import sys, mistral_tune.models.tokenizer; assert not {'torch', 'transformers', 'sentencepiece'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

@@ -107,7 +107,7 @@ def test_eval_split_logs_eval_loss_and_perplexity(wandb_run):
 
 def test_progress_lines_and_printed_summary(wandb_run):
     _, stdout = wandb_run
-    lines = [ln for ln in stdout.splitlines() if "mistral_tune.progress" in ln]
+    lines = [ln for ln in stdout.splitlines() if "mistral_tune.tracking.progress" in ln]
     assert any("step 2/6  loss " in ln and " tok/s " in ln and " eta 0:" in ln for ln in lines), lines
     assert any("step 3/6  eval_loss " in ln for ln in lines)
     assert "{'loss'" not in stdout  # transformers' raw dict prints are replaced

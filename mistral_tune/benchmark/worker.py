@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .harness import split_bench_overrides
+from mistral_tune.benchmark.harness import split_bench_overrides
 
 FLOPS_CONFIG_KEYS = (
     "hidden_size",
@@ -121,8 +121,8 @@ class StepTimer(TrainerCallback):
 
 
 def _token_stats(batch: dict) -> dict:
-    from ..packing import batch_token_count
-    from .flops import example_lengths
+    from mistral_tune.benchmark.flops import example_lengths
+    from mistral_tune.data.packing import batch_token_count
 
     labels = batch["labels"]
     return {
@@ -147,14 +147,19 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
-    from .. import adapters, data, models
-    from ..cli import compose
-    from ..guards import GracefulStop
-    from ..packing import prepare_packing
-    from ..progress import ProgressReporter, use_progress_reporter
-    from ..tracking import MetricsJsonl
-    from ..trainers.sft import build_sft_trainer, pad_token_id, sft_config
-    from .memory import PhasePeaks, current_rss, process_peak_rss
+    import mistral_tune.adapters.build as adapters
+    import mistral_tune.data.sft as data
+    import mistral_tune.models.loading as models
+    from mistral_tune.adapters.quantization import quantization_config
+    from mistral_tune.benchmark.memory import PhasePeaks, current_rss, process_peak_rss
+    from mistral_tune.config.compose import compose
+    from mistral_tune.data.packing import prepare_packing
+    from mistral_tune.models.sources import download_source, resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
+    from mistral_tune.tracking.metrics import MetricsJsonl
+    from mistral_tune.tracking.progress import ProgressReporter, use_progress_reporter
+    from mistral_tune.train.sft import build_sft_trainer, pad_token_id, sft_config
+    from mistral_tune.train.signals import GracefulStop
 
     hydra_overrides, options = split_bench_overrides(spec["overrides"])
     total_steps = spec["warmup"] + spec["steps"]
@@ -164,9 +169,9 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     cuda = torch.cuda.is_available()
 
-    source = models.download_source(models.resolve_source(cfg.model.name, cfg.model.path), cfg.model)
-    tokenizer = models.load_tokenizer(source)
-    quant = adapters.quantization_config(cfg.adapter, models.resolve_dtype(cfg.model.dtype))
+    source = download_source(resolve_source(cfg.model.name, cfg.model.path), cfg.model)
+    tokenizer = load_tokenizer(source)
+    quant = quantization_config(cfg.adapter, models.resolve_dtype(cfg.model.dtype))
     # On a GPU, build the random-init model there: a 7B fp32 init on the CPU takes minutes.
     with torch.device("cuda") if cuda and quant is None else contextlib.nullcontext():
         model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant)

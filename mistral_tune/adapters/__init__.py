@@ -1,0 +1,1 @@
+"""Adapters on the base model: LoRA, DoRA, QLoRA (4-bit base) or none (full fine-tuning)."""

@@ -1,0 +1,136 @@
+"""Apply the configured adapter (LoRA, QLoRA, DoRA, or none for full fine-tuning) through PEFT.
+
+``adapter=lora`` and ``adapter=dora`` wrap the base with a PEFT ``LoraConfig`` (DoRA is
+``use_dora=True``); ``adapter=qlora`` is LoRA on a base loaded in 4-bit NF4 with double quantization
+(bitsandbytes), prepared with ``prepare_model_for_kbit_training``; ``adapter=none`` trains every weight.
+Saved adapters carry a small sidecar (``mistral_tune_adapter.json``) recording how the base was quantized,
+so a later standalone export can rebuild exactly the base the adapter was trained against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from mistral_tune.adapters.quantization import keep_cpu_4bit_numerics, quantization_record
+from mistral_tune.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+SIDECAR = "mistral_tune_adapter.json"
+
+
+def lora_config(adapter_cfg: Any, task_type: str = "CAUSAL_LM"):
+    """The PEFT ``LoraConfig`` for the adapter group (DoRA is LoRA with ``use_dora``).
+
+    ``task_type="SEQ_CLS"`` (reward models) also trains and saves the new ``score`` head in full.
+    """
+    from peft import LoraConfig
+
+    targets = list(adapter_cfg.target_modules)
+    init: Any = str(adapter_cfg.init)
+    if init in ("default", "true", "True"):
+        init = True
+    return LoraConfig(
+        r=adapter_cfg.r,
+        lora_alpha=adapter_cfg.alpha,
+        lora_dropout=adapter_cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=list(adapter_cfg.modules_to_save) or None,
+        use_rslora=adapter_cfg.use_rslora,
+        use_dora=adapter_cfg.name == "dora",
+        init_lora_weights=init,
+        task_type=task_type,
+    )
+
+
+def changes_base(adapter_cfg: Any) -> bool:
+    """PiSSA/OLoRA initialize by moving part of the base weights into the adapter."""
+    return (
+        adapter_cfg.name != "none"
+        and not adapter_cfg.resume_from
+        and str(adapter_cfg.init).startswith(("pissa", "olora"))
+    )
+
+
+def apply_adapter(
+    model: Any,
+    adapter_cfg: Any,
+    *,
+    gradient_checkpointing: bool = False,
+    init_dir: Optional[Path] = None,
+    task_type: str = "CAUSAL_LM",
+):
+    """Wrap ``model`` for training; returns the model to train (a PeftModel unless adapter=none).
+
+    ``init_dir``: where to keep the initial adapter when ``adapter.init`` rewrites the base (PiSSA,
+    OLoRA), so :func:`save_adapter` can convert the trained adapter back to one for the original base.
+    """
+    if adapter_cfg.name == "none":
+        model.requires_grad_(True)
+        return model
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Freezes the base, casts 16-bit norms/embeddings to fp32 and enables input grads, so gradients
+        # flow through the frozen 4-bit layers into the adapter.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_cpu_4bit_numerics(model)
+    if adapter_cfg.resume_from:
+        path = Path(adapter_cfg.resume_from)
+        if not (path / "adapter_config.json").exists():
+            raise UserError(f"adapter.resume_from={path}: no adapter_config.json there.")
+        log.info("continuing training of the adapter in %s (its own r/alpha/targets apply)", path)
+        return PeftModel.from_pretrained(model, path, is_trainable=True)
+    peft_model = get_peft_model(model, lora_config(adapter_cfg, task_type))
+    if changes_base(adapter_cfg) and init_dir is not None:
+        # PEFT's recipe: save the initial adapter with plain init, convert against it at save time.
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(init_dir)
+        peft_model.peft_config["default"].init_lora_weights = lora_config(adapter_cfg, task_type).init_lora_weights
+    return peft_model
+
+
+def save_adapter(
+    model: Any, out_dir: Path, *, base: dict[str, Any], kind: str, init_dir: Optional[Path] = None
+) -> Path:
+    """Save the trained adapter plus a sidecar naming its base and how that base was quantized."""
+    out_dir = Path(out_dir)
+    if base.get("label"):  # else PEFT records wherever the base was loaded from (maybe a temp dir)
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = base["label"]
+    if init_dir is not None and Path(init_dir).is_dir():
+        # The converted adapter (rank 2r) applies to the original base, not PiSSA/OLoRA's residual base.
+        model.save_pretrained(
+            out_dir, path_initial_model_for_weight_conversion=str(init_dir), save_embedding_layers=False
+        )
+        shutil.rmtree(init_dir, ignore_errors=True)
+    else:
+        model.save_pretrained(out_dir, save_embedding_layers=False)
+    sidecar = {"adapter": kind, "base": base, "quantization": quantization_record(model)}
+    (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def read_sidecar(adapter_dir: Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / SIDECAR
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as the elements of the matrix they encode."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            state = getattr(p, "quant_state", None)
+            # Packed storage holds two 4-bit values per byte; the quant state knows the real shape.
+            n = state.shape.numel() if state is not None else n * 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,135 @@
+"""4-bit NF4 quantization (bitsandbytes) for QLoRA: the BitsAndBytesConfig, CPU numerics, adapter
+dtypes, and the optimizers that need CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from mistral_tune.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# TrainingArguments optimizers whose state is paged between GPU and CPU memory (CUDA unified memory).
+PAGED_OPTIMIZERS = (
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+)
+
+
+def is_4bit(adapter_cfg: Any) -> bool:
+    return adapter_cfg.name == "qlora" or bool(adapter_cfg.load_in_4bit)
+
+
+def quantization_config(adapter_cfg: Any, compute_dtype: Any):
+    """bitsandbytes 4-bit config for QLoRA (NF4 + double quantization by default), else None.
+
+    ``compute_dtype`` is the dtype the dequantized weights are multiplied in: the model dtype, which
+    ``model.dtype=auto`` resolves to bf16 on a bf16-capable GPU and fp32 on CPU.
+    """
+    if not is_4bit(adapter_cfg):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            "adapter=qlora needs bitsandbytes for 4-bit quantization. Install it with "
+            "`pip install 'mistral-tune[qlora]'` (or `pip install bitsandbytes`), or use adapter=lora."
+        ) from exc
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if adapter_cfg.bnb_4bit_compute_dtype != "auto":
+        compute_dtype = getattr(torch, adapter_cfg.bnb_4bit_compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=adapter_cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=adapter_cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def check_optimizer(optim: str) -> None:
+    """Paged optimizers need CUDA; on CPU bitsandbytes would silently fall back to unpaged state.
+
+    8-bit AdamW (``adamw_8bit``/``adamw_bnb_8bit``) has a CPU path in bitsandbytes >= 0.49 and is allowed.
+    """
+    import torch
+
+    if optim in PAGED_OPTIMIZERS and not torch.cuda.is_available():
+        raise UserError(
+            f"train.optim={optim} pages optimizer state through CUDA unified memory, and this machine has no CUDA "
+            "GPU. Use train.optim=adamw_8bit (8-bit state, works on CPU) or train.optim=adamw_torch."
+        )
+    if "8bit" in optim or "bnb" in optim:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise UserError(f"train.optim={optim} needs bitsandbytes: `pip install bitsandbytes`.") from exc
+
+
+def keep_cpu_4bit_numerics(model: Any) -> None:
+    """Make eval-mode 4-bit layers on CPU compute as training does (dequantize, matmul in compute dtype).
+
+    On CPUs with AVX512-BF16, bitsandbytes' eval path repacks each 4-bit weight on first use, rounding
+    its block scales to bf16 (lossy, and permanent for the model in memory), and multiplies in bf16.
+    Generating samples would then change the weights that the export dequantizes, and the 4-bit
+    model's logits would no longer match what was trained.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def match_adapter_dtype(model: Any, compute_dtype: Any) -> int:
+    """With an fp32 compute dtype (QLoRA on CPU), keep trainable weights in fp32; returns how many moved.
+
+    TRL's SFTTrainer casts a quantized model's trainable weights to bf16 (the QLoRA paper's choice for
+    bf16 GPUs). With fp32 compute that only loses precision: the LoRA branch would run in bf16 and
+    small AdamW updates would round away. Call after building the trainer, before training.
+    """
+    import torch
+
+    if compute_dtype != torch.float32:
+        return 0
+    moved = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            moved += 1
+    return moved
+
+
+def is_4bit_linear(module: Any) -> bool:
+    """bitsandbytes' Linear4bit itself (not PEFT's LoRA wrapper of the same class name)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def quantized_modules(model: Any) -> list[str]:
+    """Names (as in the plain base model) of the linear layers stored in 4-bit."""
+    names = []
+    for name, module in model.named_modules():
+        if is_4bit_linear(module):
+            names.append(name.removeprefix("base_model.model.").replace(".base_layer", ""))
+    return names
+
+
+def quantization_record(model: Any) -> Optional[dict[str, Any]]:
+    """How the base was quantized, read from the model itself (None for a 16/32-bit base)."""
+    for module in model.modules():
+        if is_4bit_linear(module):
+            state = module.weight.quant_state
+            return {
+                "quant_type": state.quant_type,
+                "double_quant": bool(state.nested),
+                "blocksize": int(state.blocksize),
+                "base_dtype": str(state.dtype).removeprefix("torch."),
+                "modules": quantized_modules(model),
+            }
+    return None

@@ -1,0 +1,1 @@
+"""The keras-hub-style Python API: MistralBackbone and MistralCausalLM (MistralTokenizer is in models)."""

@@ -1,0 +1,220 @@
+"""MistralCausalLM: keras-hub's causal LM API (from_preset, compile, generate, score) on transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistral_tune.api.backbone import MistralBackbone
+from mistral_tune.core.errors import UserError
+from mistral_tune.models.from_preset import preset_table
+
+DEFAULT_MAX_LENGTH = 1024  # keras-hub's MistralCausalLMPreprocessor sequence_length
+
+
+class MistralCausalLM(torch.nn.Module):
+    """A Mistral backbone with its language-model head, tokenizer and sampler.
+
+    Wraps a ``transformers.MistralForCausalLM`` (``.hf_model``), so every transformers, PEFT and TRL
+    tool applies to it directly.
+
+    Example:
+        >>> lm = MistralCausalLM.from_preset("mistral_tiny")           # or "hf://org/name", a directory
+        >>> lm.compile(sampler="greedy")
+        >>> lm.generate("The capital of France is", max_length=32)
+        >>> lm.generate([{"role": "user", "content": "Hi!"}], strip_prompt=True)  # chat template applied
+        >>> lm.backbone.enable_lora(rank=4)
+        >>> lm.save_to_preset("my_preset")                            # HF layout + metadata.json
+    """
+
+    #: Built-in presets as keras-hub lists them: id -> {"metadata": {description, params, ...}, handle}.
+    presets = preset_table()
+
+    def __init__(self, backbone: MistralBackbone, tokenizer: Any = None) -> None:
+        """Put a fresh (randomly initialized) language-model head on ``backbone``.
+
+        ``tokenizer`` (a ``MistralTokenizer``) is needed for text in and out (generate, score on
+        strings, perplexity, save_to_preset); without it the model still takes token ids.
+        """
+        from transformers import MistralForCausalLM
+
+        super().__init__()
+        config = backbone.config
+        with torch.device("meta"):  # the decoder is the backbone's; only the head is new
+            hf_model = MistralForCausalLM(config)
+        weight = backbone.token_embedding.weight
+        hf_model.model = backbone.model
+        hf_model.lm_head = torch.nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, device=weight.device, dtype=weight.dtype
+        )
+        torch.nn.init.normal_(hf_model.lm_head.weight, std=config.initializer_range)
+        self._setup(hf_model, tokenizer, metadata={}, base_preset=None)
+
+    @classmethod
+    def _from_hf(cls, hf_model: Any, tokenizer: Any, metadata: dict, base_preset: str | None) -> MistralCausalLM:
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self._setup(hf_model, tokenizer, metadata, base_preset)
+        return self
+
+    def _setup(self, hf_model: Any, tokenizer: Any, metadata: dict, base_preset: str | None) -> None:
+        from mistral_tune.inference.samplers import get_sampler
+
+        self.hf_model = hf_model
+        self.backbone = MistralBackbone._wrap(hf_model.model, owner=hf_model)
+        if tokenizer is not None and tokenizer.vocabulary_size > hf_model.config.vocab_size:
+            raise UserError(
+                f"The tokenizer has {tokenizer.vocabulary_size} pieces but the model only "
+                f"{hf_model.config.vocab_size} embeddings; they do not belong together."
+            )
+        self.tokenizer = tokenizer
+        self.metadata = metadata
+        self.base_preset = base_preset
+        self.sampler = get_sampler("top_k")
+
+    @classmethod
+    def from_preset(
+        cls,
+        preset: str,
+        load_weights: bool = True,
+        *,
+        dtype: str = "auto",
+        attn_implementation: str = "auto",
+        revision: str | None = None,
+        allow_pickle: bool = False,
+        seed: int = 0,
+    ) -> MistralCausalLM:
+        """Load a preset: a built-in id (see ``MistralCausalLM.presets``), ``hf://org/name``,
+        ``kaggle://owner/model/framework/variation`` (needs kagglehub) or a local directory.
+
+        Args:
+            load_weights: False builds the architecture with random weights (seeded by ``seed``)
+                and downloads no weights. Inside ``with torch.device("meta"):`` nothing is allocated.
+            dtype: auto (bf16 on a bf16 GPU, else fp32) | float32 | bfloat16 | float16.
+            attn_implementation: auto | flash_attention_2 | flex_attention | sdpa | eager.
+            revision: hub branch, tag or commit.
+            allow_pickle: accept .bin/.pt weights (they can run code on load).
+        """
+        from mistral_tune.models.from_preset import load_preset_model
+
+        model, tokenizer, metadata, base = load_preset_model(
+            preset,
+            load_weights,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            revision=revision,
+            allow_pickle=allow_pickle,
+            seed=seed,
+        )
+        return cls._from_hf(model, tokenizer, metadata, base)
+
+    def _text_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise UserError(
+                "This MistralCausalLM has no tokenizer; pass one (MistralCausalLM(backbone, tokenizer)) "
+                "or load with from_preset."
+            )
+        return self.tokenizer
+
+    def compile(self, sampler: Any = "top_k") -> None:
+        """Choose the sampler ``generate`` uses: a name (greedy, top_k, top_p, random, beam,
+        contrastive) with keras-hub's defaults, or a ``Sampler`` object with parameters."""
+        from mistral_tune.inference.samplers import get_sampler
+
+        self.sampler = get_sampler(sampler)
+
+    def forward(self, inputs: dict | None = None, *, token_ids: Any = None, padding_mask: Any = None):
+        """Logits ``[batch, seq, vocabulary_size]`` for ``{"token_ids", "padding_mask"}``."""
+        from mistral_tune.inference.scoring import batch_logits
+
+        if inputs is not None:
+            token_ids, padding_mask = inputs["token_ids"], inputs.get("padding_mask")
+        return batch_logits(self.hf_model, token_ids, padding_mask)[0]
+
+    def generate(
+        self,
+        inputs: Any,
+        max_length: int | None = None,
+        stop_token_ids: Any = "auto",
+        strip_prompt: bool = False,
+    ) -> Any:
+        """Generate text for a string, a conversation, or a list of them (batched, left-padded).
+
+        Args:
+            inputs: a str; a conversation (list of ``{"role", "content"}`` dicts, formatted with the
+                preset's chat template, the same definition training uses); or a list of those.
+            max_length: longest prompt + new tokens; default 1024 (capped at the model's context).
+            stop_token_ids: "auto" = the tokenizer's EOS; None = run to ``max_length``; a tuple of
+                ids = stop at any of them. Stop tokens are not part of the returned text.
+            strip_prompt: return only the new text.
+
+        Returns a str for a single input, else a list of str.
+        """
+        from mistral_tune.inference.generation import encode_inputs, generate_ids, normalize_inputs, resolve_stop_ids
+
+        prompts, single = normalize_inputs(inputs)
+        tokenizer = self._text_tokenizer()
+        prompt_ids = encode_inputs(tokenizer, prompts)
+        if max_length is None:
+            max_length = min(DEFAULT_MAX_LENGTH, self.hf_model.config.max_position_embeddings)
+        new_ids = generate_ids(
+            self.hf_model,
+            tokenizer,
+            prompt_ids,
+            sampler=self.sampler,
+            max_length=int(max_length),
+            stop_ids=resolve_stop_ids(stop_token_ids, tokenizer),
+        )
+        texts = [tokenizer.decode(new if strip_prompt else prompt + new) for prompt, new in zip(prompt_ids, new_ids)]
+        return texts[0] if single else texts
+
+    def score(self, inputs: Any, padding_mask: Any = None, scoring_mode: str = "log_likelihood"):
+        """Score sequences: "log_likelihood" ``[batch, seq]`` (log p(token_t | tokens before t); 0 at
+        position 0 and on padding), "loss" (its negative), or "logits" ``[batch, seq, vocab]``.
+
+        ``inputs`` is a str, a list of str (tokenized with BOS, left-padded), or token ids with an
+        optional ``padding_mask``.
+        """
+        from mistral_tune.inference.scoring import score
+
+        texts = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str))
+        tokenizer = self._text_tokenizer() if texts else self.tokenizer
+        return score(self.hf_model, tokenizer, inputs, padding_mask, scoring_mode)
+
+    def perplexity(
+        self, data: Any, batch_size: int = 8, max_length: int | None = None, text_field: str = "text"
+    ) -> dict[str, Any]:
+        """Perplexity over texts (a list of str, or a datasets.Dataset / list of dicts with ``text_field``).
+
+        Returns {"perplexity", "loss" (mean NLL per predicted token), "tokens", "sequences",
+        "truncated", "empty"}: texts longer than ``max_length`` tokens are truncated and counted.
+        """
+        from mistral_tune.inference.scoring import perplexity
+
+        max_length = max_length or min(DEFAULT_MAX_LENGTH, self.hf_model.config.max_position_embeddings)
+        return perplexity(self.hf_model, self._text_tokenizer(), data, batch_size, max_length, text_field)
+
+    def count_params(self) -> int:
+        """Number of parameters (keras naming), LoRA weights included when enabled."""
+        return sum(p.numel() for p in self.hf_model.parameters())
+
+    def enable_lora(self, rank: int, alpha: float | None = None) -> None:
+        """Same as ``self.backbone.enable_lora`` (freeze all, LoRA on q/v projections)."""
+        self.backbone.enable_lora(rank, alpha)
+
+    def save_to_preset(self, preset_dir: str | Path, provenance: dict | None = None) -> Path:
+        """Write a preset directory: Hugging Face layout files + ``metadata.json``.
+
+        LoRA, when enabled, is merged into the written weights (the model in memory keeps its
+        adapter). ``from_preset(dir)`` and ``transformers.AutoModelForCausalLM.from_pretrained(dir)``
+        both load the result.
+        """
+        from mistral_tune.export.preset import write_preset
+
+        if provenance is None:
+            provenance = self.metadata.get("provenance")
+        return write_preset(
+            self.hf_model, self._text_tokenizer(), Path(preset_dir), base_preset=self.base_preset, provenance=provenance
+        )

@@ -1,0 +1,418 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Recipes list ``mistral_tune`` first in their defaults, so Hydra merges every group file and every
+command-line override onto these dataclasses: an unknown key or a value of the wrong type fails at
+composition time, before any model is built. This module imports no torch (the CLI stays fast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mistral_tiny"  # preset id (see `mistral-tune list`)
+    path: Optional[str] = None  # local directory or hub repo id; overrides the preset's source
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = bf16 on a bf16 GPU, fp32 on CPU
+    attn_implementation: str = "auto"  # auto | flash_attention_2 | flex_attention | sdpa | eager
+    load_weights: bool = True  # false: architecture only, random init
+    trust_remote_code: bool = False  # never on unless you set it
+    allow_pickle: bool = False  # refuse .bin/.pt weights unless set
+
+
+@dataclass
+class AdapterConfig:
+    name: str = "lora"  # lora | qlora | dora | none (full fine-tuning)
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    modules_to_save: List[str] = field(default_factory=list)
+    use_rslora: bool = False
+    init: str = "default"  # PEFT init_lora_weights: default | gaussian | pissa | pissa_niter_N | olora
+    resume_from: Optional[str] = None  # continue training an existing adapter directory
+    load_in_4bit: bool = False  # qlora sets this implicitly; true with lora/dora = QLoRA/QDoRA
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "sft"  # sft | dpo | reward
+    max_length: int = 256  # tokens per example (prompt + answer) after templating; longer ones are truncated/dropped
+    completion_only_loss: bool = True  # sft: loss on assistant tokens only
+    truncation: str = "truncate"  # truncate | drop: what to do with examples over max_length
+    packing: bool = False  # sft: padding-free: several examples per row, attention kept within each example
+    loss: str = "auto"  # sft: auto | chunked | liger | plain: how the cross-entropy meets the vocabulary
+    # dpo and reward (TRL DPOConfig / RewardConfig names)
+    beta: float = 0.1  # dpo: strength of the pull towards the reference model; higher = smaller steps away from it
+    loss_type: str = "sigmoid"  # dpo: one of DPO_LOSS_TYPES, or several joined by + (e.g. sigmoid+sft)
+    loss_weights: Optional[List[float]] = None  # dpo: one weight per loss_type entry; null = all 1.0
+    label_smoothing: float = 0.0  # dpo: flip probability for robust/sigmoid, epsilon for exo_pair; in [0, 0.5)
+    max_prompt_length: Optional[int] = None  # prompts longer than this keep BOS and their last tokens
+    truncation_mode: str = "keep_start"  # over max_length: keep_start cuts answers' ends, keep_end the prompt's start
+    precompute_ref_log_probs: bool = False  # dpo: reference log-probs once before training, cached on disk
+    ref_cache_dir: Optional[str] = None  # dpo: cache of precomputed reference log-probs; null = ~/.cache/mistral-tune
+    center_rewards_coefficient: Optional[float] = None  # reward: pulls mean reward towards 0 (e.g. 0.01)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/sft_sample.jsonl"  # .jsonl/.json/.parquet file, or a hub dataset name
+    format: str = "auto"  # auto | sft: messages | alpaca | text; dpo/reward: preference | preference_messages | hh
+    split: str = "train"  # split of a hub dataset
+    max_samples: Optional[int] = None  # cap on training examples (after holdout)
+    holdout: int = 4  # examples kept out of training; their prompts feed samples.jsonl
+    system_prompt: Optional[str] = None  # added to every conversation that has none
+    seed: int = 0  # shuffling seed for the holdout and eval splits
+    on_error: str = "fail"  # fail | skip: a malformed line (bad JSON/UTF-8) stops the run, or is counted and skipped
+    dedup: bool = False  # drop exact duplicate rows (always counted and reported)
+    # Evaluation data: a fraction of the training rows (e.g. "0.05") or a file in any supported format.
+    # Eval loss and perplexity are logged every train.eval_steps (default: train.logging_steps).
+    eval_split: Optional[str] = None
+
+
+LAUNCHERS = ("local", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+
+
+@dataclass
+class LauncherConfig:
+    """How many processes train and with which engine; see docs/multi-gpu.md and mistral_tune/launch.py."""
+
+    name: str = "local"  # local | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3 | deepspeed_zero3_offload
+    num_processes: int = 1  # all processes of the job (every machine); 0 = one per visible GPU x num_machines
+    num_machines: int = 1
+    machine_rank: int = 0  # this machine's index, 0 .. num_machines-1; machine 0 hosts rank 0
+    main_process_ip: Optional[str] = None  # address of machine 0; required when num_machines > 1
+    main_process_port: int = 29500  # 0 = any free port (one machine only)
+    accelerate_config: Optional[str] = None  # accelerate config YAML; null = the one shipped for `name`
+    deepspeed_config: Optional[str] = None  # DeepSpeed JSON; null = the one shipped for `name`
+
+
+@dataclass
+class TrackingConfig:
+    name: str = "none"  # none | wandb | tensorboard; metrics.jsonl is always written
+    project: str = "mistral-tune"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; None = your default entity
+    run_name: Optional[str] = None  # the run's name in the tracker; None = the run directory's name
+    tags: List[str] = field(default_factory=list)  # W&B tags
+    group: Optional[str] = None  # W&B group
+    mode: str = "auto"  # W&B: auto (online when logged in or WANDB_API_KEY is set, else offline) | online | offline
+
+
+@dataclass
+class ExportConfig:
+    merged: bool = True  # write merged/ (base + adapter) in Hugging Face layout
+    dtype: str = "auto"  # auto (the base's dtype) | float32 | bfloat16 | float16
+    max_shard_size: str = "2GB"
+    verify: bool = True  # reload merged/ and compare logits with the in-memory model
+    tolerance: Optional[float] = None  # max |logit diff| accepted; None = per-dtype default (export.TOLERANCE)
+    preset: bool = False  # also write preset/ (Hugging Face layout + metadata.json with provenance)
+    adapter_only: bool = False  # publish only adapter/ with a README.md model card; no merged weights
+    num_samples: int = 4  # greedy generations written to samples.jsonl
+    sample_max_new_tokens: int = 32
+
+
+@dataclass
+class TrainConfig:
+    """Hugging Face ``TrainingArguments`` names, passed through as they are."""
+
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    eval_steps: Optional[int] = None
+    seed: int = 42
+    data_seed: Optional[int] = None  # shuffling seed of the training sampler; None = seed (resume relies on it)
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False  # compile the model; see docs/BENCHMARKS.md for when it pays off
+    bf16: bool = False
+    fp16: bool = False
+    dataloader_num_workers: int = 0
+    ddp_backend: Optional[str] = None  # null = nccl on GPUs, gloo on CPU
+
+
+@dataclass
+class RunConfig:
+    recipe: str = MISSING
+    output_dir: Optional[str] = None  # default runs/<recipe>-<timestamp>
+    resume: Optional[str] = None  # auto (latest complete checkpoint in output_dir) | PATH (a checkpoint or run dir)
+    on_nan: str = "stop"  # stop | skip: a NaN/inf loss stops the run, or its optimizer step is skipped and counted
+    dry_run: bool = False  # build the model on the meta device, print sizes and estimates, train nothing
+    dry_run_gpu: str = "H100"  # H100 | H200 | A100 | L4: the GPU the dry run estimates step time for
+    dry_run_mfu: float = 0.4  # model FLOPs utilization assumed for that estimate (0.3-0.5 is typical)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "trainer": TrainerConfig,
+    "data": DataConfig,
+    "launcher": LauncherConfig,
+    "tracking": TrackingConfig,
+    "export": ExportConfig,
+}
+
+SCHEMA_NAME = "mistral_tune"
+
+SFT_DATA_FORMATS = ("messages", "alpaca", "text")
+
+PREFERENCE_DATA_FORMATS = ("preference", "preference_messages", "hh")
+
+# The loss types of the installed TRL 1.16 DPOConfig.loss_type (tests/test_dpo_config.py checks they still match).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+
+def random_demo_base(model: Any) -> bool:
+    """True for the embedded ``mistral_tiny`` preset: random weights, so recipes need far higher learning rates."""
+    return model.name == "mistral_tiny" and not model.path
+
+
+def by_model(demo: Any, pretrained: Any, *, _root_: Any) -> Any:
+    """``${by_model:DEMO,PRETRAINED}`` in a recipe: DEMO on the random-weight ``mistral_tiny`` default,
+    PRETRAINED on real weights (a 7B preset, ``model.path``). A frozen random base learns nothing at a
+    7B learning rate, and a real 7B diverges at the demo's."""
+    return demo if random_demo_base(_root_.model) else pretrained
+
+
+def register_schemas() -> None:
+    """Store the root schema and one schema per group, and the recipes' resolvers (idempotent)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("by_model", by_model, replace=True)
+    cs = ConfigStore.instance()
+    cs.store(name=SCHEMA_NAME, node=RunConfig)
+    for group, node in GROUPS.items():
+        cs.store(group=f"schema/{group}", name=group, node=node)
+
+
+def check_values(cfg: Any) -> list[str]:
+    """Cross-field checks the types alone cannot express; returns every problem found."""
+    problems = []
+
+    def one_of(key: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            problems.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+    one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    one_of(
+        "model.attn_implementation",
+        cfg.model.attn_implementation,
+        ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
+    )
+    one_of("adapter.name", cfg.adapter.name, ("lora", "qlora", "dora", "none"))
+    one_of("trainer.name", cfg.trainer.name, ("sft", "dpo", "reward"))
+    one_of("trainer.truncation", cfg.trainer.truncation, ("truncate", "drop"))
+    one_of("trainer.loss", cfg.trainer.loss, ("auto", "chunked", "liger", "plain"))
+    preference = cfg.trainer.name in ("dpo", "reward")
+    one_of("data.format", cfg.data.format, ("auto", *(PREFERENCE_DATA_FORMATS if preference else SFT_DATA_FORMATS)))
+    if preference:
+        problems.extend(check_preference(cfg.trainer))
+    if cfg.trainer.name == "reward" and cfg.export.preset:
+        problems.append("export.preset=true writes a causal-LM preset; a reward model exports as merged/ only")
+    one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
+    one_of("on_nan", cfg.on_nan, ("stop", "skip"))
+    one_of("launcher.name", cfg.launcher.name, LAUNCHERS)
+    one_of("tracking.name", cfg.tracking.name, ("none", "wandb", "tensorboard"))
+    one_of("tracking.mode", cfg.tracking.mode, ("auto", "online", "offline"))
+    one_of("export.dtype", cfg.export.dtype, ("auto", "float32", "bfloat16", "float16"))
+    positive = {
+        "adapter.r": cfg.adapter.r,
+        "trainer.max_length": cfg.trainer.max_length,
+        "train.per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+        "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "train.logging_steps": cfg.train.logging_steps,
+        "train.save_steps": cfg.train.save_steps,
+    }
+    problems += [f"{k}={v} must be > 0" for k, v in positive.items() if v <= 0]
+    if cfg.train.learning_rate <= 0:
+        problems.append(f"train.learning_rate={cfg.train.learning_rate} must be > 0")
+    if cfg.train.max_steps == 0 or (cfg.train.max_steps < 0 and cfg.train.num_train_epochs <= 0):
+        problems.append("set train.max_steps > 0 or train.num_train_epochs > 0")
+    if cfg.resume is not None and not str(cfg.resume).strip():
+        problems.append("resume='' is empty; use resume=auto or resume=PATH")
+    if cfg.data.holdout < 0:
+        problems.append(f"data.holdout={cfg.data.holdout} must be >= 0")
+    problems += adapter_problems(cfg.adapter) + export_problems(cfg.export, cfg.adapter)
+    if cfg.train.bf16 and cfg.train.fp16:
+        problems.append("train.bf16 and train.fp16 cannot both be true")
+    if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
+        problems.append(f"train.eval_steps={cfg.train.eval_steps} must be > 0")
+    fraction = eval_fraction(cfg.data.eval_split)
+    if fraction is not None and not 0 < fraction < 1:
+        problems.append(f"data.eval_split={cfg.data.eval_split} must be a fraction between 0 and 1, or a file")
+    from mistral_tune.core.hardware import GPUS
+
+    one_of("dry_run_gpu", cfg.dry_run_gpu, tuple(GPUS))
+    if not 0 < cfg.dry_run_mfu <= 1:
+        problems.append(f"dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]")
+    problems += launcher_problems(cfg)
+    return problems
+
+
+def launcher_problems(cfg: Any) -> list[str]:
+    """The launcher's numbers must describe a job accelerate can start on every machine alike."""
+    lc, problems = cfg.launcher, []
+    if lc.num_processes < 0 or lc.num_machines < 1:
+        problems.append("launcher.num_processes must be >= 0 (0 = one per GPU) and launcher.num_machines >= 1")
+        return problems
+    if lc.name == "local" and (lc.num_processes > 1 or lc.num_machines > 1):
+        problems.append(
+            f"launcher=local runs this one process, but launcher.num_processes={lc.num_processes} and "
+            f"launcher.num_machines={lc.num_machines}; pick launcher=ddp (or fsdp, deepspeed_zero2, ...)"
+        )
+    if lc.num_processes and lc.num_processes % lc.num_machines:
+        problems.append(
+            f"launcher.num_processes={lc.num_processes} counts the processes of all {lc.num_machines} machines "
+            "and must be a multiple of launcher.num_machines"
+        )
+    if not 0 <= lc.machine_rank < lc.num_machines:
+        problems.append(f"launcher.machine_rank={lc.machine_rank} must be in 0..{lc.num_machines - 1}")
+    if lc.num_machines > 1:
+        if not lc.main_process_ip:
+            problems.append("launcher.num_machines > 1 needs launcher.main_process_ip (the address of machine 0)")
+        if not lc.main_process_port:
+            problems.append("launcher.num_machines > 1 needs a fixed launcher.main_process_port (not 0)")
+        if not cfg.output_dir:
+            problems.append("launcher.num_machines > 1 needs output_dir set to the same shared path on every machine")
+    return problems
+
+
+def eval_fraction(eval_split: Optional[str]) -> Optional[float]:
+    """``data.eval_split`` as a fraction, or None when it is unset or names a file."""
+    if eval_split is None:
+        return None
+    try:
+        return float(eval_split)
+    except ValueError:
+        return None
+
+
+def unknown_keys(cfg: Any) -> list[str]:
+    """Dotted keys in ``cfg`` that the schema does not define (Hydra lets ``+key=value`` add them)."""
+    known = set(schema_keys())
+    sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+
+    def walk(node: Any, prefix: str):
+        for key in node.keys():
+            dotted = f"{prefix}{key}"
+            if dotted in sections:
+                yield from walk(node[key], dotted + ".")
+            elif dotted not in known:
+                yield dotted
+
+    return list(walk(cfg, ""))
+
+
+def schema_keys(schema: Any = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the schema defines (for "did you mean" suggestions)."""
+    import dataclasses
+
+    keys = []
+    for f in dataclasses.fields(schema):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if factory is not None and dataclasses.is_dataclass(factory):
+            keys += schema_keys(factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+LORA_INITS = ("default", "true", "gaussian", "pissa", "olora")  # plus pissa_niter_<N>
+
+BASE_CHANGING_INITS = ("pissa", "olora")  # these rewrite the base weights at initialization
+
+
+def adapter_problems(a: Any) -> list[str]:
+    """Checks on the adapter group (ranges and the init names PEFT accepts)."""
+    problems = []
+    if a.name == "none":
+        return problems
+    if a.alpha <= 0:
+        problems.append(f"adapter.alpha={a.alpha} must be > 0")
+    if not 0 <= a.dropout < 1:
+        problems.append(f"adapter.dropout={a.dropout} must be in [0, 1)")
+    if not a.target_modules:
+        problems.append("adapter.target_modules is empty; name modules (e.g. [q_proj, v_proj]) or use [all-linear]")
+    init = str(a.init)
+    if init not in LORA_INITS and not (init.startswith("pissa_niter_") and init[12:].isdigit()):
+        problems.append(f"adapter.init={init!r} is not one of {', '.join(LORA_INITS)}, pissa_niter_<N>")
+    if (a.name == "qlora" or a.load_in_4bit) and init.startswith(BASE_CHANGING_INITS):
+        problems.append(f"adapter.init={init} rewrites the base weights, which cannot be done on a 4-bit base")
+    if a.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        problems.append(f"adapter.bnb_4bit_quant_type={a.bnb_4bit_quant_type!r} is not one of nf4, fp4")
+    if a.bnb_4bit_compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"adapter.bnb_4bit_compute_dtype={a.bnb_4bit_compute_dtype!r} is not auto or a float dtype")
+    return problems
+
+
+def export_problems(e: Any, a: Any) -> list[str]:
+    """Checks on the export group: adapter_only excludes the merged formats, tolerances are positive."""
+    problems = []
+    if e.adapter_only and (e.merged or e.preset):
+        on = [k for k in ("merged", "preset") if getattr(e, k)]
+        problems.append(
+            f"export.adapter_only=true publishes only the adapter, but export.{'/'.join(on)}=true asks for merged "
+            "weights too; use export=adapter_only, or set export.adapter_only=false"
+        )
+    if e.adapter_only and a.name == "none":
+        problems.append("export.adapter_only=true needs an adapter; adapter=none (full fine-tuning) has none")
+    if e.tolerance is not None and not e.tolerance > 0:
+        problems.append(f"export.tolerance={e.tolerance} must be > 0")
+    return problems
+
+
+def check_preference(trainer: Any) -> list[str]:
+    """The DPO/reward settings TRL would only reject after the model is loaded."""
+    problems = []
+    losses = [t.strip() for t in str(trainer.loss_type).split("+")]
+    unknown = [t for t in losses if t not in DPO_LOSS_TYPES]
+    if unknown:
+        problems.append(f"trainer.loss_type={trainer.loss_type!r}: unknown {unknown}; use {', '.join(DPO_LOSS_TYPES)}")
+    if trainer.loss_weights is not None and len(trainer.loss_weights) != len(losses):
+        problems.append(f"trainer.loss_weights needs one weight per loss type ({len(losses)}: {losses})")
+    if trainer.truncation_mode not in ("keep_start", "keep_end"):
+        problems.append(f"trainer.truncation_mode={trainer.truncation_mode!r} is not one of keep_start, keep_end")
+    if trainer.beta <= 0:
+        problems.append(f"trainer.beta={trainer.beta} must be > 0")
+    if not 0.0 <= trainer.label_smoothing < 0.5:
+        problems.append(f"trainer.label_smoothing={trainer.label_smoothing} must be in [0, 0.5)")
+    if "exo_pair" in losses and trainer.label_smoothing == 0.0:
+        problems.append("trainer.loss_type=exo_pair needs trainer.label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if trainer.max_prompt_length is not None and not 1 < trainer.max_prompt_length < trainer.max_length:
+        problems.append(
+            f"trainer.max_prompt_length={trainer.max_prompt_length} must be > 1 and below "
+            f"trainer.max_length={trainer.max_length}, leaving room for the answers"
+        )
+    if trainer.packing:
+        problems.append(f"trainer.packing=true is for sft; trainer={trainer.name} keeps each pair in its own row")
+    if trainer.loss != "auto":
+        problems.append(f"trainer.loss={trainer.loss} is for sft; trainer={trainer.name} computes its own loss")
+    return problems

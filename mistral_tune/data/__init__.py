@@ -1,0 +1,1 @@
+"""Training data: sources and formats, SFT and preference rendering, packing, splits, the data report."""

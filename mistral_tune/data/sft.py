@@ -1,0 +1,188 @@
+"""Load a dataset, detect its format, apply the chat template and tokenize with loss masks.
+
+Every example that does not make it into training is counted in a ``DataReport`` with its reason;
+nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Iterable, Optional
+
+from mistral_tune.core.errors import UserError
+from mistral_tune.data.report import DataReport, PreparedData
+from mistral_tune.data.sources import load_records
+from mistral_tune.data.splits import find_duplicates, load_eval_file, split_eval_and_train
+
+log = logging.getLogger(__name__)
+
+
+FORMATS = {
+    "messages": "a 'messages' list of {role, content} (chat)",
+    "alpaca": "'instruction', optional 'input', and 'output' (Alpaca)",
+    "text": "a 'text' string (plain language-model text)",
+}
+
+FORMAT_FIELDS = {"messages": {"messages"}, "alpaca": {"instruction", "input", "output"}, "text": {"text"}}
+
+
+def detect_format(rows: list[dict[str, Any]], requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    columns = set().union(*(r.keys() for r in rows[:100])) if rows else set()
+    if "messages" in columns:
+        return "messages"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    if "text" in columns:
+        return "text"
+    accepted = "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
+    raise UserError(
+        f"Could not detect the data format: columns found are {sorted(columns) or 'none'}. "
+        f"Accepted formats: {accepted}. Rename the columns or set data.format."
+    )
+
+
+def to_messages(row: dict[str, Any], fmt: str, system_prompt: Optional[str]) -> Optional[list[dict[str, str]]]:
+    """Chat messages for a row, or None for plain text; raises ValueError on unusable rows."""
+    if fmt == "text":
+        return None
+    if fmt == "alpaca":
+        instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get("output")
+        if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
+            raise ValueError("missing_field")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    else:
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("missing_field")
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+    if any(not isinstance(m["content"], str) or not m["content"].strip() for m in messages):
+        raise ValueError("empty_field")
+    if system_prompt and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def tokenize_rows(
+    rows: Iterable[dict[str, Any]],
+    fmt: str,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    truncation: str,
+    system_prompt: Optional[str],
+    report: DataReport,
+) -> list[dict[str, list[int]]]:
+    """Rows to ``input_ids`` + ``labels`` (-100 outside the assistant turns for chat data)."""
+    out = []
+    for row in rows:
+        try:
+            messages = to_messages(row, fmt, system_prompt)
+            if messages is None:
+                text = row.get("text")
+                if not isinstance(text, str):
+                    raise ValueError("missing_field")
+                if not text.strip():
+                    raise ValueError("empty_field")
+                ids = tokenizer.encode(text, add_bos=True, add_eos=True)
+                mask = [1] * len(ids)
+            else:
+                if messages[-1]["role"] != "assistant":
+                    raise ValueError("no_assistant_turn")
+                ids, mask = tokenizer.encode_chat(messages)
+        except ValueError as exc:
+            reason = str(exc) if str(exc) in ("missing_field", "empty_field", "no_assistant_turn") else "bad_roles"
+            report.dropped[reason] += 1
+            continue
+        truncated = len(ids) > max_length
+        if truncated:
+            if truncation == "drop":
+                report.dropped["too_long"] += 1
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask[1:]):
+            report.dropped["no_loss_tokens"] += 1  # truncation cut every assistant token
+            continue
+        report.truncated += truncated  # counts kept examples only; a dropped one is counted above
+        # labels[i] is the token at i; the model shifts internally. The first token never counts.
+        out.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    return out
+
+
+def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
+    """Load, split off the holdout and the eval split, tokenize; every lost row is counted."""
+    from datasets import Dataset
+
+    report = DataReport()
+    rows = load_records(data_cfg.path, data_cfg.split, data_cfg.on_error, report)
+    report.read += len(rows)
+    if not rows:
+        raise UserError(f"data.path={data_cfg.path} holds no examples ({dict(report.dropped) or 'empty file'}).")
+    fmt = detect_format(rows, data_cfg.format)
+    rows = find_duplicates(rows, data_cfg.dedup, report)
+    fields = FORMAT_FIELDS[fmt]  # rows lacking them are counted as missing_field below, not here
+    report.extra_fields = sum(1 for r in rows if set(r) & fields and set(r) - fields)
+    order = list(range(len(rows)))
+    random.Random(data_cfg.seed).shuffle(order)
+    holdout_n = min(data_cfg.holdout, max(len(rows) - 1, 0))
+    holdout, rest = [rows[i] for i in order[:holdout_n]], order[holdout_n:]
+    # Held-out rows prompt samples.jsonl, so they must be usable too; unusable ones are dropped and counted.
+    options = dict(
+        max_length=trainer_cfg.max_length, truncation=trainer_cfg.truncation, system_prompt=data_cfg.system_prompt
+    )
+    holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
+    report.truncated = 0  # counted for training examples only
+    holdout_n = report.held_out = len(holdout)
+    eval_rows, train_rows = split_eval_and_train(data_cfg, rows, rest, report, "rows")
+    eval_fmt, eval_report = fmt, DataReport()
+    eval_file_rows = load_eval_file(data_cfg, eval_report)
+    if eval_file_rows is not None:
+        eval_rows, eval_fmt = eval_file_rows, detect_format(eval_file_rows, data_cfg.format)
+    examples = tokenize_rows(train_rows, fmt, tokenizer, report=report, **options)
+    report.used = len(examples)
+    report.log_losses("example(s)", trainer_cfg.max_length, data_cfg.dedup)
+    if report.extra_fields:
+        log.info(
+            "data: %d row(s) have fields the %s format does not use; those fields are ignored", report.extra_fields, fmt
+        )
+    if not examples:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+        raise UserError(
+            f"No training examples left after filtering the {report.read} rows of {data_cfg.path} "
+            f"({holdout_n} held out; dropped: {reasons or 'none'}). Check the rows' fields, or raise "
+            "trainer.max_length if they were too long."
+        )
+    eval_ds = None
+    if eval_rows:
+        eval_examples = tokenize_rows(eval_rows, eval_fmt, tokenizer, report=eval_report, **options)
+        report.eval_read = eval_report.read + len(eval_rows)  # skipped bad lines (on_error=skip) + rows
+        report.eval_used, report.eval_dropped = len(eval_examples), eval_report.dropped
+        for reason, n in sorted(eval_report.dropped.items()):
+            log.warning("data: dropped %d evaluation example(s): %s", n, reason)
+        if not eval_examples:
+            raise UserError(
+                f"No evaluation examples left after filtering the {len(eval_rows)} rows of data.eval_split."
+            )
+        eval_ds = Dataset.from_list(eval_examples)
+    log.info(
+        "data: %s format, %d read, %d training examples, %d held out%s",
+        fmt,
+        report.read,
+        report.used,
+        holdout_n,
+        f", {report.eval_used} for evaluation" if eval_ds is not None else "",
+    )
+    return PreparedData(Dataset.from_list(examples), eval_ds, holdout, fmt, report)
+
+
+def prompt_and_reference(row: dict[str, Any], fmt: str, system_prompt: Optional[str]):
+    """Split a held-out row into the conversation to prompt with and the reference answer."""
+    messages = to_messages(row, fmt, system_prompt)
+    if messages is None:
+        words = row["text"].split()
+        half = max(1, len(words) // 2)
+        return " ".join(words[:half]), " ".join(words[half:])
+    return messages[:-1], messages[-1]["content"]

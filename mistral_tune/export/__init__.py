@@ -1,0 +1,1 @@
+"""Exports: the merged model (in memory or streamed shard by shard), verification, presets, model cards."""

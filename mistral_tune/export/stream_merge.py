@@ -1,0 +1,254 @@
+"""Streaming merge: fold a saved LoRA/DoRA adapter into a base checkpoint one safetensors shard at a time.
+
+The base never sits in memory as a whole. Each base shard is opened with ``safetensors`` (memory
+mapped), each tensor is read, the matching adapter delta is added in float32
+(``W + scale * B @ A``; DoRA rescales each output row to its trained magnitude), the result is cast
+to the export dtype and buffered, and the buffer is written out as soon as it reaches
+``max_shard_size``. Peak memory is about one output shard plus the tensor being merged; see
+docs/export.md for measurements.
+
+For a QLoRA adapter, every weight the training run held in 4-bit is first put through the same NF4
+quantize/dequantize round trip bitsandbytes applied while loading, so the merge uses exactly the base the
+adapter was trained against, never 4-bit rounding of the merged result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from mistral_tune.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+PREFIX = "base_model.model."
+
+BLOCK_ELEMENTS = 4 * 2**20  # rows merged at a time: ~16 MB of float32 per block
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+
+FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000 (transformers' max_shard_size convention)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UserError(f"max_shard_size={text!r} is not a size like 500MB or 2GB.")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+
+
+def base_shards(base_dir: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face checkpoint, in index order."""
+    index = base_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [base_dir / name for name in dict.fromkeys(weight_map.values())]
+    single = base_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise UserError(f"{base_dir} has no model.safetensors or model.safetensors.index.json to merge into.")
+
+
+class LoraDeltas:
+    """The adapter's tensors grouped by base weight name, with each module's scale."""
+
+    def __init__(self, adapter_dir: Path):
+        from peft.utils.other import get_pattern_key
+        from safetensors.torch import load_file
+
+        config_path = adapter_dir / "adapter_config.json"
+        if not config_path.exists():
+            raise UserError(f"{adapter_dir} is not an adapter directory (no adapter_config.json).")
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        problems = []
+        if cfg.get("peft_type") != "LORA":
+            problems.append(f"peft_type {cfg.get('peft_type')} (only LORA/DoRA adapters merge here)")
+        if cfg.get("init_lora_weights") not in (True, False, "gaussian"):
+            problems.append(
+                f"init_lora_weights={cfg.get('init_lora_weights')!r} rewrote the base during training; export "
+                "such adapters from their run (mistral-tune saves them converted for the original base)"
+            )
+        for key in ("fan_in_fan_out", "lora_bias", "layer_replication", "use_qalora"):
+            if cfg.get(key):
+                problems.append(f"{key}={cfg[key]!r}")
+        if problems:
+            raise UserError(f"Cannot stream-merge the adapter in {adapter_dir}: " + "; ".join(problems) + ".")
+        self.use_dora = bool(cfg.get("use_dora"))
+        tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        self.lora: dict[str, dict[str, Any]] = {}  # base weight name -> {"A", "B", "m", "scale"}
+        self.replace: dict[str, Any] = {}  # modules_to_save: base tensor name -> trained tensor
+        for key, value in tensors.items():
+            name = key.removeprefix(PREFIX)
+            for part, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_magnitude_vector", "m")):
+                if name.endswith(part):
+                    self.lora.setdefault(name[: -len(part)] + ".weight", {})[slot] = value
+                    break
+            else:
+                if "lora_" in name or "token_adapter" in name:
+                    raise UserError(
+                        f"Cannot stream-merge adapter tensor {key}: not a LoRA/DoRA/modules_to_save weight."
+                    )
+                self.replace[name] = value
+        r, alpha = cfg["r"], cfg["lora_alpha"]
+        for weight, parts in self.lora.items():
+            if "A" not in parts or "B" not in parts or (self.use_dora and "m" not in parts):
+                raise UserError(f"Adapter in {adapter_dir} is incomplete for {weight}: has {sorted(parts)}.")
+            module = weight.removesuffix(".weight")
+            rank = cfg.get("rank_pattern", {}).get(get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), r)
+            a = cfg.get("alpha_pattern", {}).get(get_pattern_key(cfg.get("alpha_pattern", {}).keys(), module), alpha)
+            parts["scale"] = a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank
+
+    def merge(self, name: str, view: Any, dtype: Any):
+        """Base tensor ``name`` with its adapter folded in, as ``dtype``.
+
+        ``view`` is a safetensors slice (or a tensor): ``view[i:j]`` reads rows i..j only.
+        The delta is computed in float32 a block of rows at a time, so beyond the output tensor only a
+        few MB are ever held (DoRA's row norms are per row, so blocks work for it too).
+        """
+        import torch
+
+        if name in self.replace:
+            return self.replace.pop(name).to(dtype)
+        parts = self.lora.pop(name, None)
+        if parts is None:
+            return view[:].to(dtype)
+        shape = list(view.shape) if isinstance(view, torch.Tensor) else list(view.get_shape())
+        out = torch.empty(shape, dtype=dtype)
+        a, b = parts["A"].float(), parts["B"].float()
+        step = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
+        for i in range(0, shape[0], step):
+            j = min(i + step, shape[0])
+            # Same operations, in the same order, as PEFT's merge: W + (B @ A) * scale in float32.
+            w = view[i:j].float() + (b[i:j] @ a) * parts["scale"]
+            if self.use_dora:
+                # DoRA: each output row is rescaled to its trained magnitude m / ||W + scale*BA||.
+                w = (parts["m"][i:j].float() / torch.linalg.norm(w, dim=1)).view(-1, 1) * w
+            out[i:j] = w
+        return out
+
+    def leftovers(self) -> list[str]:
+        return sorted(self.lora) + sorted(self.replace)
+
+
+def nf4_round_trip(weight: Any, quant: dict[str, Any]):
+    """Quantize and dequantize as bitsandbytes did when loading the QLoRA base."""
+    import bitsandbytes as bnb
+    import torch
+
+    w = weight.to(getattr(torch, quant["base_dtype"]))
+    packed, state = bnb.functional.quantize_4bit(
+        w, blocksize=quant["blocksize"], compress_statistics=quant["double_quant"], quant_type=quant["quant_type"]
+    )
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
+class ShardWriter:
+    """Buffer tensors and write a safetensors shard whenever the next one would pass ``max_bytes``."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.buffer: dict[str, Any] = {}
+        self.size = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: Any) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        path = self.out_dir / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.buffer)))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> list[str]:
+        """Rename parts to Hugging Face's shard names and write the index (none for one shard)."""
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            self.files[0][0].rename(self.out_dir / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for i, (path, keys) in enumerate(self.files, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out_dir / final)
+            names.append(final)
+            weight_map.update(dict.fromkeys(keys, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def stream_merge(
+    base_dir: Path,
+    adapter_dir: Optional[Path],
+    out_dir: Path,
+    *,
+    dtype_name: str = "auto",
+    max_shard_size: str = "2GB",
+    quantization: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """Write the merged weights and config.json of ``base_dir`` + ``adapter_dir`` into ``out_dir``.
+
+    ``adapter_dir=None`` re-shards/casts the base alone. ``quantization`` is the QLoRA record from the
+    adapter's sidecar (``adapters.quantization_record``). Returns the shard names and dtype. Writes
+    into ``out_dir`` as it is: callers wrap it in ``export.atomic_directory``.
+    """
+    import torch
+    from safetensors import safe_open
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    deltas = LoraDeltas(Path(adapter_dir)) if adapter_dir is not None else None
+    quantized = set(quantization["modules"]) if quantization else set()
+    writer = ShardWriter(out_dir, parse_size(max_shard_size))
+    dtype = None if dtype_name == "auto" else getattr(torch, dtype_name)
+    for shard in base_shards(base_dir):
+        # One shard's file mapping at a time; each tensor is read (and merged) a block of rows at a time.
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                view = f.get_slice(name)
+                kind = view.get_dtype()
+                if kind not in FLOAT_DTYPES:
+                    writer.add(name, view[:])  # integer buffers, if any, pass through untouched
+                    continue
+                if dtype is None:
+                    dtype = getattr(torch, FLOAT_DTYPES[kind])  # auto: the base checkpoint's own dtype
+                if name.removesuffix(".weight") in quantized:
+                    view = nf4_round_trip(view[:], quantization)  # whole tensor: NF4 scale blocks span rows
+                if deltas is None:
+                    writer.add(name, view[:].to(dtype))
+                else:
+                    writer.add(name, deltas.merge(name, view, dtype))
+    if deltas is not None and deltas.leftovers():
+        missing = deltas.leftovers()
+        raise UserError(
+            f"The adapter has weights for {len(missing)} tensors the base lacks (e.g. {missing[0]}): "
+            f"it was not trained on {base_dir}."
+        )
+    shards = writer.finish()
+    dtype_out = str(dtype).removeprefix("torch.")
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype_out
+    config.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    log.info("streamed merge: %d shard(s), %s, %.1f MB", len(shards), dtype_out, writer.total / 1e6)
+    return {"shards": shards, "dtype": dtype_out, "bytes": writer.total}

@@ -1,0 +1,1 @@
+"""Generation, samplers (keras-hub's names), contrastive search, scoring and reward scoring."""

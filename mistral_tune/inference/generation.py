@@ -1,0 +1,157 @@
+"""Token generation shared by the run's samples, the Python API and the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional, Sequence
+
+from mistral_tune.core.errors import UserError
+
+
+def encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
+    """A string is plain text (with BOS); a list of messages gets the chat template."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+
+
+def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens: int = 32) -> list[str]:
+    """Greedy continuations (new text only) for each prompt, one at a time (no padding involved)."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with torch.no_grad():
+            for prompt in prompts:
+                ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_id,
+                    pad_token_id=tokenizer.pad_id,
+                )
+                outputs.append(tokenizer.decode(out[0, ids.shape[1] :].tolist()))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def is_conversation(value: Any) -> bool:
+    """A conversation is a non-empty list of message dicts (``{"role": ..., "content": ...}``)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, Mapping) for m in value)
+
+
+def normalize_inputs(inputs: Any) -> tuple[list[Any], bool]:
+    """(list of prompts, whether a single prompt was given): str, conversation, or a list of either."""
+    if isinstance(inputs, str) or is_conversation(inputs):
+        return [inputs], True
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) or is_conversation(p) for p in inputs):
+        return list(inputs), False
+    raise UserError(
+        "generate() takes a string, a conversation (a list of {'role', 'content'} dicts), or a non-empty list "
+        f"of those; got {type(inputs).__name__}."
+    )
+
+
+def encode_inputs(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
+    """Token ids per prompt; conversations go through the tokenizer's one chat-template definition."""
+    out = []
+    for prompt in prompts:
+        try:
+            out.append(encode_prompt(tokenizer, prompt))
+        except ValueError as exc:  # the template's own validation (roles, empty turns)
+            raise UserError(f"Invalid conversation: {exc}.") from exc
+    return out
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: Any = None):
+    """(input_ids, attention_mask) with padding on the left, so every prompt ends where generation starts."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = [[pad_id] * (width - len(s)) + list(s) for s in sequences]
+    mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def positions_from_mask(attention_mask: Any):
+    """Position ids that skip left padding: a padded prompt gets the positions it has alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def resolve_stop_ids(stop_token_ids: Any, tokenizer: Any) -> Optional[tuple[int, ...]]:
+    """Stop ids: "auto" -> (EOS,), None -> no stopping, an int or a sequence of ints -> those ids."""
+    if stop_token_ids is None:
+        return None
+    if isinstance(stop_token_ids, str):
+        if stop_token_ids != "auto":
+            raise UserError(f"stop_token_ids must be 'auto', None or token ids; got {stop_token_ids!r}.")
+        return (tokenizer.eos_id,)
+    ids = (stop_token_ids,) if isinstance(stop_token_ids, int) else tuple(stop_token_ids)
+    if not ids or not all(isinstance(i, int) and 0 <= i < tokenizer.vocabulary_size for i in ids):
+        raise UserError(f"stop_token_ids must be ids in [0, {tokenizer.vocabulary_size}); got {stop_token_ids!r}.")
+    return ids
+
+
+@contextlib.contextmanager
+def _clean_generation_config(model: Any, tokenizer: Any) -> Iterator[None]:
+    """Only our arguments steer generate(): a model's saved defaults (top_k=50, eos, ...) are set aside."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    sampler: Any,
+    max_length: int,
+    stop_ids: Optional[tuple[int, ...]],
+) -> list[list[int]]:
+    """New token ids per prompt, batched with left padding, cut before the first stop id.
+
+    ``max_length`` counts the longest prompt plus the new tokens (keras-hub's meaning).
+    """
+    import torch
+
+    longest = max(len(p) for p in prompt_ids)
+    if longest >= max_length:
+        raise UserError(f"The longest prompt has {longest} tokens, which leaves no room below max_length={max_length}.")
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_id, device)
+    kwargs = sampler.generate_kwargs()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), sampler.rng(), _clean_generation_config(model, tokenizer):
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,  # generate() derives padding-aware position ids from it
+                max_length=max_length,
+                eos_token_id=list(stop_ids) if stop_ids else None,
+                pad_token_id=tokenizer.pad_id,
+                use_cache=True,
+                **kwargs,
+            )
+    finally:
+        model.train(was_training)
+    results = []
+    for row in out[:, input_ids.shape[1] :].tolist():
+        if stop_ids:
+            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+            row = row[:cut]
+        results.append(row)
+    return results

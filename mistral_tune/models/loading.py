@@ -1,0 +1,123 @@
+"""Resolve a preset, load the tokenizer and build the model with the chosen attention backend."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from mistral_tune.core.errors import UserError
+from mistral_tune.models.attention import pick_attn_implementation
+from mistral_tune.models.presets import Preset, config_from_keras
+from mistral_tune.models.sources import ModelSource, check_weight_files, download_source, fetch_hub_repo
+
+log = logging.getLogger(__name__)
+
+
+def check_max_length(max_length: int, max_position_embeddings: Optional[int]) -> None:
+    """Refuse a ``trainer.max_length`` longer than the positions the model was built for."""
+    if max_position_embeddings and max_length > max_position_embeddings:
+        raise UserError(
+            f"trainer.max_length={max_length} is beyond the model's max_position_embeddings="
+            f"{max_position_embeddings}: positions past it were never trained. Set trainer.max_length "
+            f"to {max_position_embeddings} or less."
+        )
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def mistral_config(preset: Preset, **overrides: Any):
+    from transformers import MistralConfig
+
+    return MistralConfig(**{**preset.config, **overrides})
+
+
+def keras_layout(directory: Path) -> Optional[dict[str, Any]]:
+    """The backbone arguments of a keras-hub preset directory (Kaggle's Keras variations), else None."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if "class_name" not in data or not isinstance(data.get("config"), dict):
+        return None
+    if data["class_name"] != "MistralBackbone":
+        raise UserError(f"{directory} holds a keras-hub {data['class_name']}, not a MistralBackbone.")
+    return data["config"]
+
+
+def load_config(source: ModelSource, revision: Optional[str] = None, **overrides: Any):
+    """The architecture alone: built-in presets and local directories never touch the network."""
+    from transformers import AutoConfig, MistralConfig
+
+    if source.local_dir is not None:
+        keras_args = keras_layout(source.local_dir)
+        if keras_args is not None:
+            return MistralConfig(**{**config_from_keras(keras_args), **overrides})
+        if not (source.local_dir / "config.json").is_file():
+            raise UserError(f"{source.local_dir} has no config.json; it is not a model directory.")
+        return AutoConfig.from_pretrained(source.local_dir, **overrides)
+    if source.hub_repo is not None and (source.preset is None or source.hub_repo != source.preset.hf_repo):
+        return AutoConfig.from_pretrained(fetch_hub_repo(source.hub_repo, revision, config_only=True), **overrides)
+    return mistral_config(source.preset, **overrides)
+
+
+def load_model(
+    model_cfg: Any, source: ModelSource, *, seed: int = 0, quantization_config: Any = None, task: str = "CAUSAL_LM"
+):
+    """Build the causal LM: random init from the architecture, a local directory, or a hub download.
+
+    Random init happens for the embedded presets and whenever ``model_cfg.load_weights`` is false
+    (only the config is read, no weights are downloaded). Inside ``with torch.device("meta"):`` that
+    builds a 7B architecture without allocating it. ``task="SEQ_CLS"`` builds a reward model instead:
+    the same backbone with a one-output ``score`` head (``MistralForSequenceClassification``,
+    ``num_labels=1``), new when the checkpoint is a causal LM (e.g. an SFT export).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_class = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+    head = {"num_labels": 1} if task == "SEQ_CLS" else {}
+
+    attn = pick_attn_implementation(model_cfg.attn_implementation)
+    dtype = resolve_dtype(model_cfg.dtype)
+    weightless = source.local_dir is None and source.hub_repo is None  # embedded preset
+    if weightless or not model_cfg.load_weights:
+        torch.manual_seed(seed)  # a random-init model is the same model for the same seed
+        config = load_config(source, model_cfg.revision, **head)
+        model = auto_class.from_config(config, attn_implementation=attn).to(dtype)
+        if quantization_config is None:
+            return model
+        # bitsandbytes quantizes while loading, so a random-init base goes through a temporary save.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mistral-tune-base-") as tmp:
+            model.save_pretrained(tmp)
+            return auto_class.from_pretrained(
+                tmp, dtype=dtype, attn_implementation=attn, quantization_config=quantization_config
+            )
+    directory = source.local_dir or download_source(source, model_cfg).local_dir
+    if keras_layout(directory) is not None:
+        raise UserError(
+            f"{directory} is a keras-hub preset; its model.weights.h5 is Keras-format and mistral-tune loads "
+            "Hugging Face safetensors only. Use load_weights=False for the architecture, or the Hugging Face "
+            "checkpoint (e.g. hf://mistralai/Mistral-7B-v0.1 or a Kaggle PyTorch/HF variation)."
+        )
+    check_weight_files(directory, model_cfg.allow_pickle)
+    return auto_class.from_pretrained(
+        directory,
+        **head,
+        dtype=dtype,
+        attn_implementation=attn,
+        quantization_config=quantization_config,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=not model_cfg.allow_pickle,
+    )

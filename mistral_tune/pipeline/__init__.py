@@ -1,0 +1,1 @@
+"""The training pipeline that wires every layer in order, its summary, the dry run and its estimates."""

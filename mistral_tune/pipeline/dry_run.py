@@ -1,0 +1,134 @@
+"""``mistral-tune recipe=... dry_run=true``: size up a run without training or downloading anything.
+
+Resolves the config, builds the model (and its adapter) on the meta device, where tensors have
+shapes but no storage, counts parameters, and prints the memory and speed estimates of
+``mistral_tune.estimate``. Built-in presets need no network: their architecture is in presets.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mistral_tune.core.errors import UserError
+from mistral_tune.pipeline import estimate
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg: Any) -> tuple[dict[str, Any], str]:
+    """The architecture dict of ``cfg.model`` and a label saying where it came from."""
+    from mistral_tune.models.sources import fetch_hub_repo, resolve_source
+
+    source = resolve_source(cfg.model.name, cfg.model.path)
+    if source.local_dir is None and source.preset is not None and not cfg.model.path:
+        return dict(source.preset.config), f"built-in preset {source.preset.id}"
+    directory = source.local_dir or fetch_hub_repo(source.hub_repo, cfg.model.revision, config_only=True)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UserError(f"{directory} has no config.json, so its architecture is unknown.")
+    return json.loads(path.read_text(encoding="utf-8")), str(directory)
+
+
+def build_on_meta(config: dict[str, Any], adapter_cfg: Any):
+    """The causal LM with its adapter, on the meta device: shapes and parameter counts, no memory."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from mistral_tune.adapters.build import lora_config
+
+    known = MistralConfig().to_dict()
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig(**{k: v for k, v in config.items() if k in known}))
+        if adapter_cfg.name == "none":
+            model.requires_grad_(True)
+            return model
+        from peft import get_peft_model
+
+        # QLoRA's adapter has the same shapes as LoRA's; the 4-bit base is costed by the estimator.
+        return get_peft_model(model, lora_config(adapter_cfg))
+
+
+def run_shape(cfg: Any) -> estimate.RunShape:
+    """Per-device step shape from the config; ``auto`` choices resolve as on a bf16 GPU without flash-attn."""
+    from mistral_tune.launch.accelerate import total_processes
+
+    attn = cfg.model.attn_implementation
+    return estimate.RunShape(
+        batch_size=cfg.train.per_device_train_batch_size,
+        seq_len=cfg.trainer.max_length,
+        grad_accum=cfg.train.gradient_accumulation_steps,
+        num_devices=total_processes(cfg.launcher),  # launcher.num_processes=0 -> one per visible GPU
+        adapter=cfg.adapter.name,
+        target_modules=tuple(cfg.adapter.target_modules),
+        lora_r=cfg.adapter.r,
+        lora_dropout=cfg.adapter.dropout,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        compute_bytes=4 if cfg.model.dtype == "float32" else 2,
+        attn="sdpa" if attn in ("auto", "flex_attention") else attn,
+        optim=cfg.train.optim,
+        loss="plain" if cfg.trainer.loss == "plain" else "chunked",
+    )
+
+
+def dry_run(cfg: Any) -> dict[str, Any]:
+    """Print sizes and estimates for ``cfg``; returns them as a dict. Trains and writes nothing."""
+    from mistral_tune.adapters.build import count_parameters
+    from mistral_tune.models.loading import check_max_length
+
+    config, origin = model_config(cfg)
+    check_max_length(cfg.trainer.max_length, config.get("max_position_embeddings"))
+    model = build_on_meta(config, cfg.adapter)
+    trainable, total = count_parameters(model)
+    shape = run_shape(cfg)
+    memory = estimate.estimate_memory(config, shape, trainable=trainable, total=total)
+    speed = estimate.estimate_speed(config, shape, trainable=trainable, gpu=cfg.dry_run_gpu, mfu=cfg.dry_run_mfu)
+    print(render(cfg, origin, trainable, total, shape, memory, speed))
+    return {
+        "parameters": {"trainable": trainable, "total": total},
+        "tokens_per_step": shape.tokens_per_step,
+        "memory_bytes": {k: b for k, (b, _) in memory.terms.items()},
+        "peak_memory_bytes": memory.peak_bytes,
+        "peak_memory_bytes_other_checkpointing": memory.peak_bytes_other_checkpointing,
+        "step_seconds": speed.step_seconds,
+        "tokens_per_second": speed.tokens_per_second,
+    }
+
+
+def render(cfg, origin, trainable, total, shape, memory, speed) -> str:
+    a = cfg.adapter
+    adapter = "none (full fine-tuning)" if a.name == "none" else f"{a.name} r={a.r} on {', '.join(a.target_modules)}"
+    gc = "on" if shape.gradient_checkpointing else "off"
+    dtype = "fp32" if estimate.activation_bytes(shape) == 4 else "bf16"
+    lines = [
+        f"dry run of recipe {cfg.recipe}: nothing is trained or downloaded",
+        f"  model        {cfg.model.name} ({origin})",
+        f"  adapter      {adapter}",
+        f"  parameters   {total:,} total, {trainable:,} trainable ({100 * trainable / total:.3f}%)",
+        f"  tokens/step  up to {shape.tokens_per_step:,} = batch {shape.batch_size} x accumulation "
+        f"{shape.grad_accum} x {shape.num_devices} device(s) x max_length {shape.seq_len}",
+        "",
+        f"estimated peak memory per device ({dtype} activations, {shape.attn} attention, gradient checkpointing {gc}):",
+    ]
+    for label, (nbytes, note) in memory.terms.items():
+        lines.append(f"  {label:<30} {estimate.gib(nbytes):>10}   {note}")
+    other = "off" if shape.gradient_checkpointing else "on"
+    lines.append(
+        f"  {'peak':<30} {estimate.gib(memory.peak_bytes):>10}   "
+        f"(gradient checkpointing {other}: {estimate.gib(memory.peak_bytes_other_checkpointing)})"
+    )
+    fit = estimate.fits(memory.peak_bytes, cfg.dry_run_gpu)
+    lines += [
+        f"  fits one {speed.gpu.name}: {'yes' if fit else 'no'} ({speed.gpu.memory_gib:g} GiB usable)",
+        "",
+        f"estimated speed on {speed.gpu.name} at {speed.mfu:.0%} FLOPs utilization "
+        f"({speed.gpu.bf16_tflops if shape.compute_bytes < 4 else speed.gpu.tf32_tflops:g} TFLOPS peak, dry_run_mfu):",
+        f"  {speed.flops_per_token / 1e9:.1f} GFLOPs per token (forward, backward"
+        f"{', recomputation' if shape.gradient_checkpointing else ''})",
+        f"  {speed.step_seconds:.3g} s per optimizer step, {speed.tokens_per_second:,.0f} tokens/s"
+        f"{' over all devices' if shape.num_devices > 1 else ''}",
+    ]
+    if cfg.trainer.name != "sft":
+        lines.append(f"  note: estimated as one SFT sequence per example; trainer={cfg.trainer.name} may differ")
+    return "\n".join(lines)

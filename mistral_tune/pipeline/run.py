@@ -1,0 +1,291 @@
+"""The training pipeline: config -> model + tokenizer -> adapter -> data -> trainer -> export.
+
+Each step lives in its own module; this file only wires them in order and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+from mistral_tune.core.logs import log_warning, setup_logging, teardown_logging
+from mistral_tune.core.process import default_output_dir
+from mistral_tune.export.preset import provenance
+from mistral_tune.export.verify import VERIFY_PROMPTS
+from mistral_tune.pipeline.summary import build_summary, finish_run, peak_memory
+
+log = logging.getLogger("mistral_tune")
+
+
+def preflight(cfg: Any) -> None:
+    """Cheap checks that fail in milliseconds, before minutes of model loading."""
+    import mistral_tune.models.loading as models
+    from mistral_tune.config.schema import eval_fraction
+    from mistral_tune.data.sources import resolve_local_path
+    from mistral_tune.models.presets import PRESETS
+
+    resolve_local_path(cfg.data.path)
+    if cfg.data.eval_split and eval_fraction(cfg.data.eval_split) is None:
+        resolve_local_path(cfg.data.eval_split)
+    preset = PRESETS.get(cfg.model.name)
+    if preset is not None and not cfg.model.path:
+        models.check_max_length(cfg.trainer.max_length, preset.config.get("max_position_embeddings"))
+
+
+def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train and export as ``cfg`` says; returns the run summary (also written to summary.json).
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects for Python API users. Raises
+    ``guards.TrainingInterrupted`` after saving a checkpoint on SIGTERM/SIGINT, and
+    ``guards.NonFiniteLoss`` on a NaN/inf loss with ``on_nan=stop``.
+    """
+    import mistral_tune.launch.engine as distributed
+    from mistral_tune.core.files import check_writable
+    from mistral_tune.core.process import is_main_process, shared_run_dir
+
+    # In a multi-process launch only rank 0 writes; the others train and help save (distributed.py).
+    main_process = is_main_process()
+    output_dir_given = cfg.output_dir is not None
+    run_dir = shared_run_dir(cfg.output_dir, lambda when: default_output_dir(cfg.recipe, when))
+    if main_process:
+        check_writable(run_dir)
+    preflight(cfg)
+    cfg.output_dir = str(run_dir)
+    setup_logging(run_dir, main_process)
+    distributed.prepare_process(cfg)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # a log file or CI: the progress lines say enough, no tqdm bars
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = log_warning
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")  # CPU-only machines: harmless
+            # TRL and PEFT read the renamed model property; nothing a user can change
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            return train_and_export(cfg, run_dir, output_dir_given, callbacks, main_process)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        teardown_logging()
+
+
+def train_and_export(
+    cfg: Any, run_dir: Path, output_dir_given: bool, callbacks: Sequence[Any], main_process: bool
+) -> dict[str, Any]:
+    import mistral_tune.launch.engine as distributed
+    from mistral_tune.core.files import save_json
+    from mistral_tune.core.process import world_size
+    from mistral_tune.core.redaction import redact, redact_config
+    from mistral_tune.train.resume import resolve_resume
+
+    resume_from = resolve_resume(cfg.resume, run_dir, output_dir_given)
+    config = redact_config(cfg)  # what the run directory and the tracker get to see
+    config_yaml = OmegaConf.to_yaml(config)
+    if main_process:
+        (run_dir / "resolved_config.yaml").write_text(config_yaml, encoding="utf-8")
+    log.info("run directory: %s", run_dir)
+    if cfg.train.eval_steps and not cfg.data.eval_split:
+        log.warning(
+            "train.eval_steps=%d is set but data.eval_split is not: no evaluation will run", cfg.train.eval_steps
+        )
+    started = time.time()
+
+    import mistral_tune.models.loading as models
+    from mistral_tune.models.sources import download_source, resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
+
+    # Before the heavy imports, so an offline machine gets its answer in about a second.
+    source = download_source(resolve_source(cfg.model.name, cfg.model.path), cfg.model)
+
+    import torch
+    from transformers import set_seed
+
+    import mistral_tune.adapters.build as adapters
+    from mistral_tune.adapters.quantization import check_optimizer, match_adapter_dtype, quantization_config
+    from mistral_tune.export.model_card import write_model_card
+    from mistral_tune.pipeline.summary import stopped_summary
+    from mistral_tune.tracking.metrics import MetricsJsonl
+    from mistral_tune.tracking.progress import ProgressReporter, use_progress_reporter
+    from mistral_tune.tracking.trackers import start_tracking
+    from mistral_tune.train import resume
+    from mistral_tune.train.base import get_trainer
+    from mistral_tune.train.nonfinite import NonFiniteLoss
+    from mistral_tune.train.signals import GracefulStop, TrainingInterrupted, train_guarded
+
+    method = get_trainer(cfg.trainer.name)  # trainers/sft.py, dpo.py, reward.py: one interface
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks here anyway, minus its warning
+    if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        from mistral_tune.core.errors import UserError
+
+        raise UserError(
+            "model.attn_implementation=flex_attention cannot train without a CUDA GPU: torch compiles it for "
+            "inference only on CPU (no backward). Use model.attn_implementation=sdpa here (also sliding-window "
+            "correct); flex_attention stays available for generate/chat."
+        )
+    set_seed(cfg.train.seed)
+    check_optimizer(cfg.train.optim)
+    tokenizer = load_tokenizer(source)
+    compute_dtype = models.resolve_dtype(cfg.model.dtype)
+    quant = distributed.quantization_for_engine(quantization_config(cfg.adapter, compute_dtype))
+    model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant, task=method.TASK_TYPE)
+    models.check_max_length(cfg.trainer.max_length, model.config.max_position_embeddings)
+    init_dir = run_dir / ".adapter-init"  # only used when adapter.init rewrites the base (PiSSA/OLoRA)
+    model = adapters.apply_adapter(
+        model,
+        cfg.adapter,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        init_dir=init_dir,
+        task_type=method.TASK_TYPE,
+    )
+    trainable, total = adapters.count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    prepared = method.prepare_data(cfg, tokenizer)
+    train_ds, report = prepared.train, prepared.report
+    steps = resume.planned_steps(cfg.train, len(train_ds), world_size())
+    resume.check_disk_for_run(
+        cfg, run_dir, trainable=trainable, total=total, param_bytes=compute_dtype.itemsize, steps=steps
+    )
+    metrics = MetricsJsonl(run_dir / "metrics.jsonl")
+    if cfg.resume and main_process:  # drop records past the checkpoint: the resumed run logs those steps again
+        metrics.records.extend(resume.trim_metrics(metrics.path, trainer_step(resume_from)))
+    stop = GracefulStop()
+    tracking = start_tracking(cfg.tracking, run_dir, config, config_yaml) if main_process else None
+    extra = [*tracking.callbacks] if tracking else []
+    try:
+        trainer = method.build_trainer(
+            cfg,
+            model,
+            tokenizer,
+            prepared,
+            run_dir,
+            [*extra, metrics, stop, *distributed.fault_drill_callbacks(), *callbacks],
+        )
+        use_progress_reporter(trainer, ProgressReporter(metrics))
+        if quant is not None:
+            match_adapter_dtype(trainer.model, quant.bnb_4bit_compute_dtype)
+        trainer.data_fingerprint = resume.dataset_fingerprint(train_ds)
+        if resume_from is not None:
+            saved = resume.check_compatible(resume_from, trainer.data_fingerprint, resume.batch_geometry(trainer.args))
+            trainer.nan_skipped_steps.extend(saved.get("nan_skipped_steps", []))
+            log.info("resuming from %s (step %d)", resume_from, saved["step"])
+        try:
+            result = train_guarded(trainer, stop, resume_from)
+        except (NonFiniteLoss, TrainingInterrupted) as exc:
+            if main_process:
+                summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
+                save_json(run_dir / "summary.json", redact(summary))
+            raise
+        extras = method.finish(trainer, prepared)
+        outputs = save_outputs(
+            cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process, init_dir, method
+        )
+        if not main_process:
+            return {}
+        summary = build_summary(cfg, run_dir, result, trainer, metrics.records, report, started, resume_from)
+        summary.update(outputs)
+        summary.update(extras)
+        summary["parameters"] = {"trainable": trainable, "total": total}
+        summary["peak_memory_bytes"], summary["peak_memory_kind"] = peak_memory(torch)
+        summary["tracking"] = tracking.info
+        if outputs["adapter"]:
+            write_model_card(Path(outputs["adapter"]), cfg, redact(summary))
+        finish_run(run_dir, summary)
+        tracking.log_summary(redact(summary))
+    except BaseException:
+        if tracking:
+            tracking.finish(failed=True)
+        raise
+    tracking.finish()
+    return summary
+
+
+def save_outputs(
+    cfg: Any,
+    run_dir: Path,
+    trainer: Any,
+    tokenizer: Any,
+    prepared: Any,
+    source: Any,
+    quant: Any,
+    main_process: bool,
+    init_dir: Path,
+    method: Any,
+) -> dict[str, Any]:
+    """adapter/, samples.jsonl, merged/ and preset/; returns where they are and each export's check.
+
+    Rank 0 only writes; the other ranks return {} after taking part in the save.
+    """
+    import mistral_tune.adapters.build as adapters
+    import mistral_tune.export.merged as export
+    import mistral_tune.launch.engine as distributed
+    from mistral_tune.core.files import atomic_directory
+    from mistral_tune.core.redaction import redact
+    from mistral_tune.export.model_card import base_label
+
+    # Every process takes part in saving (ZeRO-3 and FSDP gather the shards); rank 0 writes, then goes on alone.
+    model = trainer.model
+    adapter_dir = run_dir / "adapter" if cfg.adapter.name != "none" else None
+    sharded = distributed.params_sharded(trainer)
+    if sharded:
+        saved_dir = adapter_dir or run_dir / "checkpoints" / "final"
+        with atomic_directory(saved_dir) if main_process else nullcontext(saved_dir) as target:
+            distributed.save_trained(trainer, target)
+    if not main_process:
+        return {}
+    if sharded:  # rank 0 holds only a shard: rebuild the model from the save
+        model = distributed.load_trained(
+            cfg, source, quant, saved_dir, pad_token_id=tokenizer.pad_id, task=method.TASK_TYPE
+        )
+    if adapter_dir is not None:
+        base = {"name": cfg.model.name, "path": cfg.model.path, "seed": cfg.train.seed, "label": base_label(cfg.model),
+                "load_weights": cfg.model.load_weights}  # fmt: skip
+        with atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
+            adapters.save_adapter(model, tmp, base=base, kind=cfg.adapter.name, init_dir=init_dir)
+
+    samples = method.samples(model, tokenizer, prepared, cfg)  # the trainer module's samples.jsonl records
+    if samples:
+        with (run_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+
+    exported: dict[str, Any] = {}
+    if cfg.export.merged or cfg.export.preset:
+        exported = export.export_model(
+            model,
+            tokenizer,
+            prompts=VERIFY_PROMPTS,
+            dtype_name=cfg.export.dtype,
+            merged_dir=run_dir / "merged" if cfg.export.merged else None,
+            preset_dir=run_dir / "preset" if cfg.export.preset else None,
+            max_shard_size=cfg.export.max_shard_size,
+            verify=cfg.export.verify,
+            tolerance=cfg.export.tolerance,
+            base_preset=cfg.model.name,
+            provenance=redact(provenance(cfg)),
+        )
+    return {
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "merged": exported.get("merged"),
+        "preset": exported.get("preset"),
+    }
+
+
+def trainer_step(checkpoint: Any) -> int:
+    """The global step a checkpoint was saved at; 0 when starting fresh."""
+    from mistral_tune.train.checkpoints import checkpoint_step
+
+    return (checkpoint_step(checkpoint) or 0) if checkpoint else 0

@@ -1,0 +1,156 @@
+"""SFT through TRL's ``SFTTrainer``, configured from the ``train``/``trainer`` config groups."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer
+from trl import SFTConfig, SFTTrainer
+
+import mistral_tune.train.lm_head_loss as losses
+from mistral_tune.data.packing import batch_token_count, prepare_packing
+from mistral_tune.train.base import RunStateMixin, common_args
+from mistral_tune.train.checkpoints import AtomicCheckpointMixin
+from mistral_tune.train.nonfinite import NonFiniteLossMixin
+
+log = logging.getLogger(__name__)
+
+
+class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin, SFTTrainer):
+    """SFTTrainer with a lean causal-LM loss and a count of non-padding tokens.
+
+    TRL's own ``compute_loss`` routes every step through a chunked log-prob/entropy head to log
+    entropy and token accuracy; on small models that costs more than the step itself. We train on
+    the model's own loss (identical value: mean NLL over label tokens) and log tokens seen instead.
+    ``loss_impl`` (``trainer.loss``) picks how that NLL meets the vocabulary: ``plain`` lets the
+    model build full logits; ``chunked``/``liger`` compute it from the final hidden states without
+    them (mistral_tune.train.lm_head_loss).
+    Checkpoints are written atomically (``AtomicCheckpointMixin``) and NaN/inf losses follow
+    ``on_nan`` (``NonFiniteLossMixin``).
+    """
+
+    def __init__(self, *args: Any, loss_impl: str = "plain", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # auto -> liger or chunked, once (an impossible liger fails here, before the first step)
+        self.loss_impl = loss_impl if loss_impl == "plain" else losses.resolve_impl(loss_impl, self.args.device)
+        self._head_capture = None  # installed on the first chunked/liger step
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.count_tokens(model, inputs, batch_token_count(inputs))
+        inputs["use_cache"] = False  # also required for packed batches: a cache hides their layout
+        if self.loss_impl == "plain" or return_outputs or "labels" not in inputs:
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self._head_capture is None:
+            if losses.head_is_sharded(losses.output_head(model)):
+                log.warning(
+                    "trainer.loss=%s: the LM head is sharded (ZeRO-3/FSDP); using the plain loss", self.loss_impl
+                )
+                self.loss_impl = "plain"
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            self._head_capture = losses.HeadInputCapture(model)
+        with self._head_capture.active_for_one_call() as captured:
+            model(**model_inputs)
+        hidden, captured.hidden = captured.hidden, None
+        loss = losses.causal_lm_loss(
+            hidden,
+            captured.head,
+            inputs["labels"],
+            num_items_in_batch=num_items_in_batch,
+            impl=self.loss_impl,
+        )
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if isinstance(logs.get("eval_loss"), float):
+            # Perplexity of the eval split: exp of the mean token NLL (inf past float range).
+            logs["eval_perplexity"] = math.exp(logs["eval_loss"]) if logs["eval_loss"] < 700 else float("inf")
+        super().log(logs, start_time)
+
+
+def sft_config(cfg: Any, run_dir: Path, has_eval: bool = False, *, flat_packing: bool = False) -> SFTConfig:
+    """TRL's config from ours. ``flat_packing``: packed rows go through TRL's flattening padding-free
+    collator (flash-attn varlen); otherwise packed batches use mistral_tune.data.packing's collator."""
+    return SFTConfig(
+        **common_args(cfg, run_dir, has_eval),
+        prediction_loss_only=True,  # eval needs the loss only; gathering logits would cost vocab x tokens
+        max_length=None,  # examples are tokenized and truncated by mistral_tune.data
+        dataset_kwargs={"skip_prepare_dataset": True},
+        # Packing itself is done by mistral_tune.packing (whole examples, counted).
+        packing=flat_packing,
+        padding_free=flat_packing,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+
+
+def build_sft_trainer(
+    cfg: Any,
+    model: Any,
+    hf_tokenizer: Any,
+    train_dataset: Any,
+    run_dir: Path,
+    callbacks: list,
+    eval_dataset: Any = None,
+):
+    collator, flat, packing_report = None, False, None
+    if cfg.trainer.packing:
+        train_dataset, collator, flat, packing_report = prepare_packing(
+            train_dataset, cfg.trainer.max_length, model.config._attn_implementation, pad_token_id(hf_tokenizer)
+        )
+    trainer = MistralSFTTrainer(
+        model=model,
+        args=sft_config(cfg, run_dir, has_eval=eval_dataset is not None, flat_packing=flat),
+        data_collator=collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=hf_tokenizer,
+        callbacks=callbacks,
+        on_nan=cfg.on_nan,
+        loss_impl=cfg.trainer.loss,
+    )
+    trainer.packing_report = packing_report
+    return trainer
+
+
+def pad_token_id(hf_tokenizer: Any) -> int:
+    """The id padding uses (TRL falls back to EOS the same way); padded positions are never trained."""
+    return hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else hf_tokenizer.eos_token_id
+
+
+# The interface shared by every trainer module (see mistral_tune/trainers/__init__.py).
+TASK_TYPE = "CAUSAL_LM"
+
+
+def prepare_data(cfg: Any, tokenizer: Any):
+    import mistral_tune.data.sft as data
+
+    return data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+
+
+def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path, callbacks: list):
+    return build_sft_trainer(cfg, model, tokenizer.to_hf(), data.train, run_dir, callbacks, eval_dataset=data.eval)
+
+
+def finish(trainer: Any, data: Any) -> dict:
+    return {}
+
+
+def samples(model: Any, tokenizer: Any, data: Any, cfg: Any) -> list[dict]:
+    """Greedy generations for held-out prompts, next to the reference answer."""
+    from mistral_tune.data.sft import prompt_and_reference
+    from mistral_tune.inference.generation import greedy_generate
+
+    if not cfg.export.num_samples or not data.holdout:
+        return []
+    pairs = [
+        prompt_and_reference(r, data.format, cfg.data.system_prompt) for r in data.holdout[: cfg.export.num_samples]
+    ]
+    generations = greedy_generate(model, tokenizer, [p for p, _ in pairs], cfg.export.sample_max_new_tokens)
+    return [{"prompt": p, "reference": ref, "generation": g} for (p, ref), g in zip(pairs, generations)]
