@@ -52,7 +52,7 @@ def main(overrides: list[str]) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="step-breakdown-"))
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
     trainer = build_sft_trainer(cfg, model, tokenizer.to_hf(), dataset, run_dir, [GracefulStop(), metrics])
-    use_progress_reporter(trainer, ProgressReporter(metrics))  # as mistral_tune.run does
+    use_progress_reporter(trainer, ProgressReporter(metrics))  # as mistral_tune.pipeline.run does
     trainer.train()
 
     model = trainer.model_wrapped

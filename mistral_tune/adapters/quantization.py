@@ -4,13 +4,9 @@ dtypes, and the optimizers that need CUDA.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 from mistral_tune.core.errors import UserError
-
-log = logging.getLogger(__name__)
-
 
 # TrainingArguments optimizers whose state is paged between GPU and CPU memory (CUDA unified memory).
 PAGED_OPTIMIZERS = (

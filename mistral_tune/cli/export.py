@@ -12,9 +12,6 @@ from typing import Any
 from mistral_tune.core.errors import UserError
 from mistral_tune.export.from_adapter import FORMATS, export_formats, plan
 
-log = logging.getLogger(__name__)
-
-
 USAGE = """\
 usage: mistral-tune export run_dir=PATH [formats=[merged,preset,adapter]] [dtype=auto] [max_shard_size=2GB]
                            [verify=true] [tolerance=X]

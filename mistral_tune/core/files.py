@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 from mistral_tune.core.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

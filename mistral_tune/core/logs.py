@@ -8,9 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-log = logging.getLogger("mistral_tune")
-
-
 _HANDLERS: list[logging.Handler] = []  # installed by the running (or previous) run() in this process
 
 

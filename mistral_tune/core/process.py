@@ -4,15 +4,11 @@ the one run directory all ranks share, and torchrun's error file. Torch-free.
 
 from __future__ import annotations
 
-import logging
 import os
 from datetime import datetime
 from pathlib import Path
 
 from mistral_tune.core.errors import UserError
-
-log = logging.getLogger(__name__)
-
 
 # Fault drill: the process of this global rank raises at the end of optimizer step 1. Lets a user (and
 # the tests) check that one failing process ends the whole job and that its error is the one shown.
@@ -79,9 +75,6 @@ def record_error(exc: BaseException) -> None:
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     get_error_handler().record_exception(exc)
-
-
-log = logging.getLogger("mistral_tune")
 
 
 def default_output_dir(recipe: str, when: datetime | None = None) -> Path:

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.report import DataReport
 from mistral_tune.models.presets import is_hub_id
-
-log = logging.getLogger(__name__)
-
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 

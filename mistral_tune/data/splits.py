@@ -5,14 +5,11 @@ counting, shared by SFT and preference data.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, Optional
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.report import DataReport
 from mistral_tune.data.sources import load_records
-
-log = logging.getLogger(__name__)
 
 
 def split_eval_and_train(data_cfg: Any, items: list, rest: list[int], report: DataReport, noun: str):

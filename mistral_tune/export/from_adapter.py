@@ -11,7 +11,6 @@ itself needs about one shard. ``verify=false`` skips it (the summary then says s
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from contextlib import ExitStack
@@ -20,9 +19,6 @@ from typing import Any, Optional
 
 from mistral_tune.adapters.build import read_sidecar
 from mistral_tune.core.errors import UserError
-
-log = logging.getLogger(__name__)
-
 
 FORMATS = ("merged", "preset", "adapter")
 

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 from mistral_tune.adapters.quantization import is_4bit_linear
 from mistral_tune.export.verify import ExportMismatch
-
-log = logging.getLogger(__name__)
-
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -72,7 +68,6 @@ def merged_state_dict(model: Any):
     Plain LoRA layers are folded as W + delta, computed out of place, so a model still being trained
     keeps its adapter. Other PEFT wrappers (DoRA, modules_to_save) are merged on a copy.
     """
-
     from peft import PeftModel
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer

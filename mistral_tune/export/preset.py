@@ -96,9 +96,6 @@ def write_preset(
     return out_dir
 
 
-log = logging.getLogger("mistral_tune")
-
-
 def provenance(cfg: Any) -> dict[str, Any]:
     """Where a preset came from: recipe, base, adapter, data and training settings of this run."""
     return {

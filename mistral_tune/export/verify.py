@@ -112,9 +112,6 @@ def warn_if_indistinguishable(shift: Optional[float], tol: Optional[float], dtyp
         )
 
 
-log = logging.getLogger("mistral_tune")
-
-
 VERIFY_PROMPTS = (
     "The capital of France is",
     "def add(a, b):\n    return",

@@ -8,13 +8,10 @@ done by ``models.py`` (the same code the training recipes use); this module maps
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.models.sources import read_metadata, resolve_handle
-
-log = logging.getLogger(__name__)
 
 
 def preset_label(preset: Any, source: Any) -> str:

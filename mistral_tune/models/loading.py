@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,8 +10,6 @@ from mistral_tune.core.errors import UserError
 from mistral_tune.models.attention import pick_attn_implementation
 from mistral_tune.models.presets import Preset, config_from_keras
 from mistral_tune.models.sources import ModelSource, check_weight_files, download_source, fetch_hub_repo
-
-log = logging.getLogger(__name__)
 
 
 def check_max_length(max_length: int, max_position_embeddings: Optional[int]) -> None:

@@ -5,7 +5,6 @@ hub access fails fast with the repo named, and pickle weights are refused unless
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +12,6 @@ from typing import Any, Optional
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.models.presets import PRESETS, Preset, is_hub_id
-
-log = logging.getLogger(__name__)
-
 
 METADATA_FILE = "metadata.json"
 
@@ -54,9 +50,6 @@ def read_metadata(directory: Path | None) -> dict[str, Any]:
         return json.loads((Path(directory) / METADATA_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{Path(directory) / METADATA_FILE} is not valid JSON ({exc}).") from exc
-
-
-log = logging.getLogger(__name__)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")

@@ -23,6 +23,8 @@ from typing import Any
 from mistral_tune.models.presets import PRESETS
 from mistral_tune.models.sources import ModelSource, resolve_handle
 
+log = logging.getLogger(__name__)
+
 _MODEL_FILES = {
     "v1": "tokenizer.model.v1",
     "v2": "mistral_instruct_tokenizer_240216.model.v2",
@@ -172,7 +174,6 @@ class MistralTokenizer:
         Built-in presets resolve offline from mistral-common's files: v1 for the 7B v0.1 base and
         Instruct v0.1/v0.2, v3 for v0.3.
         """
-
         return load_preset_tokenizer(preset, revision=revision)
 
     def __repr__(self) -> str:
@@ -354,21 +355,13 @@ class MistralTokenizer:
         return cls(model_file, chat_template="v3" if inst != sp.unk_id() and sp.is_control(inst) else "v1")
 
 
-log = logging.getLogger(__name__)
-
-
 def load_preset_tokenizer(preset: str, revision: str | None = None):
     """Only the tokenizer of a handle (built-in presets resolve offline from mistral-common's files)."""
-
     return load_tokenizer(resolve_handle(preset, load_weights=False, revision=revision))
-
-
-log = logging.getLogger(__name__)
 
 
 def load_tokenizer(source: ModelSource):
     """The exact sentencepiece tokenizer: a saved one, or the preset's file from mistral-common."""
-
     if source.local_dir is not None and (source.local_dir / "tokenizer.model").exists():
         return MistralTokenizer.from_pretrained(source.local_dir)
     keras_spm = source.local_dir / "assets" / "tokenizer" / "vocabulary.spm" if source.local_dir else None

@@ -8,13 +8,10 @@ shapes but no storage, counts parameters, and prints the memory and speed estima
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.pipeline import estimate
-
-log = logging.getLogger(__name__)
 
 
 def model_config(cfg: Any) -> tuple[dict[str, Any], str]:

@@ -37,9 +37,6 @@ def stopped_summary(cfg: Any, trainer: Any, exc: Exception, data: dict, resume_f
     }
 
 
-log = logging.getLogger("mistral_tune")
-
-
 def build_summary(cfg, run_dir, result, trainer, records, report, started, resume_from) -> dict[str, Any]:
     """summary.json's numbers: losses, eval losses, tokens, times, and the launch's world size and batch."""
     import mistral_tune.launch.engine as distributed

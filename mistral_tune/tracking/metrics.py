@@ -5,16 +5,12 @@ written by rank 0 whatever tracker is chosen.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-
-log = logging.getLogger(__name__)
-
 
 # Fields of each metrics.jsonl record. Users' scripts read these: keep them stable.
 METRIC_FIELDS = ("step", "loss", "learning_rate", "tokens_seen", "tokens_per_second", "elapsed_seconds")
