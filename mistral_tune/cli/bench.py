@@ -52,7 +52,6 @@ before the first --variant and that variant's own after it.""",
   mistral-tune bench recipe=sft_lora --steps 10 --warmup 3
   mistral-tune bench recipe=sft_lora --variant chunked trainer.loss=chunked --variant plain trainer.loss=plain""",
 )  # fmt: skip
-USAGE = BENCH.help()
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, Any], list[str]]:

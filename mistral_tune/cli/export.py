@@ -36,7 +36,6 @@ usage: mistral-tune export run_dir=PATH [formats=[merged,preset,adapter]] [dtype
         Key("seed", int, help="the seed a random-init preset (mistral_tiny) was built with; run_dir reads it from the run"),
     ),
 )  # fmt: skip
-USAGE = EXPORT.help()
 
 
 def parse_args(args: list[str]) -> dict[str, Any]:

@@ -9,12 +9,11 @@ from typing import Any
 from mistral_tune.cli.args import Command, Key, run_help
 from mistral_tune.core.errors import UserError
 
-LOAD_KEYS = (
-    Key(
-        "preset",
-        help="built-in id, hf://org/name, kaggle://..., or a directory (e.g. a run's merged/)",
-        required="No preset given. Pass preset=ID_OR_PATH (a built-in id, hf://org/name or a directory).",
-    ),
+# The keys generate and chat share: the model, how it is loaded, and the sampler.
+PRESET = Key(
+    "preset",
+    help="built-in id, hf://org/name, kaggle://..., or a directory (e.g. a run's merged/)",
+    required="No preset given. Pass preset=ID_OR_PATH (a built-in id, hf://org/name or a directory).",
 )
 MODEL_KEYS = (
     Key("dtype", help="how the model is loaded"),
@@ -32,7 +31,7 @@ GENERATE = Command(
     "generate",
     'usage: mistral-tune generate preset=ID_OR_PATH prompt="..." [prompt="..." ...] [key=value ...]',
     keys=(
-        *LOAD_KEYS,
+        PRESET,
         Key(
             "prompt",
             repeatable=True,
@@ -53,14 +52,13 @@ CHAT = Command(
     'usage: mistral-tune chat preset=ID_OR_PATH [system="..."] [max_new_tokens=256] [sampler=...] [key=value ...]',
     description="Type a message and press enter; /reset starts over, /exit or Ctrl-D (EOF) quits.",
     keys=(
-        *LOAD_KEYS,
+        PRESET,
         Key("system", help="a system message the conversation starts with"),
         Key("max_new_tokens", int, 256, help="new tokens per reply (default 256)"),
         *SAMPLER_KEYS,
         *MODEL_KEYS,
     ),
 )
-GENERATE_USAGE, CHAT_USAGE = GENERATE.help(), CHAT.help()
 
 
 def build_sampler(opts: dict[str, Any]):

@@ -30,7 +30,6 @@ SCORE = Command(
         Key("seed", int, 42, help="the seed a random-init preset was built with (default 42)"),
     ),
 )  # fmt: skip
-USAGE = SCORE.help()
 
 
 def parse_args(args: list[str]) -> dict[str, Any]:
