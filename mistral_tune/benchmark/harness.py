@@ -4,7 +4,8 @@ Each variant (a set of overrides on top of the common ones) runs in a fresh Pyth
 (``mistral_tune.benchmark.worker``), so peak memory and warm-up never leak from one variant into
 the next. Inside it, every framework step is followed by a bare step on the same batches.
 
-This module imports no torch: it only parses arguments, starts workers and summarizes.
+This module imports no torch: it only starts workers and summarizes. The command line is parsed
+above it (``mistral_tune.cli.bench``), which hands each variant down as plain values.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from typing import Any
 from mistral_tune.benchmark import flops
 from mistral_tune.core.errors import UserError
 
-# Options a variant may set besides Hydra overrides; the worker reads them.
-BENCH_KEYS = {"bench.trainer": "mistral", "bench.bare": "true", "bench.synthetic_length": "0"}
-
 
 @dataclass
 class BenchOptions:
@@ -38,33 +36,26 @@ class BenchOptions:
     summarize_only: bool = False  # re-summarize the worker results already in --out, run nothing
 
 
-def split_bench_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Separate ``bench.*`` options from Hydra overrides (composed into the config)."""
-    hydra, options = [], dict(BENCH_KEYS)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.startswith("bench."):
-            if key not in BENCH_KEYS:
-                raise UserError(f"Unknown benchmark option '{key}'. Known: {', '.join(BENCH_KEYS)}.")
-            options[key] = value
-        else:
-            hydra.append(item)
-    return hydra, options
-
-
 def run_benchmark(recipe: str, common: list[str], variants: list, opts: BenchOptions, command: str = "") -> dict:
-    """Run every variant ``opts.repeat`` times (round-robin) and write results.json / results.md."""
+    """Run every variant ``opts.repeat`` times (round-robin) and write results.json / results.md.
+
+    ``variants``: ``(name, overrides, hydra_overrides, options)`` each: the variant's arguments as given
+    (common ones included, for the report), the Hydra overrides among them, and its bench options
+    (``{"trainer": "mistral", "bare": True, "synthetic_length": 0}``).
+    """
     out = Path(opts.out or f"runs/bench-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     errors: dict[str, str] = {}
     for r in range(opts.repeat):
-        for name, overrides in variants:
+        for name, overrides, hydra_overrides, options in variants:
             tag = f"{name}.{r}" if opts.repeat > 1 else name
             spec = {
                 "name": name,
                 "recipe": recipe,
-                "overrides": [*common, *overrides],
+                "overrides": overrides,
+                "hydra_overrides": hydra_overrides,
+                "options": options,
                 "steps": opts.steps,
                 "warmup": opts.warmup,
                 "run_dir": str(out / "runs" / tag),
@@ -95,7 +86,7 @@ def run_benchmark(recipe: str, common: list[str], variants: list, opts: BenchOpt
         "repeat": opts.repeat,
         "hardware": hardware_info(),
         "versions": package_versions(),
-        "variants": [summarize(name, runs[name], opts.peak_tflops) for name, _ in variants if runs[name]],
+        "variants": [summarize(name, runs[name], opts.peak_tflops) for name, *_ in variants if runs[name]],
         "errors": errors,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -26,8 +26,6 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from mistral_tune.benchmark.harness import split_bench_overrides
-
 FLOPS_CONFIG_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -161,7 +159,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     from mistral_tune.train.sft import build_sft_trainer, pad_token_id, sft_config
     from mistral_tune.train.signals import GracefulStop
 
-    hydra_overrides, options = split_bench_overrides(spec["overrides"])
+    hydra_overrides, options = spec["hydra_overrides"], spec["options"]  # typed by mistral_tune.cli.bench
     total_steps = spec["warmup"] + spec["steps"]
     run_dir = Path(spec["run_dir"])
     cfg = compose(spec["recipe"], [*hydra_overrides, f"train.max_steps={total_steps}", f"output_dir={run_dir}"])
@@ -178,7 +176,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     model = adapters.apply_adapter(model, cfg.adapter, gradient_checkpointing=cfg.train.gradient_checkpointing)
     trainable, total = adapters.count_parameters(model)
 
-    synthetic = int(options["bench.synthetic_length"])
+    synthetic = options["synthetic_length"]
     if synthetic:
         rows = total_steps * cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
         dataset = synthetic_dataset(rows, synthetic, model.config.vocab_size, cfg.train.seed)
@@ -186,10 +184,10 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         dataset = data.prepare_sft_data(cfg.data, cfg.trainer, tokenizer).train
 
     peaks = PhasePeaks(cuda=cuda)
-    timer = StepTimer(spec["warmup"], options["bench.bare"].lower() == "true", peaks, cuda)
+    timer = StepTimer(spec["warmup"], options["bare"], peaks, cuda)
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
     callbacks = [metrics, timer]
-    if options["bench.trainer"] == "trl":
+    if options["trainer"] == "trl":
         from trl import SFTTrainer
 
         collator, flat = None, False
@@ -229,7 +227,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "name": spec["name"],
         "recipe": spec["recipe"],
         "overrides": spec["overrides"],
-        "trainer": options["bench.trainer"],
+        "trainer": options["trainer"],
         "device": "cuda" if cuda else "cpu",
         "device_name": torch.cuda.get_device_name() if cuda else None,
         "torch_threads": torch.get_num_threads(),

@@ -5,13 +5,11 @@ Kept free of torch/transformers imports at module level so ``--help`` and ``list
 
 from __future__ import annotations
 
+import importlib
 import sys
 import textwrap
 from typing import Callable, Optional
 
-from mistral_tune.cli.catalog import cmd_list
-from mistral_tune.cli.train import cmd_train
-from mistral_tune.config.compose import group_options, recipe_summary, recipes
 from mistral_tune.core.errors import UserError
 from mistral_tune.core.process import record_error
 
@@ -37,55 +35,30 @@ Track:      mistral-tune recipe=sft_lora tracking=wandb tracking.project=my-proj
 
 
 def print_help() -> None:
+    from mistral_tune.cli.catalog import print_catalog
+
     print(USAGE)
-    print("recipes:")
-    for name in recipes():
-        print(f"  {name:<14} {recipe_summary(name)}")
-    print("\nconfig groups (group=option):")
-    for group, options in group_options().items():
-        print(f"  {group:<10} {', '.join(options)}")
+    print_catalog(presets=False)
     print("\nSee `mistral-tune list` for presets and sizes, and docs/configuration.md for every key.")
 
 
-def cmd_generate(args: list[str]) -> int:
-    from mistral_tune.cli.generate import cmd_generate as run_generate
-
-    return run_generate(args)
-
-
-def cmd_chat(args: list[str]) -> int:
-    from mistral_tune.cli.generate import cmd_chat as run_chat
-
-    return run_chat(args)
-
-
-def cmd_bench(args: list[str]) -> int:
-    from mistral_tune.cli.bench import cmd_bench as run_bench
-
-    return run_bench(args)
-
-
-def cmd_export(args: list[str]) -> int:
-    """Merge/publish a finished run or a saved adapter (mistral_tune/export_command.py)."""
-    from mistral_tune.cli.export import main as export_main
-
-    return export_main(args)
-
-
-def cmd_score(args: list[str]) -> int:
-    from mistral_tune.cli.score import cmd_score as score
-
-    return score(args)
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "list": cmd_list,
-    "generate": cmd_generate,
-    "chat": cmd_chat,
-    "bench": cmd_bench,
-    "export": cmd_export,
-    "score": cmd_score,
+# Every subcommand: (module, function); imported only when run, so this module stays torch-free.
+# An argument list that names none of them is a recipe run (mistral_tune.cli.train).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "list": ("mistral_tune.cli.catalog", "cmd_list"),
+    "generate": ("mistral_tune.cli.generate", "cmd_generate"),
+    "chat": ("mistral_tune.cli.generate", "cmd_chat"),
+    "bench": ("mistral_tune.cli.bench", "cmd_bench"),
+    "export": ("mistral_tune.cli.export", "main"),
+    "score": ("mistral_tune.cli.score", "cmd_score"),
 }
+TRAIN = ("mistral_tune.cli.train", "cmd_train")
+
+
+def command(name: str) -> Callable[[list[str]], int]:
+    """The entry point of subcommand ``name`` (a recipe run for any other name), imported now."""
+    module, function = COMMANDS.get(name, TRAIN)
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -94,8 +67,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args or args[0] in ("-h", "--help", "help"):
             print_help()
             return 0
-        command = COMMANDS.get(args[0])
-        return command(args[1:]) if command else cmd_train(args)
+        if args[0] in COMMANDS:
+            return command(args[0])(args[1:])
+        return command("train")(args)  # recipe=NAME [overrides]: no subcommand name
     except UserError as exc:
         record_error(exc)  # in a launched process: the launcher shows this rank's error
         from mistral_tune.core.redaction import redact_text

@@ -9,56 +9,40 @@ import logging
 import sys
 from typing import Any
 
-from mistral_tune.core.errors import UserError
+from mistral_tune.cli.args import Command, Key, run_help
 from mistral_tune.export.from_adapter import FORMATS, export_formats, plan
 
-USAGE = """\
+EXPORT = Command(
+    "export",
+    """\
 usage: mistral-tune export run_dir=PATH [formats=[merged,preset,adapter]] [dtype=auto] [max_shard_size=2GB]
                            [verify=true] [tolerance=X]
-       mistral-tune export adapter=PATH base=PRESET_OR_DIR out=DIR [formats=[merged]] [dtype=auto] [seed=42] ...
-
-run_dir  a finished run; writes RUN/merged, RUN/preset and/or RUN/adapter/README.md (model card)
-adapter  an adapter directory; base is a preset id (mistral-tune list) or a Hugging Face directory;
-         out is the export directory (with several formats: one subdirectory per format)
-dtype    auto (the base's dtype) | float32 | bfloat16 | float16
-seed     the seed a random-init preset (mistral_tiny) was built with; run_dir reads it from the run
-"""
-
-KEYS = ("run_dir", "adapter", "base", "out", "formats", "dtype", "max_shard_size", "verify", "tolerance", "seed")
+       mistral-tune export adapter=PATH base=PRESET_OR_DIR out=DIR [formats=[merged]] [dtype=auto] [seed=42] ...""",
+    keys=(
+        Key("run_dir", help="a finished run; writes RUN/merged, RUN/preset and/or RUN/adapter/README.md (model card)"),
+        Key("adapter", help="an adapter directory; base is a preset id (mistral-tune list) or a Hugging Face directory;\n"
+            "out is the export directory (with several formats: one subdirectory per format)"),
+        Key("base", help="with adapter=: the base model, a preset id or a Hugging Face directory"),
+        Key("out", help="with adapter=: the export directory"),
+        Key("formats", list, help="[merged,preset,adapter] (default [merged])", choices=FORMATS),
+        Key("dtype", default="auto", help="auto (the base's dtype) | float32 | bfloat16 | float16",
+            choices=("auto", "float32", "bfloat16", "float16")),
+        Key("max_shard_size", default="2GB", help="the merged checkpoint's shard size (default 2GB)"),
+        Key("verify", bool, True, help="reload the export and compare its logits with the adapter's (default true)"),
+        Key("tolerance", float, help="the largest logit difference verification accepts"),
+        Key("seed", int, help="the seed a random-init preset (mistral_tiny) was built with; run_dir reads it from the run"),
+    ),
+)  # fmt: skip
 
 
 def parse_args(args: list[str]) -> dict[str, Any]:
-    """key=value arguments; lists as [a,b]; one UserError naming every bad argument."""
-    opts: dict[str, Any] = {"formats": None, "dtype": "auto", "max_shard_size": "2GB", "verify": "true"}
-    bad = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
-            bad.append(arg)
-            continue
-        opts[key] = value
-    if bad:
-        raise UserError(f"mistral-tune export: unknown argument(s) {', '.join(bad)}. Keys: {', '.join(KEYS)}.")
-    if opts["formats"] is not None:
-        opts["formats"] = [f.strip() for f in opts["formats"].strip("[]").split(",") if f.strip()]
-        unknown = [f for f in opts["formats"] if f not in FORMATS]
-        if unknown:
-            raise UserError(f"formats: {', '.join(unknown)} not one of {', '.join(FORMATS)}.")
-    if opts["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"dtype={opts['dtype']} is not one of auto, float32, bfloat16, float16.")
-    opts["verify"] = str(opts["verify"]).lower() in ("true", "1", "yes")
-    try:
-        opts["tolerance"] = float(opts["tolerance"]) if opts.get("tolerance") else None
-        opts["seed"] = int(opts["seed"]) if opts.get("seed") else None
-    except ValueError as exc:
-        raise UserError(f"mistral-tune export: tolerance= takes a number and seed= an integer ({exc}).") from None
-    return opts
+    """Every export key, typed (lists as [a,b]); one UserError naming every bad argument."""
+    return EXPORT.parse(args)
 
 
 def main(args: list[str]) -> int:
     """Entry point of ``mistral-tune export``; prints the result as JSON."""
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
+    if run_help(EXPORT, args):
         return 0
     opts = parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -6,47 +6,67 @@ import inspect
 import sys
 from typing import Any
 
-from mistral_tune.cli.args import parse_args
+from mistral_tune.cli.args import Command, Key, run_help
 from mistral_tune.core.errors import UserError
 
-GENERATE_USAGE = """\
-usage: mistral-tune generate preset=ID_OR_PATH prompt="..." [prompt="..." ...] [key=value ...]
+# The keys generate and chat share: the model, how it is loaded, and the sampler.
+PRESET = Key(
+    "preset",
+    help="built-in id, hf://org/name, kaggle://..., or a directory (e.g. a run's merged/)",
+    required="No preset given. Pass preset=ID_OR_PATH (a built-in id, hf://org/name or a directory).",
+)
+MODEL_KEYS = (
+    Key("dtype", help="how the model is loaded"),
+    Key("attn_implementation", help="how the model is loaded"),
+    Key("load_weights", bool, True, help="how the model is loaded"),
+)
+SAMPLER_KEYS = (
+    Key("sampler", help="greedy | top_k (default) | top_p | random | beam | contrastive"),
+    *(Key(name, kind, help="sampler parameters") for name, kind in
+      [("k", int), ("p", float), ("temperature", float), ("seed", int), ("num_beams", int), ("alpha", float)]),
+)  # fmt: skip
+SAMPLER_PARAMS = tuple(k.name for k in SAMPLER_KEYS[1:])
 
-  preset          built-in id, hf://org/name, kaggle://..., or a directory (e.g. a run's merged/)
-  prompt          text to continue; repeat for a left-padded batch
-  sampler         greedy | top_k (default) | top_p | random | beam | contrastive
-  max_length      prompt + new tokens (default 1024)
-  strip_prompt    true: print only the new text
-  stop_token_ids  auto (EOS, default) | none | comma-separated ids
-  k, p, temperature, seed, num_beams, alpha   sampler parameters
-  dtype, attn_implementation, load_weights    how the model is loaded
-"""
+GENERATE = Command(
+    "generate",
+    'usage: mistral-tune generate preset=ID_OR_PATH prompt="..." [prompt="..." ...] [key=value ...]',
+    keys=(
+        PRESET,
+        Key(
+            "prompt",
+            repeatable=True,
+            help="text to continue; repeat for a left-padded batch",
+            required='No prompt given. Pass prompt="..." (repeat it for several prompts).',
+        ),
+        SAMPLER_KEYS[0],
+        Key("max_length", int, help="prompt + new tokens (default 1024)"),
+        Key("strip_prompt", bool, False, help="true: print only the new text"),
+        Key("stop_token_ids", default="auto", help="auto (EOS, default) | none | comma-separated ids"),
+        *SAMPLER_KEYS[1:],
+        *MODEL_KEYS,
+    ),
+)
 
-CHAT_USAGE = """\
-usage: mistral-tune chat preset=ID_OR_PATH [system="..."] [max_new_tokens=256] [sampler=...] [key=value ...]
-
-Type a message and press enter; /reset starts over, /exit or Ctrl-D (EOF) quits.
-"""
-
-LOAD_KEYS = {"preset": str, "dtype": str, "attn_implementation": str, "load_weights": bool}
-
-SAMPLER_KEYS = {
-    "sampler": str,
-    "k": int,
-    "p": float,
-    "temperature": float,
-    "seed": int,
-    "num_beams": int,
-    "alpha": float,
-}
+CHAT = Command(
+    "chat",
+    'usage: mistral-tune chat preset=ID_OR_PATH [system="..."] [max_new_tokens=256] [sampler=...] [key=value ...]',
+    description="Type a message and press enter; /reset starts over, /exit or Ctrl-D (EOF) quits.",
+    keys=(
+        PRESET,
+        Key("system", help="a system message the conversation starts with"),
+        Key("max_new_tokens", int, 256, help="new tokens per reply (default 256)"),
+        *SAMPLER_KEYS,
+        *MODEL_KEYS,
+    ),
+)
 
 
 def build_sampler(opts: dict[str, Any]):
     """A Sampler from sampler=NAME plus the parameters that sampler takes (alpha/k for contrastive, ...)."""
     from mistral_tune.inference.samplers import SAMPLERS, get_sampler
 
-    name = opts.pop("sampler", "top_k")
-    params = {k: opts.pop(k) for k in list(opts) if k in SAMPLER_KEYS}
+    name = opts.pop("sampler") or "top_k"
+    params = {k: v for k in SAMPLER_PARAMS if (v := opts.pop(k)) is not None}
     if name not in SAMPLERS:
         get_sampler(name)  # raises the unknown-sampler error, with a suggestion
     cls = SAMPLERS[name]
@@ -62,8 +82,8 @@ def build_sampler(opts: dict[str, Any]):
 def load(opts: dict[str, Any]):
     from mistral_tune.api.causal_lm import MistralCausalLM
 
-    kwargs = {k: opts.pop(k) for k in ("dtype", "attn_implementation") if k in opts}
-    lm = MistralCausalLM.from_preset(opts.pop("preset"), opts.pop("load_weights", True), **kwargs)
+    kwargs = {k: v for k in ("dtype", "attn_implementation") if (v := opts.pop(k)) is not None}
+    lm = MistralCausalLM.from_preset(opts.pop("preset"), opts.pop("load_weights"), **kwargs)
     lm.compile(sampler=build_sampler(opts))
     return lm
 
@@ -80,18 +100,14 @@ def parse_stop(raw: str) -> Any:
 
 
 def cmd_generate(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help"):
-        print(GENERATE_USAGE)
+    if run_help(GENERATE, args):
         return 0
-    known = {**LOAD_KEYS, **SAMPLER_KEYS, "prompt": str, "max_length": int, "strip_prompt": bool, "stop_token_ids": str}
-    opts = parse_args(args, known, repeatable=("prompt",))
-    prompts = opts.pop("prompt", None)
-    if not prompts:
-        raise UserError('No prompt given. Pass prompt="..." (repeat it for several prompts).')
+    opts = GENERATE.parse(args)
+    prompts = opts.pop("prompt")
     gen = {
-        "max_length": opts.pop("max_length", None),
-        "strip_prompt": opts.pop("strip_prompt", False),
-        "stop_token_ids": parse_stop(opts.pop("stop_token_ids", "auto")),
+        "max_length": opts.pop("max_length"),
+        "strip_prompt": opts.pop("strip_prompt"),
+        "stop_token_ids": parse_stop(opts.pop("stop_token_ids")),
     }
     lm = load(opts)
     outputs = lm.generate(prompts, **gen)
@@ -103,13 +119,11 @@ def cmd_generate(args: list[str]) -> int:
 
 
 def cmd_chat(args: list[str]) -> int:
-    if args and args[0] in ("-h", "--help"):
-        print(CHAT_USAGE)
+    if run_help(CHAT, args, bare=False):
         return 0
-    known = {**LOAD_KEYS, **SAMPLER_KEYS, "system": str, "max_new_tokens": int}
-    opts = parse_args(args, known)
-    system = opts.pop("system", None)
-    max_new = opts.pop("max_new_tokens", 256)
+    opts = CHAT.parse(args)
+    system = opts.pop("system")
+    max_new = opts.pop("max_new_tokens")
     lm = load(opts)
     print("chat: /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []

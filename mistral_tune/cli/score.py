@@ -8,54 +8,59 @@ import json
 import sys
 from typing import Any
 
+from mistral_tune.cli.args import Command, Key, run_help
 from mistral_tune.core.errors import UserError
 from mistral_tune.inference.reward_scoring import load_reward_model, rows_to_items, score_chats
 
-USAGE = (
+SCORE = Command(
+    "score",
     "usage: mistral-tune score preset=MODEL [adapter=DIR] (text=TEXT | prompt=TEXT response=TEXT | file=PATH) "
-    "[batch_size=8]\n  MODEL: a merged reward model directory (e.g. runs/reward_lora-.../merged), a preset id "
-    "or a hub id; adapter: a reward adapter directory trained on that base"
-)
-
-ARGUMENTS = {"preset": str, "adapter": str, "text": str, "prompt": str, "response": str, "file": str,
-             "batch_size": int, "seed": int}  # fmt: skip
+    "[batch_size=8]",
+    description="  MODEL: a merged reward model directory (e.g. runs/reward_lora-.../merged), a preset id "
+    "or a hub id; adapter: a reward adapter directory trained on that base",
+    keys=(
+        Key("preset", help="the reward model: a merged directory, a preset id or a hub id",
+            required="preset=MODEL is required."),
+        Key("adapter", help="a reward adapter directory trained on that base"),
+        Key("text", help="a plain text to score (BOS + text)"),
+        Key("prompt", help="a user turn; with response=, scored as a chat"),
+        Key("response", help="the assistant turn that answers prompt="),
+        Key("file", help="a JSON/JSONL file of rows: text, prompt+response, messages, or preference pairs"),
+        Key("batch_size", int, 8, help="texts per forward pass (default 8)"),
+        Key("seed", int, 42, help="the seed a random-init preset was built with (default 42)"),
+    ),
+)  # fmt: skip
 
 
 def parse_args(args: list[str]) -> dict[str, Any]:
-    """The ``score`` command's key=value arguments, typed and checked (the ``generate`` command's parser)."""
-    from mistral_tune.cli.args import parse_args as parse_key_values
-
-    if not any(arg.partition("=")[0] == "preset" for arg in args):
-        raise UserError(f"score: preset=MODEL is required.\n{USAGE}")
-    try:
-        options = parse_key_values(args, ARGUMENTS)
-    except UserError as exc:
-        raise UserError(f"score: {exc}\n{USAGE}") from None
-    given = [k for k in ("text", "file") if k in options] + (["prompt"] if "prompt" in options else [])
-    if len(given) != 1 or ("prompt" in options) != ("response" in options):
-        raise UserError(f"score: pass exactly one of text=, prompt= with response=, or file=.\n{USAGE}")
-    if options.setdefault("batch_size", 8) < 1:
-        raise UserError(f"score: batch_size={options['batch_size']} must be at least 1.")
+    """The ``score`` command's arguments, typed and checked: one UserError naming every bad one."""
+    options, problems = SCORE.collect(args)
+    given = [k for k in ("text", "prompt", "file") if options[k] is not None]
+    if len(given) != 1 or (options["prompt"] is None) != (options["response"] is None):
+        problems.append("pass exactly one of text=, prompt= with response=, or file=.")
+    if isinstance(options["batch_size"], int) and options["batch_size"] < 1:
+        problems.append(f"batch_size={options['batch_size']} must be at least 1.")
+    if problems:
+        raise SCORE.error(problems)
     return options
 
 
 def cmd_score(args: list[str]) -> int:
     """``mistral-tune score``: print one JSON line of rewards per text, chat or preference pair."""
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+    if run_help(SCORE, args):
         return 0
     options = parse_args(args)
     batch_size = options["batch_size"]
-    if "file" in options:
+    if options["file"] is not None:
         from mistral_tune.data.sources import load_records
 
         singles, pairs, bad = rows_to_items(load_records(options["file"]))
-    elif "text" in options:
+    elif options["text"] is not None:
         singles, pairs, bad = [options["text"]], [], 0
     else:
         chat = [{"role": "user", "content": options["prompt"]}, {"role": "assistant", "content": options["response"]}]
         singles, pairs, bad = [chat], [], 0
-    model, tokenizer = load_reward_model(options["preset"], options.get("adapter"), options.get("seed", 42))
+    model, tokenizer = load_reward_model(options["preset"], options["adapter"], options["seed"])
     try:
         if singles:
             for item, reward in zip(singles, score_chats(model, tokenizer, singles, batch_size)):
