@@ -47,8 +47,10 @@ def parse_args(args: list[str]) -> dict[str, Any]:
         unknown = [f for f in opts["formats"] if f not in FORMATS]
         if unknown:
             raise UserError(f"formats: {', '.join(unknown)} not one of {', '.join(FORMATS)}.")
-    if opts["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"dtype={opts['dtype']} is not one of auto, float32, bfloat16, float16.")
+    from mistral_tune.config.registry import DTYPE_CHOICES
+
+    if opts["dtype"] not in DTYPE_CHOICES:
+        raise UserError(f"dtype={opts['dtype']} is not one of {', '.join(DTYPE_CHOICES)}.")
     opts["verify"] = str(opts["verify"]).lower() in ("true", "1", "yes")
     try:
         opts["tolerance"] = float(opts["tolerance"]) if opts.get("tolerance") else None

@@ -13,6 +13,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from mistral_tune.config import registry
+
 
 @dataclass
 class ModelConfig:
@@ -79,7 +81,7 @@ class DataConfig:
     eval_split: Optional[str] = None
 
 
-LAUNCHERS = ("local", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+LAUNCHERS = tuple(registry.LAUNCHERS)  # the names; config/registry.py is the one list
 
 
 @dataclass
@@ -221,17 +223,13 @@ def check_values(cfg: Any) -> list[str]:
         if value not in allowed:
             problems.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
-    one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-    one_of(
-        "model.attn_implementation",
-        cfg.model.attn_implementation,
-        ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
-    )
-    one_of("adapter.name", cfg.adapter.name, ("lora", "qlora", "dora", "none"))
-    one_of("trainer.name", cfg.trainer.name, ("sft", "dpo", "reward"))
+    one_of("model.dtype", cfg.model.dtype, registry.DTYPE_CHOICES)
+    one_of("model.attn_implementation", cfg.model.attn_implementation, registry.ATTN_IMPLEMENTATIONS)
+    one_of("adapter.name", cfg.adapter.name, registry.ADAPTERS)
+    one_of("trainer.name", cfg.trainer.name, tuple(registry.TRAINERS))
     one_of("trainer.truncation", cfg.trainer.truncation, ("truncate", "drop"))
-    one_of("trainer.loss", cfg.trainer.loss, ("auto", "chunked", "liger", "plain"))
-    preference = cfg.trainer.name in ("dpo", "reward")
+    one_of("trainer.loss", cfg.trainer.loss, registry.LOSS_IMPLEMENTATIONS)
+    preference = cfg.trainer.name in registry.PREFERENCE_TRAINERS
     one_of("data.format", cfg.data.format, ("auto", *(PREFERENCE_DATA_FORMATS if preference else SFT_DATA_FORMATS)))
     if preference:
         problems.extend(check_preference(cfg.trainer))
@@ -240,9 +238,9 @@ def check_values(cfg: Any) -> list[str]:
     one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
     one_of("on_nan", cfg.on_nan, ("stop", "skip"))
     one_of("launcher.name", cfg.launcher.name, LAUNCHERS)
-    one_of("tracking.name", cfg.tracking.name, ("none", "wandb", "tensorboard"))
+    one_of("tracking.name", cfg.tracking.name, tuple(registry.TRACKERS))
     one_of("tracking.mode", cfg.tracking.mode, ("auto", "online", "offline"))
-    one_of("export.dtype", cfg.export.dtype, ("auto", "float32", "bfloat16", "float16"))
+    one_of("export.dtype", cfg.export.dtype, registry.DTYPE_CHOICES)
     positive = {
         "adapter.r": cfg.adapter.r,
         "trainer.max_length": cfg.trainer.max_length,
@@ -368,7 +366,7 @@ def adapter_problems(a: Any) -> list[str]:
         problems.append(f"adapter.init={init} rewrites the base weights, which cannot be done on a 4-bit base")
     if a.bnb_4bit_quant_type not in ("nf4", "fp4"):
         problems.append(f"adapter.bnb_4bit_quant_type={a.bnb_4bit_quant_type!r} is not one of nf4, fp4")
-    if a.bnb_4bit_compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+    if a.bnb_4bit_compute_dtype not in registry.DTYPE_CHOICES:
         problems.append(f"adapter.bnb_4bit_compute_dtype={a.bnb_4bit_compute_dtype!r} is not auto or a float dtype")
     return problems
 

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mistral_tune.adapters.quantization import is_4bit_linear
+from mistral_tune.config.registry import DTYPES
 from mistral_tune.export.verify import ExportMismatch
 
 log = logging.getLogger(__name__)
-
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def write_hf_checkpoint(
