@@ -147,7 +147,11 @@ def key_origin(key: str, overrides: list[str], recipe: Optional[str]) -> str:
 
 
 def unknown_key_message(key: str, overrides: list[str], recipe: Optional[str]) -> str:
-    from mistral_tune.config.schema import schema_keys
+    from mistral_tune.config.schema import renamed_key_message, schema_keys
+
+    renamed = renamed_key_message(key, key_origin(key, overrides, recipe))
+    if renamed:
+        return renamed
 
     section = key.rsplit(".", 1)[0] if "." in key else ""
     known = schema_keys()

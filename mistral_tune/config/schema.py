@@ -32,12 +32,12 @@ class ModelConfig:
 class AdapterConfig:
     name: str = "lora"  # lora | qlora | dora | none (full fine-tuning)
     r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    lora_alpha: int = 16  # PEFT LoraConfig names, passed through as they are
+    lora_dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     modules_to_save: List[str] = field(default_factory=list)
     use_rslora: bool = False
-    init: str = "default"  # PEFT init_lora_weights: default | gaussian | pissa | pissa_niter_N | olora
+    init_lora_weights: str = "default"  # default | gaussian | pissa | pissa_niter_N | olora
     resume_from: Optional[str] = None  # continue training an existing adapter directory
     load_in_4bit: bool = False  # qlora sets this implicitly; true with lora/dora = QLoRA/QDoRA
     bnb_4bit_quant_type: str = "nf4"
@@ -343,6 +343,34 @@ def schema_keys(schema: Any = RunConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys that were renamed to the names of the TRL/PEFT fields they feed (docs/configuration.md lists them).
+# Composing a config with an old name fails naming the new one; a saved run's resolved_config.yaml is upgraded.
+RENAMED_KEYS = {
+    "adapter.alpha": "adapter.lora_alpha",
+    "adapter.dropout": "adapter.lora_dropout",
+    "adapter.init": "adapter.init_lora_weights",
+}
+
+
+def renamed_key_message(key: str, origin: str) -> Optional[str]:
+    """``adapter.alpha was renamed to adapter.lora_alpha (...)`` for an old key, else None."""
+    if key not in RENAMED_KEYS:
+        return None
+    return f"{key} was renamed to {RENAMED_KEYS[key]} (from {origin}); set {RENAMED_KEYS[key]} instead."
+
+
+def upgrade_renamed_keys(cfg: Any) -> Any:
+    """A loaded (plain, unstructured) config with every old key moved to its new name, in place."""
+    from omegaconf import OmegaConf
+
+    for old, new in RENAMED_KEYS.items():
+        section, _, name = old.rpartition(".")
+        node = OmegaConf.select(cfg, section) if section else cfg
+        if node is not None and name in node and new.rpartition(".")[2] not in node:
+            node[new.rpartition(".")[2]] = node.pop(name)
+    return cfg
+
+
 LORA_INITS = ("default", "true", "gaussian", "pissa", "olora")  # plus pissa_niter_<N>
 
 BASE_CHANGING_INITS = ("pissa", "olora")  # these rewrite the base weights at initialization
@@ -353,17 +381,19 @@ def adapter_problems(a: Any) -> list[str]:
     problems = []
     if a.name == "none":
         return problems
-    if a.alpha <= 0:
-        problems.append(f"adapter.alpha={a.alpha} must be > 0")
-    if not 0 <= a.dropout < 1:
-        problems.append(f"adapter.dropout={a.dropout} must be in [0, 1)")
+    if a.lora_alpha <= 0:
+        problems.append(f"adapter.lora_alpha={a.lora_alpha} must be > 0")
+    if not 0 <= a.lora_dropout < 1:
+        problems.append(f"adapter.lora_dropout={a.lora_dropout} must be in [0, 1)")
     if not a.target_modules:
         problems.append("adapter.target_modules is empty; name modules (e.g. [q_proj, v_proj]) or use [all-linear]")
-    init = str(a.init)
+    init = str(a.init_lora_weights)
     if init not in LORA_INITS and not (init.startswith("pissa_niter_") and init[12:].isdigit()):
-        problems.append(f"adapter.init={init!r} is not one of {', '.join(LORA_INITS)}, pissa_niter_<N>")
+        problems.append(f"adapter.init_lora_weights={init!r} is not one of {', '.join(LORA_INITS)}, pissa_niter_<N>")
     if (a.name == "qlora" or a.load_in_4bit) and init.startswith(BASE_CHANGING_INITS):
-        problems.append(f"adapter.init={init} rewrites the base weights, which cannot be done on a 4-bit base")
+        problems.append(
+            f"adapter.init_lora_weights={init} rewrites the base weights, which cannot be done on a 4-bit base"
+        )
     if a.bnb_4bit_quant_type not in ("nf4", "fp4"):
         problems.append(f"adapter.bnb_4bit_quant_type={a.bnb_4bit_quant_type!r} is not one of nf4, fp4")
     if a.bnb_4bit_compute_dtype not in registry.DTYPE_CHOICES:
