@@ -68,7 +68,7 @@ def run_shape(cfg: Any) -> estimate.RunShape:
         compute_bytes=4 if cfg.model.dtype == "float32" else 2,
         attn="sdpa" if attn in ("auto", "flex_attention") else attn,
         optim=cfg.train.optim,
-        loss="plain" if cfg.trainer.loss == "plain" else "chunked",
+        loss="plain" if cfg.trainer.get("loss") == "plain" else "chunked",  # sft's key; dpo/reward: chunked
     )
 
 
