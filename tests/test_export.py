@@ -212,7 +212,9 @@ def test_pissa_adapter_is_saved_for_the_original_base(tmp_path, tokenizer):
     import mistral_tune.adapters.build as adapters
     from mistral_tune.config.schema import AdapterConfig
 
-    cfg = AdapterConfig(name="lora", r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    cfg = AdapterConfig(
+        name="lora", r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"
+    )
     model = adapters.apply_adapter(small_base(), cfg, init_dir=tmp_path / "init")
     with torch.no_grad():  # stand-in for training
         for name, p in model.named_parameters():
