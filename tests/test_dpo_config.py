@@ -99,8 +99,14 @@ def test_settings_reach_dpo_config(tmp_path):
         ("trainer.loss_weights=[1.0,2.0]", "one weight per loss type"),
         ("data.format=alpaca", "data.format='alpaca' is not one of auto, preference, preference_messages, hh"),
         ("trainer.name=ppo", "trainer.name='ppo' is not one of sft, dpo, reward"),
-        ("trainer.packing=true", "trainer.packing=true is for sft"),
-        ("trainer.loss=liger", "trainer.loss=liger is for sft"),
+        (
+            "trainer.packing=true",
+            "'trainer.packing' (from command-line override 'trainer.packing=true') is a key of trainer=sft",
+        ),
+        (
+            "trainer.loss=liger",
+            "'trainer.loss' (from command-line override 'trainer.loss=liger') is a key of trainer=sft",
+        ),
     ],
 )
 def test_bad_values_fail_at_composition(override, message):

@@ -52,7 +52,7 @@ def test_unknown_group_option_without_search_path_dump(capsys):
 
 def test_key_origin_names_the_config_file():
     assert key_origin("train.max_steps", [], "sft_lora") == "the config file recipes/sft_lora.yaml"
-    assert key_origin("adapter.alpha", [], "sft_lora") == "the config file conf/adapter/lora.yaml"
+    assert key_origin("adapter.lora_alpha", [], "sft_lora") == "the config file conf/adapter/lora.yaml"
     assert key_origin("export.merged", ["export=none"], "sft_lora") == "the config file conf/export/none.yaml"
 
 

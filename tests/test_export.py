@@ -212,7 +212,9 @@ def test_pissa_adapter_is_saved_for_the_original_base(tmp_path, tokenizer):
     import mistral_tune.adapters.build as adapters
     from mistral_tune.config.schema import AdapterConfig
 
-    cfg = AdapterConfig(name="lora", r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"], init="pissa")
+    cfg = AdapterConfig(
+        name="lora", r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"
+    )
     model = adapters.apply_adapter(small_base(), cfg, init_dir=tmp_path / "init")
     with torch.no_grad():  # stand-in for training
         for name, p in model.named_parameters():
@@ -263,9 +265,9 @@ def test_parse_size():
     [
         (["export.adapter_only=true"], "export.adapter_only=true publishes only the adapter"),
         (["export=adapter_only", "adapter=none"], "needs an adapter"),
-        (["adapter.init=svd"], "adapter.init='svd'"),
-        (["adapter=qlora", "adapter.init=pissa"], "cannot be done on a 4-bit base"),
-        (["adapter.dropout=1.5"], "adapter.dropout=1.5"),
+        (["adapter.init_lora_weights=svd"], "adapter.init_lora_weights='svd'"),
+        (["adapter=qlora", "adapter.init_lora_weights=pissa"], "cannot be done on a 4-bit base"),
+        (["adapter.lora_dropout=1.5"], "adapter.lora_dropout=1.5"),
         (["export.tolerance=0"], "export.tolerance=0"),
     ],
 )

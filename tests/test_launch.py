@@ -38,7 +38,7 @@ COMMON = [
     "train.logging_steps=1",
     "train.warmup_steps=0",
     "data.max_samples=16",
-    "adapter.dropout=0",
+    "adapter.lora_dropout=0",
     "export.num_samples=0",
 ]
 PER_PROCESS_BATCH = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1"]

@@ -126,7 +126,7 @@ def test_sft_trainer_with_packing_and_chunked_loss_matches_plain_padded(compose,
     from mistral_tune.models.tokenizer import load_tokenizer
     from mistral_tune.train.sft import build_sft_trainer
 
-    common = ["adapter.dropout=0.0", "train.per_device_train_batch_size=12", "data.max_samples=12"]
+    common = ["adapter.lora_dropout=0.0", "train.per_device_train_batch_size=12", "data.max_samples=12"]
     packed_cfg = compose("sft_lora", [*common, "trainer.packing=true", "trainer.loss=chunked"])
     plain_cfg = compose("sft_lora", [*common, "trainer.loss=plain"])
     source = resolve_source("mistral_tiny")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mistral_tune.config.schema import DataConfig, TrainerConfig
+from mistral_tune.config.schema import DataConfig, DPOTrainerConfig
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.preference import (
     BadPair,
@@ -39,7 +39,7 @@ def data_cfg(path, **kw):
 
 
 def trainer_cfg(**kw):
-    return TrainerConfig(**{"name": "dpo", **kw})
+    return DPOTrainerConfig(**{"name": "dpo", **kw})
 
 
 # ---- detection and conversion, one test per layout, with exact splits ----

@@ -32,13 +32,13 @@ def lora_config(adapter_cfg: Any, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
     targets = list(adapter_cfg.target_modules)
-    init: Any = str(adapter_cfg.init)
+    init: Any = str(adapter_cfg.init_lora_weights)
     if init in ("default", "true", "True"):
         init = True
     return LoraConfig(
         r=adapter_cfg.r,
-        lora_alpha=adapter_cfg.alpha,
-        lora_dropout=adapter_cfg.dropout,
+        lora_alpha=adapter_cfg.lora_alpha,
+        lora_dropout=adapter_cfg.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         modules_to_save=list(adapter_cfg.modules_to_save) or None,
         use_rslora=adapter_cfg.use_rslora,
@@ -53,7 +53,7 @@ def changes_base(adapter_cfg: Any) -> bool:
     return (
         adapter_cfg.name != "none"
         and not adapter_cfg.resume_from
-        and str(adapter_cfg.init).startswith(("pissa", "olora"))
+        and str(adapter_cfg.init_lora_weights).startswith(("pissa", "olora"))
     )
 
 
@@ -67,7 +67,7 @@ def apply_adapter(
 ):
     """Wrap ``model`` for training; returns the model to train (a PeftModel unless adapter=none).
 
-    ``init_dir``: where to keep the initial adapter when ``adapter.init`` rewrites the base (PiSSA,
+    ``init_dir``: where to keep the initial adapter when ``adapter.init_lora_weights`` rewrites the base (PiSSA,
     OLoRA), so :func:`save_adapter` can convert the trained adapter back to one for the original base.
     """
     if adapter_cfg.name == "none":

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from mistral_tune.cli.args import Command, Key, run_help
+from mistral_tune.config.registry import DTYPE_CHOICES
 from mistral_tune.export.from_adapter import FORMATS, export_formats, plan
 
 EXPORT = Command(
@@ -26,7 +27,7 @@ usage: mistral-tune export run_dir=PATH [formats=[merged,preset,adapter]] [dtype
         Key("out", help="with adapter=: the export directory"),
         Key("formats", list, help="[merged,preset,adapter] (default [merged])", choices=FORMATS),
         Key("dtype", default="auto", help="auto (the base's dtype) | float32 | bfloat16 | float16",
-            choices=("auto", "float32", "bfloat16", "float16")),
+            choices=DTYPE_CHOICES),
         Key("max_shard_size", default="2GB", help="the merged checkpoint's shard size (default 2GB)"),
         Key("verify", bool, True, help="reload the export and compare its logits with the adapter's (default true)"),
         Key("tolerance", float, help="the largest logit difference verification accepts"),

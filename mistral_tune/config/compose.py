@@ -68,7 +68,7 @@ def compose(recipe: str, overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from mistral_tune.config.schema import check_values, register_schemas, unknown_keys
+    from mistral_tune.config.schema import check_values, register_schemas, schema_trainer_name, unknown_keys
 
     if recipe not in recipes():
         raise unknown_recipe(recipe)
@@ -87,7 +87,8 @@ def compose(recipe: str, overrides: list[str]):
     cfg.recipe = recipe
     extra = unknown_keys(cfg)
     if extra:  # `+key=value` appends past the schema; nothing downstream would read it
-        raise UserError(unknown_key_message(extra[0], overrides, recipe))
+        trainer = schema_trainer_name(cfg.trainer)
+        raise UserError(unknown_key_message(extra[0], overrides, recipe, trainer=trainer))
     try:
         problems = check_values(cfg)
     except OmegaConfBaseException as exc:  # e.g. an interpolation that does not resolve
@@ -146,11 +147,23 @@ def key_origin(key: str, overrides: list[str], recipe: Optional[str]) -> str:
     return f"the config file recipes/{recipe}.yaml or a config group file it selects"
 
 
-def unknown_key_message(key: str, overrides: list[str], recipe: Optional[str]) -> str:
-    from mistral_tune.config.schema import schema_keys
+def unknown_key_message(key: str, overrides: list[str], recipe: Optional[str], trainer: Optional[str] = None) -> str:
+    """``trainer``: the trainer whose schema refused the key (each trainer has its own, TRL's names)."""
+    from mistral_tune.config.schema import renamed_key_message, schema_keys, trainers_with_key
 
+    origin = key_origin(key, overrides, recipe)
+    renamed = renamed_key_message(key, origin)
+    if renamed:
+        return renamed
     section = key.rsplit(".", 1)[0] if "." in key else ""
-    known = schema_keys()
+    if section == "trainer" and trainer:
+        owners = [t for t in trainers_with_key(key.split(".", 1)[1]) if t != trainer]
+        if owners:
+            return (
+                f"Config key '{key}' (from {origin}) is a key of trainer={' and trainer='.join(owners)}; "
+                f"trainer={trainer} has no such key. See docs/configuration.md for each trainer's keys."
+            )
+    known = schema_keys(trainer=trainer)
     # Candidates at the same depth: 'train.max_stpes' -> train.*, 'trackng' -> the top-level names.
     siblings = sorted(
         {
@@ -166,10 +179,15 @@ def unknown_key_message(key: str, overrides: list[str], recipe: Optional[str]) -
         hint = f" Did you mean '{prefix}{close[0]}'?"
     else:
         hint = f" Keys {'under ' + repr(section) if section else 'at the top level'}: {', '.join(siblings)}."
-    return (
-        f"Unknown config key '{key}' (from {key_origin(key, overrides, recipe)}).{hint} "
-        "See docs/configuration.md for every key."
-    )
+    return f"Unknown config key '{key}' (from {origin}).{hint} See docs/configuration.md for every key."
+
+
+def schema_trainer(exc: Exception) -> Optional[str]:
+    """The trainer whose schema raised ``exc`` (OmegaConf names the dataclass), else None."""
+    from mistral_tune.config.schema import TRAINER_SCHEMAS
+
+    object_type = getattr(exc, "object_type", None)
+    return next((name for name, node in TRAINER_SCHEMAS.items() if node is object_type), None)
 
 
 def describe_config_error(exc: Exception, overrides: list[str], recipe: Optional[str] = None) -> str:
@@ -182,7 +200,7 @@ def describe_config_error(exc: Exception, overrides: list[str], recipe: Optional
         key = inner.full_key
         reason = str(inner).strip().splitlines()[0].strip()  # drops 'full_key: ... reference_type=...' lines
         if isinstance(inner, (ConfigAttributeError, ConfigKeyError)) and "not in" in reason:
-            return unknown_key_message(key, overrides, recipe)
+            return unknown_key_message(key, overrides, recipe, trainer=schema_trainer(inner))
         return f"Bad value for config key '{key}' (from {key_origin(key, overrides, recipe)}): {reason}."
     text = str(exc).strip()
     missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)

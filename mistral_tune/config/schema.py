@@ -13,6 +13,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from mistral_tune.config import registry
+
 
 @dataclass
 class ModelConfig:
@@ -30,12 +32,12 @@ class ModelConfig:
 class AdapterConfig:
     name: str = "lora"  # lora | qlora | dora | none (full fine-tuning)
     r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    lora_alpha: int = 16  # PEFT LoraConfig names, passed through as they are
+    lora_dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     modules_to_save: List[str] = field(default_factory=list)
     use_rslora: bool = False
-    init: str = "default"  # PEFT init_lora_weights: default | gaussian | pissa | pissa_niter_N | olora
+    init_lora_weights: str = "default"  # default | gaussian | pissa | pissa_niter_N | olora
     resume_from: Optional[str] = None  # continue training an existing adapter directory
     load_in_4bit: bool = False  # qlora sets this implicitly; true with lora/dora = QLoRA/QDoRA
     bnb_4bit_quant_type: str = "nf4"
@@ -43,24 +45,60 @@ class AdapterConfig:
     bnb_4bit_compute_dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
 
 
+# One schema per trainer, each with the keys of the TRL config it feeds (SFTConfig, DPOConfig,
+# RewardConfig): conf/trainer/<name>.yaml extends its own, so a DPO key on an SFT trainer is an unknown key.
+
+
 @dataclass
-class TrainerConfig:
-    name: str = "sft"  # sft | dpo | reward
+class TrainerBaseConfig:
+    """Keys every trainer has."""
+
+    name: str = "sft"  # sft | dpo | reward (config/registry.py TRAINERS)
     max_length: int = 256  # tokens per example (prompt + answer) after templating; longer ones are truncated/dropped
-    completion_only_loss: bool = True  # sft: loss on assistant tokens only
     truncation: str = "truncate"  # truncate | drop: what to do with examples over max_length
-    packing: bool = False  # sft: padding-free: several examples per row, attention kept within each example
-    loss: str = "auto"  # sft: auto | chunked | liger | plain: how the cross-entropy meets the vocabulary
-    # dpo and reward (TRL DPOConfig / RewardConfig names)
-    beta: float = 0.1  # dpo: strength of the pull towards the reference model; higher = smaller steps away from it
-    loss_type: str = "sigmoid"  # dpo: one of DPO_LOSS_TYPES, or several joined by + (e.g. sigmoid+sft)
-    loss_weights: Optional[List[float]] = None  # dpo: one weight per loss_type entry; null = all 1.0
-    label_smoothing: float = 0.0  # dpo: flip probability for robust/sigmoid, epsilon for exo_pair; in [0, 0.5)
+
+
+@dataclass
+class SFTTrainerConfig(TrainerBaseConfig):
+    """TRL ``SFTConfig`` names."""
+
+    completion_only_loss: bool = True  # loss on assistant tokens only; false = on every token
+    packing: bool = False  # padding-free: several examples per row, attention kept within each example
+    loss: str = "auto"  # auto | chunked | liger | plain: how the cross-entropy meets the vocabulary
+
+
+@dataclass
+class PreferenceTrainerConfig(TrainerBaseConfig):
+    """Keys of TRL's ``DPOConfig`` and ``RewardConfig`` alike."""
+
     max_prompt_length: Optional[int] = None  # prompts longer than this keep BOS and their last tokens
     truncation_mode: str = "keep_start"  # over max_length: keep_start cuts answers' ends, keep_end the prompt's start
-    precompute_ref_log_probs: bool = False  # dpo: reference log-probs once before training, cached on disk
-    ref_cache_dir: Optional[str] = None  # dpo: cache of precomputed reference log-probs; null = ~/.cache/mistral-tune
-    center_rewards_coefficient: Optional[float] = None  # reward: pulls mean reward towards 0 (e.g. 0.01)
+
+
+@dataclass
+class DPOTrainerConfig(PreferenceTrainerConfig):
+    """TRL ``DPOConfig`` names."""
+
+    name: str = "dpo"
+    beta: float = 0.1  # strength of the pull towards the reference model; higher = smaller steps away from it
+    loss_type: str = "sigmoid"  # one of DPO_LOSS_TYPES, or several joined by + (e.g. sigmoid+sft)
+    loss_weights: Optional[List[float]] = None  # one weight per loss_type entry; null = all 1.0
+    label_smoothing: float = 0.0  # flip probability for robust/sigmoid, epsilon for exo_pair; in [0, 0.5)
+    precompute_ref_log_probs: bool = False  # reference log-probs once before training, cached on disk
+    ref_cache_dir: Optional[str] = None  # cache of precomputed reference log-probs; null = ~/.cache/mistral-tune
+
+
+@dataclass
+class RewardTrainerConfig(PreferenceTrainerConfig):
+    """TRL ``RewardConfig`` names."""
+
+    name: str = "reward"
+    truncation_mode: str = "keep_end"
+    center_rewards_coefficient: Optional[float] = None  # pulls mean reward towards 0 (e.g. 0.01)
+
+
+# trainer.name -> its schema; conf/trainer/<name>.yaml lists `<name>_schema` first in its defaults.
+TRAINER_SCHEMAS = {"sft": SFTTrainerConfig, "dpo": DPOTrainerConfig, "reward": RewardTrainerConfig}
 
 
 @dataclass
@@ -79,7 +117,7 @@ class DataConfig:
     eval_split: Optional[str] = None
 
 
-LAUNCHERS = ("local", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+LAUNCHERS = tuple(registry.LAUNCHERS)  # the names; config/registry.py is the one list
 
 
 @dataclass
@@ -159,7 +197,7 @@ class RunConfig:
     dry_run_mfu: float = 0.4  # model FLOPs utilization assumed for that estimate (0.3-0.5 is typical)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    trainer: Any = MISSING  # one of TRAINER_SCHEMAS, from the trainer group file's own schema
     data: DataConfig = field(default_factory=DataConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -170,7 +208,6 @@ class RunConfig:
 GROUPS = {
     "model": ModelConfig,
     "adapter": AdapterConfig,
-    "trainer": TrainerConfig,
     "data": DataConfig,
     "launcher": LauncherConfig,
     "tracking": TrackingConfig,
@@ -211,6 +248,8 @@ def register_schemas() -> None:
     cs.store(name=SCHEMA_NAME, node=RunConfig)
     for group, node in GROUPS.items():
         cs.store(group=f"schema/{group}", name=group, node=node)
+    for name, node in TRAINER_SCHEMAS.items():
+        cs.store(group="trainer", name=f"{name}_schema", node=node)
 
 
 def check_values(cfg: Any) -> list[str]:
@@ -221,28 +260,32 @@ def check_values(cfg: Any) -> list[str]:
         if value not in allowed:
             problems.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
-    one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-    one_of(
-        "model.attn_implementation",
-        cfg.model.attn_implementation,
-        ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
-    )
-    one_of("adapter.name", cfg.adapter.name, ("lora", "qlora", "dora", "none"))
-    one_of("trainer.name", cfg.trainer.name, ("sft", "dpo", "reward"))
+    one_of("model.dtype", cfg.model.dtype, registry.DTYPE_CHOICES)
+    one_of("model.attn_implementation", cfg.model.attn_implementation, registry.ATTN_IMPLEMENTATIONS)
+    one_of("adapter.name", cfg.adapter.name, registry.ADAPTERS)
+    one_of("trainer.name", cfg.trainer.name, tuple(registry.TRAINERS))
+    picked = schema_trainer_name(cfg.trainer)
+    if cfg.trainer.name in TRAINER_SCHEMAS and picked not in (None, cfg.trainer.name):
+        problems.append(
+            f"trainer.name={cfg.trainer.name} changes the name only; the trainer group is trainer={picked}: "
+            f"pick the trainer with trainer={cfg.trainer.name}"
+        )
+        return problems
     one_of("trainer.truncation", cfg.trainer.truncation, ("truncate", "drop"))
-    one_of("trainer.loss", cfg.trainer.loss, ("auto", "chunked", "liger", "plain"))
-    preference = cfg.trainer.name in ("dpo", "reward")
+    preference = cfg.trainer.name in registry.PREFERENCE_TRAINERS
+    if picked == "sft":
+        one_of("trainer.loss", cfg.trainer.loss, registry.LOSS_IMPLEMENTATIONS)
     one_of("data.format", cfg.data.format, ("auto", *(PREFERENCE_DATA_FORMATS if preference else SFT_DATA_FORMATS)))
-    if preference:
+    if preference and picked in registry.PREFERENCE_TRAINERS:
         problems.extend(check_preference(cfg.trainer))
     if cfg.trainer.name == "reward" and cfg.export.preset:
         problems.append("export.preset=true writes a causal-LM preset; a reward model exports as merged/ only")
     one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
     one_of("on_nan", cfg.on_nan, ("stop", "skip"))
     one_of("launcher.name", cfg.launcher.name, LAUNCHERS)
-    one_of("tracking.name", cfg.tracking.name, ("none", "wandb", "tensorboard"))
+    one_of("tracking.name", cfg.tracking.name, tuple(registry.TRACKERS))
     one_of("tracking.mode", cfg.tracking.mode, ("auto", "online", "offline"))
-    one_of("export.dtype", cfg.export.dtype, ("auto", "float32", "bfloat16", "float16"))
+    one_of("export.dtype", cfg.export.dtype, registry.DTYPE_CHOICES)
     positive = {
         "adapter.r": cfg.adapter.r,
         "trainer.max_length": cfg.trainer.max_length,
@@ -317,7 +360,7 @@ def eval_fraction(eval_split: Optional[str]) -> Optional[float]:
 
 def unknown_keys(cfg: Any) -> list[str]:
     """Dotted keys in ``cfg`` that the schema does not define (Hydra lets ``+key=value`` add them)."""
-    known = set(schema_keys())
+    known = set(schema_keys(trainer=schema_trainer_name(cfg.trainer)))
     sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
 
     def walk(node: Any, prefix: str):
@@ -331,18 +374,65 @@ def unknown_keys(cfg: Any) -> list[str]:
     return list(walk(cfg, ""))
 
 
-def schema_keys(schema: Any = RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted key the schema defines (for "did you mean" suggestions)."""
+def schema_keys(schema: Any = RunConfig, prefix: str = "", trainer: Optional[str] = None) -> list[str]:
+    """Every dotted key the schema defines (for "did you mean" suggestions): with ``trainer``, that
+    trainer's keys under ``trainer.``; without, the keys of every trainer."""
     import dataclasses
 
     keys = []
     for f in dataclasses.fields(schema):
         factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if factory is not None and dataclasses.is_dataclass(factory):
+        if schema is RunConfig and f.name == "trainer":
+            nodes = [TRAINER_SCHEMAS[trainer]] if trainer in TRAINER_SCHEMAS else TRAINER_SCHEMAS.values()
+            keys += list(dict.fromkeys(k for node in nodes for k in schema_keys(node, "trainer.")))
+        elif factory is not None and dataclasses.is_dataclass(factory):
             keys += schema_keys(factory, f"{prefix}{f.name}.")
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
+
+def schema_trainer_name(trainer: Any) -> Optional[str]:
+    """The trainer whose schema types the composed ``trainer`` node (its group file picked it), else None."""
+    from omegaconf import OmegaConf
+
+    node_type = OmegaConf.get_type(trainer)
+    return next((name for name, node in TRAINER_SCHEMAS.items() if node is node_type), None)
+
+
+def trainers_with_key(key: str) -> list[str]:
+    """The trainers whose schema has ``trainer.<key>``."""
+    import dataclasses
+
+    return [name for name, node in TRAINER_SCHEMAS.items() if key in {f.name for f in dataclasses.fields(node)}]
+
+
+# Keys that were renamed to the names of the TRL/PEFT fields they feed (docs/configuration.md lists them).
+# Composing a config with an old name fails naming the new one; a saved run's resolved_config.yaml is upgraded.
+RENAMED_KEYS = {
+    "adapter.alpha": "adapter.lora_alpha",
+    "adapter.dropout": "adapter.lora_dropout",
+    "adapter.init": "adapter.init_lora_weights",
+}
+
+
+def renamed_key_message(key: str, origin: str) -> Optional[str]:
+    """``adapter.alpha was renamed to adapter.lora_alpha (...)`` for an old key, else None."""
+    if key not in RENAMED_KEYS:
+        return None
+    return f"{key} was renamed to {RENAMED_KEYS[key]} (from {origin}); set {RENAMED_KEYS[key]} instead."
+
+
+def upgrade_renamed_keys(cfg: Any) -> Any:
+    """A loaded (plain, unstructured) config with every old key moved to its new name, in place."""
+    from omegaconf import OmegaConf
+
+    for old, new in RENAMED_KEYS.items():
+        section, _, name = old.rpartition(".")
+        node = OmegaConf.select(cfg, section) if section else cfg
+        if node is not None and name in node and new.rpartition(".")[2] not in node:
+            node[new.rpartition(".")[2]] = node.pop(name)
+    return cfg
 
 
 LORA_INITS = ("default", "true", "gaussian", "pissa", "olora")  # plus pissa_niter_<N>
@@ -355,20 +445,22 @@ def adapter_problems(a: Any) -> list[str]:
     problems = []
     if a.name == "none":
         return problems
-    if a.alpha <= 0:
-        problems.append(f"adapter.alpha={a.alpha} must be > 0")
-    if not 0 <= a.dropout < 1:
-        problems.append(f"adapter.dropout={a.dropout} must be in [0, 1)")
+    if a.lora_alpha <= 0:
+        problems.append(f"adapter.lora_alpha={a.lora_alpha} must be > 0")
+    if not 0 <= a.lora_dropout < 1:
+        problems.append(f"adapter.lora_dropout={a.lora_dropout} must be in [0, 1)")
     if not a.target_modules:
         problems.append("adapter.target_modules is empty; name modules (e.g. [q_proj, v_proj]) or use [all-linear]")
-    init = str(a.init)
+    init = str(a.init_lora_weights)
     if init not in LORA_INITS and not (init.startswith("pissa_niter_") and init[12:].isdigit()):
-        problems.append(f"adapter.init={init!r} is not one of {', '.join(LORA_INITS)}, pissa_niter_<N>")
+        problems.append(f"adapter.init_lora_weights={init!r} is not one of {', '.join(LORA_INITS)}, pissa_niter_<N>")
     if (a.name == "qlora" or a.load_in_4bit) and init.startswith(BASE_CHANGING_INITS):
-        problems.append(f"adapter.init={init} rewrites the base weights, which cannot be done on a 4-bit base")
+        problems.append(
+            f"adapter.init_lora_weights={init} rewrites the base weights, which cannot be done on a 4-bit base"
+        )
     if a.bnb_4bit_quant_type not in ("nf4", "fp4"):
         problems.append(f"adapter.bnb_4bit_quant_type={a.bnb_4bit_quant_type!r} is not one of nf4, fp4")
-    if a.bnb_4bit_compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+    if a.bnb_4bit_compute_dtype not in registry.DTYPE_CHOICES:
         problems.append(f"adapter.bnb_4bit_compute_dtype={a.bnb_4bit_compute_dtype!r} is not auto or a float dtype")
     return problems
 
@@ -390,29 +482,28 @@ def export_problems(e: Any, a: Any) -> list[str]:
 
 
 def check_preference(trainer: Any) -> list[str]:
-    """The DPO/reward settings TRL would only reject after the model is loaded."""
+    """The DPO/reward settings TRL would only reject after the model is loaded (keys another trainer
+    lacks are refused by its schema already)."""
     problems = []
+    if trainer.truncation_mode not in ("keep_start", "keep_end"):
+        problems.append(f"trainer.truncation_mode={trainer.truncation_mode!r} is not one of keep_start, keep_end")
+    if trainer.max_prompt_length is not None and not 1 < trainer.max_prompt_length < trainer.max_length:
+        problems.append(
+            f"trainer.max_prompt_length={trainer.max_prompt_length} must be > 1 and below "
+            f"trainer.max_length={trainer.max_length}, leaving room for the answers"
+        )
+    if trainer.name != "dpo":
+        return problems
     losses = [t.strip() for t in str(trainer.loss_type).split("+")]
     unknown = [t for t in losses if t not in DPO_LOSS_TYPES]
     if unknown:
         problems.append(f"trainer.loss_type={trainer.loss_type!r}: unknown {unknown}; use {', '.join(DPO_LOSS_TYPES)}")
     if trainer.loss_weights is not None and len(trainer.loss_weights) != len(losses):
         problems.append(f"trainer.loss_weights needs one weight per loss type ({len(losses)}: {losses})")
-    if trainer.truncation_mode not in ("keep_start", "keep_end"):
-        problems.append(f"trainer.truncation_mode={trainer.truncation_mode!r} is not one of keep_start, keep_end")
     if trainer.beta <= 0:
         problems.append(f"trainer.beta={trainer.beta} must be > 0")
     if not 0.0 <= trainer.label_smoothing < 0.5:
         problems.append(f"trainer.label_smoothing={trainer.label_smoothing} must be in [0, 0.5)")
     if "exo_pair" in losses and trainer.label_smoothing == 0.0:
         problems.append("trainer.loss_type=exo_pair needs trainer.label_smoothing > 0 (the EXO paper uses 1e-3)")
-    if trainer.max_prompt_length is not None and not 1 < trainer.max_prompt_length < trainer.max_length:
-        problems.append(
-            f"trainer.max_prompt_length={trainer.max_prompt_length} must be > 1 and below "
-            f"trainer.max_length={trainer.max_length}, leaving room for the answers"
-        )
-    if trainer.packing:
-        problems.append(f"trainer.packing=true is for sft; trainer={trainer.name} keeps each pair in its own row")
-    if trainer.loss != "auto":
-        problems.append(f"trainer.loss={trainer.loss} is for sft; trainer={trainer.name} computes its own loss")
     return problems

@@ -75,8 +75,10 @@ def tokenize_rows(
     truncation: str,
     system_prompt: Optional[str],
     report: DataReport,
+    completion_only_loss: bool = True,
 ) -> list[dict[str, list[int]]]:
-    """Rows to ``input_ids`` + ``labels`` (-100 outside the assistant turns for chat data)."""
+    """Rows to ``input_ids`` + ``labels``: -100 outside the assistant turns for chat data, unless
+    ``completion_only_loss`` is false (TRL SFTConfig's name): then every token of the conversation counts."""
     out = []
     for row in rows:
         try:
@@ -93,6 +95,8 @@ def tokenize_rows(
                 if messages[-1]["role"] != "assistant":
                     raise ValueError("no_assistant_turn")
                 ids, mask = tokenizer.encode_chat(messages)
+                if not completion_only_loss:
+                    mask = [1] * len(ids)
         except ValueError as exc:
             reason = str(exc) if str(exc) in ("missing_field", "empty_field", "no_assistant_turn") else "bad_roles"
             report.dropped[reason] += 1
@@ -131,7 +135,10 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     holdout, rest = [rows[i] for i in order[:holdout_n]], order[holdout_n:]
     # Held-out rows prompt samples.jsonl, so they must be usable too; unusable ones are dropped and counted.
     options = dict(
-        max_length=trainer_cfg.max_length, truncation=trainer_cfg.truncation, system_prompt=data_cfg.system_prompt
+        max_length=trainer_cfg.max_length,
+        truncation=trainer_cfg.truncation,
+        system_prompt=data_cfg.system_prompt,
+        completion_only_loss=trainer_cfg.completion_only_loss,
     )
     holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
     report.truncated = 0  # counted for training examples only

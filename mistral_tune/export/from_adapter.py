@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mistral_tune.adapters.build import read_sidecar
+from mistral_tune.config.schema import upgrade_renamed_keys
 from mistral_tune.core.errors import UserError
 
 FORMATS = ("merged", "preset", "adapter")
@@ -32,7 +33,7 @@ def plan(opts: dict[str, Any]) -> dict[str, Any]:
         resolved = run_dir / "resolved_config.yaml"
         if not resolved.exists():
             raise UserError(f"run_dir={run_dir} has no resolved_config.yaml; is it a mistral-tune run directory?")
-        cfg = OmegaConf.load(resolved)
+        cfg = upgrade_renamed_keys(OmegaConf.load(resolved))  # runs saved before a key was renamed
         formats = opts["formats"] or ["merged"]
         adapter = run_dir / "adapter" if cfg.adapter.name != "none" else None
         if adapter is not None and (adapter / "adapter_config.json").is_file():

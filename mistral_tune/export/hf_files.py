@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mistral_tune.adapters.quantization import is_4bit_linear
+from mistral_tune.config.registry import DTYPES
 from mistral_tune.export.verify import ExportMismatch
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def write_hf_checkpoint(

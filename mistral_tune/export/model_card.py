@@ -46,7 +46,8 @@ def model_card(cfg: Any, summary: dict[str, Any]) -> str:
         f"- `{base}` (preset `{cfg.model.name}`, dtype {cfg.model.dtype})",
         "",
         "## Recipe",
-        f"- adapter: {a.name}, r={a.r}, alpha={a.alpha}, dropout={a.dropout}, use_rslora={a.use_rslora}, init={a.init}",
+        f"- adapter: {a.name}, r={a.r}, lora_alpha={a.lora_alpha}, lora_dropout={a.lora_dropout}, "
+        f"use_rslora={a.use_rslora}, init_lora_weights={a.init_lora_weights}",
         f"- target modules: {targets}"
         + (f"; modules_to_save: {', '.join(a.modules_to_save)}" if a.modules_to_save else ""),
         f"- steps: {summary.get('steps')}, batch {cfg.train.per_device_train_batch_size} x "

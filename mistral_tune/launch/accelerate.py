@@ -37,7 +37,10 @@ def should_launch(cfg: Any) -> bool:
 
 
 def accelerate_config_path(launcher_cfg: Any) -> Path:
-    path = Path(launcher_cfg.accelerate_config or CONFIG_DIR / f"{launcher_cfg.name}.yaml").expanduser()
+    from mistral_tune.config.registry import LAUNCHERS
+
+    shipped = LAUNCHERS.get(launcher_cfg.name) or f"{launcher_cfg.name}.yaml"
+    path = Path(launcher_cfg.accelerate_config or CONFIG_DIR / shipped).expanduser()
     if not path.is_file():
         raise UserError(f"launcher.accelerate_config={path}: no such file.")
     return path.resolve()

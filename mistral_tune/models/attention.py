@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import logging
 
+from mistral_tune.config.registry import ATTN_IMPLEMENTATIONS
 from mistral_tune.core.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 
 
 def pick_attn_implementation(requested: str) -> str:

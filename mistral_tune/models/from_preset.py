@@ -31,11 +31,12 @@ def load_preset_model(
 ):
     """(transformers causal LM, MistralTokenizer, metadata dict, base preset label) for a handle."""
     import mistral_tune.models.loading as models
+    from mistral_tune.config.registry import DTYPE_CHOICES
     from mistral_tune.config.schema import ModelConfig
     from mistral_tune.models.tokenizer import load_tokenizer
 
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16.")
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_CHOICES)}.")
     source = resolve_handle(preset, load_weights=load_weights, revision=revision)
     model_cfg = ModelConfig(
         name=source.preset.id if source.preset else "custom",

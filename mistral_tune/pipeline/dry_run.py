@@ -60,12 +60,12 @@ def run_shape(cfg: Any) -> estimate.RunShape:
         adapter=cfg.adapter.name,
         target_modules=tuple(cfg.adapter.target_modules),
         lora_r=cfg.adapter.r,
-        lora_dropout=cfg.adapter.dropout,
+        lora_dropout=cfg.adapter.lora_dropout,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         compute_bytes=4 if cfg.model.dtype == "float32" else 2,
         attn="sdpa" if attn in ("auto", "flex_attention") else attn,
         optim=cfg.train.optim,
-        loss="plain" if cfg.trainer.loss == "plain" else "chunked",
+        loss="plain" if cfg.trainer.get("loss") == "plain" else "chunked",  # sft's key; dpo/reward: chunked
     )
 
 

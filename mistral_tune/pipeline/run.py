@@ -143,7 +143,7 @@ def train_and_export(
     quant = distributed.quantization_for_engine(quantization_config(cfg.adapter, compute_dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant, task=method.TASK_TYPE)
     models.check_max_length(cfg.trainer.max_length, model.config.max_position_embeddings)
-    init_dir = run_dir / ".adapter-init"  # only used when adapter.init rewrites the base (PiSSA/OLoRA)
+    init_dir = run_dir / ".adapter-init"  # only used when adapter.init_lora_weights rewrites the base (PiSSA/OLoRA)
     model = adapters.apply_adapter(
         model,
         cfg.adapter,

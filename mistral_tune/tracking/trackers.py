@@ -68,14 +68,20 @@ class Tracking:
 
 
 def start_tracking(tracking_cfg: Any, run_dir: Path, config: dict[str, Any], config_yaml: str) -> Tracking:
-    """Start the tracker ``tracking_cfg.name`` names; ``config`` must already be redacted."""
-    if tracking_cfg.name == "wandb":
-        return start_wandb(tracking_cfg, run_dir, config)
-    if tracking_cfg.name == "tensorboard":
-        tracker = TensorBoardTracker(run_dir / "tensorboard", config_yaml)
-        log.info("tensorboard: event files in %s (view with `tensorboard --logdir %s`)", tracker.logging_dir, run_dir)
-        return Tracking([tracker], {"name": "tensorboard", "dir": tracker.logging_dir})
-    return Tracking()
+    """Start the tracker ``tracking_cfg.name`` names (config/registry.py TRACKERS); ``config`` is redacted."""
+    from mistral_tune.config.registry import TRACKERS, load
+
+    target = TRACKERS[tracking_cfg.name]
+    if target is None:
+        return Tracking()
+    return load(target)(tracking_cfg, run_dir, config, config_yaml)
+
+
+def start_tensorboard(tracking_cfg: Any, run_dir: Path, config: dict[str, Any], config_yaml: str) -> Tracking:
+    """TensorBoard event files under ``<run_dir>/tensorboard``, with the resolved config as text."""
+    tracker = TensorBoardTracker(run_dir / "tensorboard", config_yaml)
+    log.info("tensorboard: event files in %s (view with `tensorboard --logdir %s`)", tracker.logging_dir, run_dir)
+    return Tracking([tracker], {"name": "tensorboard", "dir": tracker.logging_dir})
 
 
 def wandb_credentials_found(environ: Optional[dict] = None) -> bool:
@@ -103,7 +109,7 @@ def wandb_mode(requested: str, environ: Optional[dict] = None) -> tuple[str, str
     return "offline", "not logged in to W&B and WANDB_API_KEY is not set"
 
 
-def start_wandb(tracking_cfg: Any, run_dir: Path, config: dict[str, Any]) -> Tracking:
+def start_wandb(tracking_cfg: Any, run_dir: Path, config: dict[str, Any], config_yaml: str = "") -> Tracking:
     import wandb
 
     mode, why = wandb_mode(tracking_cfg.mode)

@@ -14,18 +14,17 @@ Each module exposes:
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-TRAINERS = {"sft": "sft", "dpo": "dpo", "reward": "reward"}
-
 
 def get_trainer(name: str) -> ModuleType:
-    """The trainer module for ``trainer.name`` (imported on demand: each one pulls in TRL)."""
-    return importlib.import_module(f"mistral_tune.train.{TRAINERS[name]}")
+    """The trainer module for ``trainer.name``, from the registry (imported on demand: each one pulls in TRL)."""
+    from mistral_tune.config.registry import TRAINERS, load
+
+    return load(TRAINERS[name])
 
 
 def training_argument_names() -> set[str]:

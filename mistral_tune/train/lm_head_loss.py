@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mistral_tune.config.registry import LOSS_IMPLEMENTATIONS
+
 IGNORE_INDEX = -100
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 32000 fp32 logits = 131 MB alive at a time
-
-LOSS_IMPLEMENTATIONS = ("auto", "chunked", "liger", "plain")
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
