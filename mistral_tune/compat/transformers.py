@@ -62,9 +62,12 @@ def trainer_output_dir(trainer: Any, trial: Any = None) -> str:
 # --- configs -----------------------------------------------------------------------------------------
 
 
+ATTN_IMPLEMENTATION = "_attn_implementation"  # PretrainedConfig's; it has no public twin
+
+
 def attn_implementation(config: Any) -> str | None:
-    """The attention implementation a loaded model runs (``config._attn_implementation``; no public twin)."""
-    return config._attn_implementation
+    """The attention implementation a loaded model runs (``config._attn_implementation``)."""
+    return getattr(config, ATTN_IMPLEMENTATION)
 
 
 # Set by from_pretrained(quantization_config=...) in older transformers; 5.24 no longer sets it (hasattr guards).
@@ -99,9 +102,12 @@ def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+PAD_TOKEN_TENSOR = "_pad_token_tensor"  # GenerationConfig's, set by generate()
+
+
 def generation_pad_token(generation_config: Any) -> Any:
     """The pad token tensor generate() resolved (pad, else eos): ``GenerationConfig._pad_token_tensor``."""
-    return getattr(generation_config, "_pad_token_tensor", None)
+    return getattr(generation_config, PAD_TOKEN_TENSOR, None)
 
 
 def repeat_cache(cache: Any, repeats: int) -> None:

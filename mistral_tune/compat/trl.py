@@ -13,8 +13,8 @@ from typing import Any
 class DPOHooks:
     """DPOTrainer mixin: ``_prepare_dataset`` and ``_precompute_ref_logps`` forwarded to public-named hooks.
 
-    Override ``prepare_dataset(dataset, processing_class, args, dataset_name)`` and
-    ``precompute_ref_logps(dataset, name, batch_size)``; ``trl_prepare_dataset`` and
+    Override ``prepare_dpo_dataset(dataset, processing_class, args, dataset_name)`` and
+    ``precompute_reference_logps(dataset, name, batch_size)``; ``trl_prepare_dataset`` and
     ``trl_precompute_ref_logps`` are TRL's own.
     """
 
@@ -24,27 +24,32 @@ class DPOHooks:
     def trl_precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
-    def prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+    def prepare_dpo_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         return self.trl_prepare_dataset(dataset, processing_class, args, dataset_name)
 
-    def precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+    def precompute_reference_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         return self.trl_precompute_ref_logps(dataset, name, batch_size)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return self.prepare_dataset(dataset, processing_class, args, dataset_name)
+        return self.prepare_dpo_dataset(dataset, processing_class, args, dataset_name)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        return self.precompute_ref_logps(dataset, name, batch_size)
+        return self.precompute_reference_logps(dataset, name, batch_size)
+
+
+# Attribute names of TRL trainers read here (the canary tests name them from this table).
+MODEL_HASH = "_precompute_model_hash"  # DPOTrainer
+METRICS = "_metrics"  # DPOTrainer, RewardTrainer: {"train": defaultdict(list), "eval": ...}
 
 
 def reference_model_hash(trainer: Any) -> str | None:
     """DPOTrainer's hash of the reference weights (``_precompute_model_hash``; None unless precomputing)."""
-    return trainer._precompute_model_hash
+    return getattr(trainer, MODEL_HASH)
 
 
 def trainer_metrics(trainer: Any, mode: str) -> dict[str, list]:
     """The per-mode lists TRL's trainers average into each log (``_metrics[mode]``), to append to or rename."""
-    return trainer._metrics[mode]
+    return getattr(trainer, METRICS)[mode]
 
 
 def _loss_types_from_help(help_text: str) -> tuple[str, ...]:

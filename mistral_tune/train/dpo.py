@@ -59,7 +59,7 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         self.ref_cache: dict[str, dict[str, Any]] = {}  # per dataset name: cache file and whether it was hit
         super().__init__(*args, **kwargs)
 
-    def prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def prepare_dpo_dataset(self, dataset, processing_class, args, dataset_name):
         if all(c in dataset.column_names for c in TOKENIZED_COLUMNS):
             return dataset  # templated, tokenized and length-fitted by mistral_tune.preference_data
         return self.trl_prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -73,7 +73,7 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
             h.update(json.dumps(list(dataset[column])).encode())
         return h.hexdigest()[:32]
 
-    def precompute_ref_logps(self, dataset, name, batch_size):
+    def precompute_reference_logps(self, dataset, name, batch_size):
         if self.ref_cache_dir is None:
             return self.trl_precompute_ref_logps(dataset, name, batch_size)
         from accelerate.utils import broadcast_object_list

@@ -91,7 +91,7 @@ def test_trainer_calls_our_checkpoint_and_grad_norm_hooks(tmp_path):
 def test_attn_implementation_reads_what_the_model_runs(attn):
     model = tiny_model(attn_implementation=attn)
     assert compat.attn_implementation(model.config) == attn, broken(
-        "transformers", "PretrainedConfig._attn_implementation", f"is not {attn!r} for a model built with it"
+        "transformers", f"PretrainedConfig.{compat.ATTN_IMPLEMENTATION}", f"is not {attn!r} for a model built with it"
     )
 
 
@@ -132,7 +132,7 @@ def test_generate_hands_a_custom_decoding_method_its_cache_and_pad_token():
         f"hands no cache under {compat.CACHE_KEYWORDS} ({seen['keys']})",
     )
     assert seen["pad"] is not None and int(seen["pad"]) == 0, broken(
-        "transformers", "GenerationConfig._pad_token_tensor", f"is {seen['pad']!r}, not the pad token 0"
+        "transformers", f"GenerationConfig.{compat.PAD_TOKEN_TENSOR}", f"is {seen['pad']!r}, not the pad token 0"
     )
     for method in ("batch_repeat_interleave", "batch_select_indices"):
         assert callable(getattr(cache, method, None)), broken(
