@@ -144,8 +144,8 @@ def test_compat_imports_nothing_of_ours_but_core():
 @pytest.mark.parametrize(
     "rule, snippet",
     [
-        ("a: known private", "def f(trainer):\n    return trainer._metrics['train']\n"),
-        ("a: known private", "def f(config):\n    return config._attn_implementation\n"),
+        ("a: known private", "def f(trainer):\n    return trainer._tag_names\n"),
+        ("a: known private", "def f(config):\n    return config._eos_token_tensor\n"),
         ("a: known private via getattr", "def f(c):\n    return getattr(c, '_pad_token_tensor')\n"),
         ("a: bound library", "import transformers\nx = transformers._some_private\n"),
         ("a: bound library", "from peft import utils\nx = utils._helper(1)\n"),
@@ -154,7 +154,7 @@ def test_compat_imports_nothing_of_ours_but_core():
             "from transformers import Trainer\nclass T(Trainer):\n    def f(self):\n        return super()._x()\n",
         ),
         ("b: super", "import trl\nclass T(trl.DPOTrainer):\n    def g(self):\n        return super()._y(1)\n"),
-        ("b: super, mixin", "class Mixin:\n    def f(self, m, t):\n        super()._save_checkpoint(m, t)\n"),
+        ("b: super, mixin", "class Mixin:\n    def f(self, m, t):\n        super()._load_rng_state(t)\n"),
         ("b: override", "class Mixin:\n    def _get_grad_norm(self, model, grad_norm=None):\n        return 1\n"),
         ("c: private name", "from transformers.trainer import _is_peft_model\n"),
         ("c: private module", "from transformers.generation._utils import x\n"),

@@ -22,7 +22,11 @@ def tiny_model(**kwargs):
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )  # fmt: skip
-    return MistralForCausalLM._from_config(config, **kwargs).eval() if kwargs else MistralForCausalLM(config).eval()
+    if kwargs:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config, **kwargs).eval()
+    return MistralForCausalLM(config).eval()
 
 
 def params(fn) -> list[str]:
