@@ -65,7 +65,7 @@ def main(overrides: list[str]) -> int:
         ("floating_point_ops (flos metric)", timed(lambda: trainer.floating_point_ops(batch))),
         ("model.train()", timed(model.train)),
         ("clip_grad_norm_ (max_grad_norm)", timed(lambda: trainer._clip_grad_norm(model))),
-        ("grad-norm finite check (on_nan)", timed(lambda: trainer._get_grad_norm(model, grad_norm=torch.tensor(1.0)))),
+        ("grad-norm finite check (on_nan)", timed(lambda: trainer.grad_norm_hook(model, grad_norm=torch.tensor(1.0)))),
         ("lr_scheduler.step() + read lr", timed(lambda: (trainer.lr_scheduler.step(), trainer._get_learning_rate()))),
         (
             "log() incl. metrics.jsonl and the progress line",

@@ -123,10 +123,12 @@ def read_sidecar(adapter_dir: Path) -> dict[str, Any]:
 
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as the elements of the matrix they encode."""
+    from mistral_tune.compat.bitsandbytes import is_params4bit
+
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
+        if is_params4bit(p):
             state = getattr(p, "quant_state", None)
             # Packed storage holds two 4-bit values per byte; the quant state knows the real shape.
             n = state.shape.numel() if state is not None else n * 2 * p.element_size()

@@ -104,15 +104,19 @@ def match_adapter_dtype(model: Any, compute_dtype: Any) -> int:
 
 def is_4bit_linear(module: Any) -> bool:
     """bitsandbytes' Linear4bit itself (not PEFT's LoRA wrapper of the same class name)."""
-    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+    from mistral_tune.compat.bitsandbytes import is_linear4bit
+
+    return is_linear4bit(module)
 
 
 def quantized_modules(model: Any) -> list[str]:
     """Names (as in the plain base model) of the linear layers stored in 4-bit."""
+    from mistral_tune.compat.peft import base_module_name
+
     names = []
     for name, module in model.named_modules():
         if is_4bit_linear(module):
-            names.append(name.removeprefix("base_model.model.").replace(".base_layer", ""))
+            names.append(base_module_name(name))
     return names
 
 

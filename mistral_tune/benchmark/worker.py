@@ -26,6 +26,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from mistral_tune.compat.transformers import attn_implementation
+
 FLOPS_CONFIG_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -192,7 +194,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
         collator, flat = None, False
         if cfg.trainer.packing:
-            attn = model.config._attn_implementation
+            attn = attn_implementation(model.config)
             dataset, collator, flat, _ = prepare_packing(
                 dataset, cfg.trainer.max_length, attn, pad_token_id(tokenizer.to_hf())
             )
@@ -232,7 +234,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name() if cuda else None,
         "torch_threads": torch.get_num_threads(),
         "dtype": compute_dtype(cfg, model),
-        "attn_implementation": model.config._attn_implementation,
+        "attn_implementation": attn_implementation(model.config),
         "loss_impl": getattr(trainer, "loss_impl", "trl"),
         "packing": trainer.packing_report.as_dict() if getattr(trainer, "packing_report", None) else None,
         "gradient_checkpointing": bool(cfg.train.gradient_checkpointing),

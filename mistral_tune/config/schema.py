@@ -81,7 +81,9 @@ class DPOTrainerConfig(PreferenceTrainerConfig):
 
     name: str = "dpo"
     beta: float = 0.1  # strength of the pull towards the reference model; higher = smaller steps away from it
-    loss_type: str = "sigmoid"  # one of DPO_LOSS_TYPES, or several joined by + (e.g. sigmoid+sft)
+    loss_type: str = (
+        "sigmoid"  # a TRL DPO loss type (compat.trl.dpo_loss_types), or several joined by + (e.g. sigmoid+sft)
+    )
     loss_weights: Optional[List[float]] = None  # one weight per loss_type entry; null = all 1.0
     label_smoothing: float = 0.0  # flip probability for robust/sigmoid, epsilon for exo_pair; in [0, 0.5)
     precompute_ref_log_probs: bool = False  # reference log-probs once before training, cached on disk
@@ -219,12 +221,6 @@ SCHEMA_NAME = "mistral_tune"
 SFT_DATA_FORMATS = ("messages", "alpaca", "text")
 
 PREFERENCE_DATA_FORMATS = ("preference", "preference_messages", "hh")
-
-# The loss types of the installed TRL 1.16 DPOConfig.loss_type (tests/test_dpo_config.py checks they still match).
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
 
 
 def random_demo_base(model: Any) -> bool:
@@ -495,9 +491,12 @@ def check_preference(trainer: Any) -> list[str]:
     if trainer.name != "dpo":
         return problems
     losses = [t.strip() for t in str(trainer.loss_type).split("+")]
-    unknown = [t for t in losses if t not in DPO_LOSS_TYPES]
+    from mistral_tune.compat.trl import dpo_loss_types
+
+    known = dpo_loss_types()  # the installed TRL's, read without importing it (the trainer checks the same list)
+    unknown = [t for t in losses if t not in known]
     if unknown:
-        problems.append(f"trainer.loss_type={trainer.loss_type!r}: unknown {unknown}; use {', '.join(DPO_LOSS_TYPES)}")
+        problems.append(f"trainer.loss_type={trainer.loss_type!r}: unknown {unknown}; use {', '.join(known)}")
     if trainer.loss_weights is not None and len(trainer.loss_weights) != len(losses):
         problems.append(f"trainer.loss_weights needs one weight per loss type ({len(losses)}: {losses})")
     if trainer.beta <= 0:

@@ -35,6 +35,9 @@ def dequantized_copy(model: Any, dtype: Any):
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
+    from mistral_tune.compat.bitsandbytes import dequantize, is_params4bit
+    from mistral_tune.compat.transformers import drop_quantization
+
     is_peft = isinstance(model, PeftModel)
     base = model.get_base_model() if is_peft else model
     tensors = {}
@@ -42,18 +45,14 @@ def dequantized_copy(model: Any, dtype: Any):
         if ".lora_" in name or ".modules_to_save." in name:
             continue  # adapter weights come back through the PEFT state dict below
         clean = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        if p.__class__.__name__ == "Params4bit":
-            import bitsandbytes as bnb
-
-            value = bnb.functional.dequantize_4bit(p.data, p.quant_state)
+        if is_params4bit(p):
+            value = dequantize(p)
         else:
             value = p.data
         tensors[clean] = value.detach().to("cpu", dtype)
     buffers = {n.replace(".base_layer.", "."): b.detach().to("cpu") for n, b in base.named_buffers()}
     config = copy.deepcopy(base.config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    drop_quantization(config)
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
     fresh.load_state_dict(tensors, strict=True, assign=True)

@@ -26,8 +26,6 @@ from mistral_tune.core.errors import UserError
 log = logging.getLogger(__name__)
 
 
-PREFIX = "base_model.model."
-
 BLOCK_ELEMENTS = 4 * 2**20  # rows merged at a time: ~16 MB of float32 per block
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
@@ -61,8 +59,15 @@ class LoraDeltas:
     """The adapter's tensors grouped by base weight name, with each module's scale."""
 
     def __init__(self, adapter_dir: Path):
-        from peft.utils.other import get_pattern_key
         from safetensors.torch import load_file
+
+        from mistral_tune.compat.peft import (
+            DORA_MAGNITUDE_SUFFIX,
+            LORA_A_SUFFIX,
+            LORA_B_SUFFIX,
+            adapter_key_to_base,
+            pattern_value,
+        )
 
         config_path = adapter_dir / "adapter_config.json"
         if not config_path.exists():
@@ -86,8 +91,8 @@ class LoraDeltas:
         self.lora: dict[str, dict[str, Any]] = {}  # base weight name -> {"A", "B", "m", "scale"}
         self.replace: dict[str, Any] = {}  # modules_to_save: base tensor name -> trained tensor
         for key, value in tensors.items():
-            name = key.removeprefix(PREFIX)
-            for part, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_magnitude_vector", "m")):
+            name = adapter_key_to_base(key)
+            for part, slot in ((LORA_A_SUFFIX, "A"), (LORA_B_SUFFIX, "B"), (DORA_MAGNITUDE_SUFFIX, "m")):
                 if name.endswith(part):
                     self.lora.setdefault(name[: -len(part)] + ".weight", {})[slot] = value
                     break
@@ -102,8 +107,8 @@ class LoraDeltas:
             if "A" not in parts or "B" not in parts or (self.use_dora and "m" not in parts):
                 raise UserError(f"Adapter in {adapter_dir} is incomplete for {weight}: has {sorted(parts)}.")
             module = weight.removesuffix(".weight")
-            rank = cfg.get("rank_pattern", {}).get(get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), r)
-            a = cfg.get("alpha_pattern", {}).get(get_pattern_key(cfg.get("alpha_pattern", {}).keys(), module), alpha)
+            rank = pattern_value(cfg.get("rank_pattern") or {}, module, r)
+            a = pattern_value(cfg.get("alpha_pattern") or {}, module, alpha)
             parts["scale"] = a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank
 
     def merge(self, name: str, view: Any, dtype: Any):

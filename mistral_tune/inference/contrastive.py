@@ -28,9 +28,18 @@ def contrastive_search(
     """Decode by contrastive search; returns the prompt plus new ids, padded after a stop token."""
     import torch
 
+    from mistral_tune.compat.transformers import (
+        cache_argument,
+        generation_cache,
+        generation_pad_token,
+        repeat_cache,
+        select_cache,
+    )
+
     k, alpha = int(contrastive_k), float(contrastive_alpha)
-    pad = generation_config._pad_token_tensor
-    cache = model_kwargs.get("past_key_values")
+    pad = generation_pad_token(generation_config)
+    cache = generation_cache(model_kwargs)
+    cache_kwargs = cache_argument(model, cache)
     mask = model_kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask  # generate() drops an all-ones mask
     batch = input_ids.shape[0]
@@ -41,7 +50,7 @@ def contrastive_search(
             input_ids=ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_kwargs,
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=1,
@@ -59,7 +68,7 @@ def contrastive_search(
         scores = logits_processor(input_ids, logits)
         probs, candidates = scores.softmax(-1).topk(k, dim=-1)  # [batch, k]
         # Feed every candidate in one batched step of the k-fold expanded cache.
-        cache.batch_repeat_interleave(k)
+        repeat_cache(cache, k)
         step_mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
         step_pos = positions[:, -1:] + 1
         out = forward(candidates.reshape(-1, 1), step_mask.repeat_interleave(k, 0), step_pos.repeat_interleave(k, 0))
@@ -70,7 +79,7 @@ def contrastive_search(
         score = (1 - alpha) * probs.reshape(-1) - alpha * sim
         choice = score.view(batch, k).argmax(-1)
         pick = torch.arange(batch, device=choice.device) * k + choice
-        cache.batch_select_indices(pick)
+        select_cache(cache, pick)
         tokens = candidates.gather(1, choice[:, None]).squeeze(1)
         if has_eos and pad is not None:
             tokens = torch.where(unfinished, tokens, pad.to(tokens.device))

@@ -126,9 +126,9 @@ def accelerate_argv(cfg: Any, recipe: str, overrides: list[str], output_dir: Pat
 
 def launch(cfg: Any, recipe: str, overrides: list[str]) -> int:
     """Start the job's processes on this machine and wait for them; returns the exit status."""
-    from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from mistral_tune.compat.accelerate import parse_launch_args, run_launch
     from mistral_tune.core.files import check_writable
     from mistral_tune.core.process import default_output_dir
 
@@ -145,9 +145,9 @@ def launch(cfg: Any, recipe: str, overrides: list[str]) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     log.info("launching: accelerate launch %s", shlex.join(argv))
-    args = launch_command_parser().parse_args(argv)
+    args = parse_launch_args(argv)
     try:
-        launch_command(args)
+        run_launch(args)
     except (ValueError, ConnectionError) as exc:  # accelerate's answer to a config or port it cannot use
         raise UserError(f"accelerate launch refused this launch: {exc}") from exc
     except ChildFailedError as exc:

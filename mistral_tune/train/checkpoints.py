@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mistral_tune.compat.transformers import CheckpointHooks
 from mistral_tune.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -152,24 +153,24 @@ def remove_leftovers(root: Path) -> list[Path]:
     return left
 
 
-class AtomicCheckpointMixin:
-    """Trainer mixin: HF's ``_save_checkpoint`` writes into a staging directory that is renamed when complete.
+class AtomicCheckpointMixin(CheckpointHooks):
+    """Trainer mixin: HF's checkpoint save writes into a staging directory that is renamed when complete.
 
     The trainer class using it provides ``checkpoint_state()`` (a JSON-able dict stored in the marker).
     """
 
     _staging_root: Path | None = None
 
-    def _get_output_dir(self, trial):
+    def checkpoint_output_dir(self, trial):
         if self._staging_root is not None:
             return str(self._staging_root)
-        return super()._get_output_dir(trial)
+        return self.hf_output_dir(trial)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {}
 
-    def _save_checkpoint(self, model, trial):
-        root = Path(super()._get_output_dir(trial))
+    def write_checkpoint(self, model, trial):
+        root = Path(self.hf_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         staging = root / f"{STAGING_PREFIX}{name}"
         if self.args.should_save:
@@ -178,7 +179,7 @@ class AtomicCheckpointMixin:
         self._staging_root = staging
         try:
             # HF writes staging/checkpoint-N and "rotates" inside staging, where it is alone.
-            super()._save_checkpoint(model, trial)
+            self.hf_save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 write_marker(staging / name, {"step": self.state.global_step, **self.checkpoint_state()})

@@ -14,12 +14,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from trl import DPOConfig, DPOTrainer
 
+from mistral_tune.compat.trl import DPOHooks, dpo_loss_types, reference_model_hash
 from mistral_tune.core.errors import UserError
 from mistral_tune.train.base import RunStateMixin, common_args
 from mistral_tune.train.checkpoints import AtomicCheckpointMixin
@@ -36,9 +36,8 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def installed_loss_types() -> list[str]:
-    """The loss types the installed TRL documents for ``DPOConfig.loss_type``."""
-    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
-    return re.findall(r"`'([a-z_]+)'`", help_text.split("Possible values are:")[1].split(". If")[0])
+    """The loss types the installed TRL documents for ``DPOConfig.loss_type`` (the one list, in compat)."""
+    return list(dpo_loss_types())
 
 
 def default_cache_dir() -> Path:
@@ -46,7 +45,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "mistral-tune" / "ref_logps"
 
 
-class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin, DPOTrainer):
+class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin, DPOHooks, DPOTrainer):
     """DPOTrainer that takes pre-tokenized pairs and caches reference log-probs on disk.
 
     Like SFT: atomic checkpoints, ``on_nan``, and a token count kept across resumes.
@@ -60,23 +59,23 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         self.ref_cache: dict[str, dict[str, Any]] = {}  # per dataset name: cache file and whether it was hit
         super().__init__(*args, **kwargs)
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def prepare_dpo_dataset(self, dataset, processing_class, args, dataset_name):
         if all(c in dataset.column_names for c in TOKENIZED_COLUMNS):
             return dataset  # templated, tokenized and length-fitted by mistral_tune.preference_data
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return self.trl_prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def cache_key(self, dataset: Any) -> str:
         """Hash of what the reference log-probs depend on: the token ids, the reference weights, the template."""
         h = hashlib.sha256()
-        settings = {"model": self._precompute_model_hash, "template": self.chat_template, "ld_alpha": self.ld_alpha}
+        settings = {"model": reference_model_hash(self), "template": self.chat_template, "ld_alpha": self.ld_alpha}
         h.update(json.dumps(settings, sort_keys=True).encode())
         for column in TOKENIZED_COLUMNS:
             h.update(json.dumps(list(dataset[column])).encode())
         return h.hexdigest()[:32]
 
-    def _precompute_ref_logps(self, dataset, name, batch_size):
+    def precompute_reference_logps(self, dataset, name, batch_size):
         if self.ref_cache_dir is None:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            return self.trl_precompute_ref_logps(dataset, name, batch_size)
         from accelerate.utils import broadcast_object_list
 
         # Rank 0 decides for everyone: under ZeRO-3 each rank hashes only its own weight shards, and a rank
@@ -119,7 +118,7 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         and removed once all ranks have read the result.
         """
         if self.accelerator.num_processes == 1 or dataset.cache_files:
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            out = self.trl_precompute_ref_logps(dataset, name, batch_size)
             return {c: [float(x) for x in out[c]] for c in REF_COLUMNS}
         import shutil
 
@@ -130,7 +129,7 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
             shutil.rmtree(shared, ignore_errors=True)  # a crashed run's leftover
             dataset.save_to_disk(str(shared))
         self.accelerator.wait_for_everyone()
-        out = super()._precompute_ref_logps(Dataset.load_from_disk(str(shared)), name, batch_size)
+        out = self.trl_precompute_ref_logps(Dataset.load_from_disk(str(shared)), name, batch_size)
         columns = {c: [float(x) for x in out[c]] for c in REF_COLUMNS}
         del out
         # No barrier on an error path (a rank waiting there would outlive the failed one): a crash leaves the

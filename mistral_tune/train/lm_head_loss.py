@@ -220,7 +220,9 @@ def head_is_sharded(head: torch.nn.Module) -> bool:
     weight = getattr(head, "weight", None)
     if weight is None:
         return False
-    return weight.numel() == 0 or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
+    from mistral_tune.compat.deepspeed import is_zero3_param
+
+    return weight.numel() == 0 or is_zero3_param(weight) or type(weight).__name__ == "DTensor"
 
 
 def output_head(model: Any) -> torch.nn.Module:

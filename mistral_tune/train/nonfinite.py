@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from mistral_tune.compat.transformers import GradNormHooks, trainer_output_dir
 from mistral_tune.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class _SkipBadStep(TrainerCallback):
         return control
 
 
-class NonFiniteLossMixin:
+class NonFiniteLossMixin(GradNormHooks):
     """Trainer mixin applying ``on_nan`` (``stop`` or ``skip``) to NaN/inf losses and gradient norms."""
 
     on_nan = "stop"
@@ -65,7 +66,7 @@ class NonFiniteLossMixin:
         if self.on_nan == "stop":
             from mistral_tune.train.checkpoints import latest_complete
 
-            last = latest_complete(self._get_output_dir(None))
+            last = latest_complete(trainer_output_dir(self))
             raise NonFiniteLoss(
                 f"Training stopped at step {step}: the {what}. The weights were not updated with it; the last good "
                 f"checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower train.learning_rate, raise "
@@ -79,8 +80,8 @@ class NonFiniteLossMixin:
             self._flag(f"loss is {float(loss.detach().float().mean())}")
         return loss
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+    def grad_norm_hook(self, model, grad_norm=None):
+        grad_norm = self.hf_grad_norm(model, grad_norm)
         if self._bad_step is None and not _finite(grad_norm):
             self._flag(f"gradient norm is {float(grad_norm)}")
         return grad_norm

@@ -13,6 +13,7 @@ from typing import Any
 
 from trl import RewardConfig, RewardTrainer
 
+from mistral_tune.compat.trl import trainer_metrics
 from mistral_tune.train.base import RunStateMixin, common_args
 from mistral_tune.train.checkpoints import AtomicCheckpointMixin
 from mistral_tune.train.nonfinite import NonFiniteLossMixin
@@ -34,15 +35,17 @@ class MistralRewardTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMi
         mode = "train" if self.model.training else "eval"
         pairs = outputs.logits.detach().squeeze(-1).view(2, -1).T  # the batch is [chosen..., rejected...]
         chosen, rejected = self.accelerator.gather_for_metrics(pairs).mean(0).tolist()  # one gather, one sync
-        self._metrics[mode]["rewards/chosen"].append(chosen)
-        self._metrics[mode]["rewards/rejected"].append(rejected)
+        metrics = trainer_metrics(self, mode)
+        metrics["rewards/chosen"].append(chosen)
+        metrics["rewards/rejected"].append(rejected)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        metrics = trainer_metrics(self, mode)
         for old, new in RENAMED.items():
-            if old in self._metrics[mode]:
-                self._metrics[mode][new] = self._metrics[mode].pop(old)
+            if old in metrics:
+                metrics[new] = metrics.pop(old)
         super().log(logs, start_time)
 
 

@@ -11,6 +11,7 @@ from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 import mistral_tune.train.lm_head_loss as losses
+from mistral_tune.compat.transformers import attn_implementation
 from mistral_tune.data.packing import batch_token_count, prepare_packing
 from mistral_tune.train.base import RunStateMixin, common_args
 from mistral_tune.train.checkpoints import AtomicCheckpointMixin
@@ -102,7 +103,7 @@ def build_sft_trainer(
     collator, flat, packing_report = None, False, None
     if cfg.trainer.packing:
         train_dataset, collator, flat, packing_report = prepare_packing(
-            train_dataset, cfg.trainer.max_length, model.config._attn_implementation, pad_token_id(hf_tokenizer)
+            train_dataset, cfg.trainer.max_length, attn_implementation(model.config), pad_token_id(hf_tokenizer)
         )
     trainer = MistralSFTTrainer(
         model=model,

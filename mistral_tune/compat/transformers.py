@@ -1,0 +1,120 @@
+"""transformers internals: Trainer's private checkpoint/grad-norm hooks, config and generation privates."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+# --- Trainer -----------------------------------------------------------------------------------------
+
+# Our forwarding method -> the private Trainer method it calls (the canary tests check each one).
+TRAINER_PRIVATES = {
+    "hf_output_dir": "_get_output_dir",
+    "hf_save_checkpoint": "_save_checkpoint",
+    "hf_grad_norm": "_get_grad_norm",
+}
+
+
+class CheckpointHooks:
+    """Trainer mixin: ``Trainer._get_output_dir``/``_save_checkpoint`` forwarded to public-named hooks.
+
+    Override ``checkpoint_output_dir(trial)`` and ``write_checkpoint(model, trial)``; call
+    ``hf_output_dir(trial)`` and ``hf_save_checkpoint(model, trial)`` for Trainer's own behaviour.
+    """
+
+    def hf_output_dir(self, trial: Any) -> str:
+        return super()._get_output_dir(trial)
+
+    def hf_save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+
+    def checkpoint_output_dir(self, trial: Any) -> str:
+        return self.hf_output_dir(trial)
+
+    def write_checkpoint(self, model: Any, trial: Any) -> None:
+        self.hf_save_checkpoint(model, trial)
+
+    def _get_output_dir(self, trial):
+        return self.checkpoint_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        self.write_checkpoint(model, trial)
+
+
+class GradNormHooks:
+    """Trainer mixin: ``Trainer._get_grad_norm`` (clips and returns the norm) forwarded to ``grad_norm_hook``."""
+
+    def hf_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def grad_norm_hook(self, model: Any, grad_norm: Any = None) -> Any:
+        return self.hf_grad_norm(model, grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return self.grad_norm_hook(model, grad_norm=grad_norm)
+
+
+def trainer_output_dir(trainer: Any, trial: Any = None) -> str:
+    """Where the trainer writes ``checkpoint-N`` (``Trainer._get_output_dir``)."""
+    return trainer._get_output_dir(trial)
+
+
+# --- configs -----------------------------------------------------------------------------------------
+
+
+ATTN_IMPLEMENTATION = "_attn_implementation"  # PretrainedConfig's; it has no public twin
+
+
+def attn_implementation(config: Any) -> str | None:
+    """The attention implementation a loaded model runs (``config._attn_implementation``)."""
+    return getattr(config, ATTN_IMPLEMENTATION)
+
+
+# Set by from_pretrained(quantization_config=...) in older transformers; 5.24 no longer sets it (hasattr guards).
+PRE_QUANTIZATION_DTYPE = "_pre_quantization_dtype"
+
+
+def drop_quantization(config: Any) -> None:
+    """Remove what ``from_pretrained(quantization_config=...)`` left on a config, so it builds a plain model."""
+    for attr in ("quantization_config", PRE_QUANTIZATION_DTYPE):
+        if hasattr(config, attr):
+            delattr(config, attr)
+
+
+# --- generation --------------------------------------------------------------------------------------
+
+# generate() hands a custom decoding method the cache under this keyword: ``cache`` from 5.24 on,
+# ``past_key_values`` before (5.x up to 5.23).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def generation_cache(model_kwargs: dict[str, Any]) -> Any:
+    """The cache generate() prepared for a custom decoding method (None when it made none)."""
+    for key in CACHE_KEYWORDS:
+        if model_kwargs.get(key) is not None:
+            return model_kwargs[key]
+    return None
+
+
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword argument passing ``cache`` to ``model.forward`` (``cache=`` from 5.24, ``past_key_values=`` before)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+PAD_TOKEN_TENSOR = "_pad_token_tensor"  # GenerationConfig's, set by generate()
+
+
+def generation_pad_token(generation_config: Any) -> Any:
+    """The pad token tensor generate() resolved (pad, else eos): ``GenerationConfig._pad_token_tensor``."""
+    return getattr(generation_config, PAD_TOKEN_TENSOR, None)
+
+
+def repeat_cache(cache: Any, repeats: int) -> None:
+    """Repeat every batch row of a cache ``repeats`` times, in place (``Cache.batch_repeat_interleave``)."""
+    cache.batch_repeat_interleave(repeats)
+
+
+def select_cache(cache: Any, indices: Any) -> None:
+    """Keep only the batch rows ``indices`` of a cache, in place (``Cache.batch_select_indices``)."""
+    cache.batch_select_indices(indices)
