@@ -195,12 +195,12 @@ def test_cached_generation_matches_uncached_past_the_window(models, backend):
 
 
 def test_pick_attn_implementation_logs_and_errors(caplog, monkeypatch):
-    with caplog.at_level(logging.INFO, logger="mistral_tune.models.loading"):
+    with caplog.at_level(logging.INFO, logger="mistral_tune.models.attention"):
         assert pick_attn_implementation("auto") == "sdpa"  # no CUDA here
         assert pick_attn_implementation("eager") == "eager"
     assert "attention backend: sdpa (auto; flash-attn not usable)" in caplog.text
     assert "attention backend: eager (requested)" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="mistral_tune.models.loading"):
+    with caplog.at_level(logging.WARNING, logger="mistral_tune.models.attention"):
         assert pick_attn_implementation("flex_attention") == "flex_attention"
     assert "inference only" in caplog.text
     with pytest.raises(UserError, match="flash-attn >= 2.3"):
