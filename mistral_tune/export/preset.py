@@ -12,8 +12,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from mistral_tune.core.errors import UserError
-from mistral_tune.core.files import atomic_directory, check_writable, save_json
-from mistral_tune.export.hf_files import merged_state_dict, write_hf_checkpoint
+from mistral_tune.core.files import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +38,6 @@ def preset_metadata(
     }
 
 
-def write_preset_files(
-    model: Any, tokenizer: Any, directory: Path, *, base_preset: Any, provenance: Any, max_shard_size: str = "2GB"
-) -> dict[str, Any]:
-    """The files of a preset directory, written into ``directory`` as it is (not atomically).
-
-    LoRA is folded in without touching ``model`` (see ``merged_state_dict``). Returns the metadata.
-    """
-    base, state = merged_state_dict(model)
-    # Shared (tied) tensors count once. Counted now: save_pretrained consumes the dict it is given.
-    parameter_count = sum({(v.data_ptr(), v.shape): v.numel() for v in state.values()}.values())
-    dtype = next((str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()), None)
-    write_hf_checkpoint(base, tokenizer, directory, max_shard_size, state_dict=state)
-    metadata = preset_metadata(
-        parameter_count=parameter_count,
-        base_preset=base_preset,
-        provenance=provenance,
-        chat_template=tokenizer.chat_template,
-        dtype=dtype,
-    )
-    save_json(Path(directory) / PRESET_METADATA, metadata)
-    return metadata
-
-
 def write_preset(
     model: Any,
     tokenizer: Any,
@@ -70,10 +46,13 @@ def write_preset(
     base_preset: Any,
     provenance: Any = None,
     max_shard_size: str = "2GB",
+    verify: bool = False,
 ) -> Path:
     """Write a preset directory: Hugging Face layout (safetensors, config, tokenizer with chat
     template, generation config) plus ``metadata.json`` (mistral_tune version, parameter_count,
-    date_saved, tasks, base preset, training provenance). LoRA is folded in (see ``merged_state_dict``).
+    date_saved, tasks, base preset, training provenance). LoRA is folded in without touching ``model``
+    (see ``merged_state_dict``). The files are those of every export (``export.pipeline``);
+    ``verify=True`` also reloads the preset and compares its logits with ``model``'s.
 
     Written to a temporary sibling and renamed into place, so ``out_dir`` is complete or absent.
     Both ``MistralCausalLM.from_preset(out_dir)`` and ``AutoModelForCausalLM.from_pretrained(out_dir)``
@@ -88,11 +67,17 @@ def write_preset(
         # Only an earlier preset (or an empty directory) is replaced; anything else could be someone's data.
         raise UserError(f"{out_dir} exists and is not a mistral-tune preset directory; choose a new path.")
     check_writable(out_dir.parent)
-    with atomic_directory(out_dir) as tmp:
-        meta = write_preset_files(
-            model, tokenizer, tmp, base_preset=base_preset, provenance=provenance, max_shard_size=max_shard_size
-        )
-    log.info("export: preset written to %s (%s parameters)", out_dir, f"{meta['parameter_count']:,}")
+    from mistral_tune.export.pipeline import export_in_memory
+
+    export_in_memory(
+        model,
+        tokenizer,
+        {"preset": out_dir},
+        verify=verify,
+        max_shard_size=max_shard_size,
+        base_preset=base_preset,
+        provenance=provenance,
+    )
     return out_dir
 
 
