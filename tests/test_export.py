@@ -261,8 +261,8 @@ def test_parse_size():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["export.adapter_only=true"], "export.adapter_only=true publishes only the adapter"),
-        (["export=adapter_only", "adapter=none"], "needs an adapter"),
+        (["export.adapter_only=true"], "export.adapter_only was removed with export=adapter_only"),
+        (["export=adapter_only", "adapter=none"], "export=adapter_only was removed: it wrote exactly what export=none"),
         (["adapter.init=svd"], "adapter.init='svd'"),
         (["adapter=qlora", "adapter.init=pissa"], "cannot be done on a 4-bit base"),
         (["adapter.dropout=1.5"], "adapter.dropout=1.5"),
@@ -277,8 +277,8 @@ def test_bad_adapter_and_export_settings_fail_at_compose(compose, overrides, mes
 def test_export_groups_and_adapter_options_compose(compose):
     cfg = compose("sft_lora", ["adapter=dora", "export=preset", "adapter.target_modules=[all-linear]"])
     assert cfg.adapter.name == "dora" and cfg.export.preset and cfg.export.merged
-    cfg = compose("sft_qlora", ["export=adapter_only", "adapter.use_rslora=true", "adapter.modules_to_save=[lm_head]"])
-    assert cfg.export.adapter_only and not cfg.export.merged and cfg.adapter.modules_to_save == ["lm_head"]
+    cfg = compose("sft_qlora", ["export=none", "adapter.use_rslora=true", "adapter.modules_to_save=[lm_head]"])
+    assert not cfg.export.merged and not cfg.export.preset and cfg.adapter.modules_to_save == ["lm_head"]
 
 
 def test_export_command_arguments_fail_clearly(capsys):
