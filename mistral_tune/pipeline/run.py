@@ -142,7 +142,9 @@ def train_and_export(
     quant = distributed.quantization_for_engine(quantization_config(cfg.adapter, compute_dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant, task=method.TASK_TYPE)
     models.check_max_length(cfg.trainer.max_length, model.config.max_position_embeddings)
-    init_dir = run_dir / ".adapter-init"  # only used when adapter.init rewrites the base (PiSSA/OLoRA)
+    # Only used when adapter.init rewrites the base (PiSSA/OLoRA). PEFT names the initial adapter after the
+    # directory's basename when converting, and a module name cannot contain "." (".adapter-init" failed).
+    init_dir = run_dir / ".adapter-init" / "initial"
     model = adapters.apply_adapter(
         model,
         cfg.adapter,
@@ -229,6 +231,8 @@ def save_outputs(
 
     Rank 0 only writes; the other ranks return {} after taking part in the save.
     """
+    import shutil
+
     import mistral_tune.adapters.build as adapters
     import mistral_tune.launch.engine as distributed
     from mistral_tune.core.files import atomic_directory
@@ -255,6 +259,7 @@ def save_outputs(
     if adapter_dir is not None:
         with atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
             adapters.save_adapter(model, tmp, base=base, kind=cfg.adapter.name, init_dir=init_dir)
+        shutil.rmtree(init_dir.parent, ignore_errors=True)
 
     samples = method.samples(model, tokenizer, prepared, cfg)  # the trainer module's samples.jsonl records
     if samples:
