@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import mistral_tune.export.merged as export
+import mistral_tune.export.pipeline as export
 import mistral_tune.export.stream_merge as merge
 from mistral_tune import cli
 from mistral_tune.core.errors import UserError

@@ -1,5 +1,4 @@
-"""Exports of a model in memory (``export_model``), and the dequantized copy of a QLoRA model that
-serves as its reference; the writing itself is ``export.pipeline``'s, shared by every export.
+"""The dequantized copy of a QLoRA model: the reference a QLoRA export is verified against.
 
 QLoRA is never merged into 4-bit rounding: the merge streams from the original 16/32-bit base,
 round-tripped through NF4 as bitsandbytes loaded it (``stream_merge``), and the reference it is
@@ -11,8 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -62,64 +60,3 @@ def dequantized_copy(model: Any, dtype: Any):
     if result.unexpected_keys:
         raise RuntimeError(f"adapter weights not placed in the dequantized copy: {result.unexpected_keys[:5]}")
     return attached
-
-
-def export_model(
-    model: Any,
-    tokenizer: Any,
-    *,
-    prompts: Sequence[str],
-    dtype_name: str = "auto",
-    merged_dir: Optional[Path] = None,
-    preset_dir: Optional[Path] = None,
-    max_shard_size: str = "2GB",
-    verify: bool = True,
-    tolerance: Optional[float] = None,
-    base_preset: Optional[str] = None,
-    provenance: Optional[dict] = None,
-) -> dict[str, Any]:
-    """Write ``merged_dir`` and/or ``preset_dir`` from a model in memory, merged and verified once
-    (``export.pipeline.export_in_memory``). ``model`` is left as it is.
-
-    Returns ``{"merged": {...}, "preset": {...}}`` for the formats written, each with the path, dtype,
-    the measured max |logit diff| and what it was measured against (this goes into summary.json).
-    """
-    from mistral_tune.export.pipeline import export_in_memory
-
-    outs = {k: Path(v) for k, v in (("merged", merged_dir), ("preset", preset_dir)) if v is not None}
-    if not outs:
-        return {}
-    return export_in_memory(
-        model,
-        tokenizer,
-        outs,
-        verify=verify,
-        prompts=prompts,
-        dtype_name=dtype_name,
-        max_shard_size=max_shard_size,
-        tolerance=tolerance,
-        base_preset=base_preset,
-        provenance=provenance or {},
-    )
-
-
-def export_merged(
-    model: Any,
-    tokenizer: Any,
-    out_dir: Path,
-    *,
-    dtype_name: str,
-    prompts: Sequence[str],
-    max_shard_size: str = "2GB",
-    verify: bool = True,
-) -> dict[str, Any]:
-    """Merge and write one verified ``merged/`` directory (``export_model`` with the merged format only)."""
-    return export_model(
-        model,
-        tokenizer,
-        prompts=prompts,
-        dtype_name=dtype_name,
-        merged_dir=out_dir,
-        max_shard_size=max_shard_size,
-        verify=verify,
-    )["merged"]

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
@@ -33,6 +34,26 @@ log = logging.getLogger(__name__)
 
 
 WEIGHT_FORMATS = ("merged", "preset")
+
+PRESET_METADATA = "metadata.json"
+
+
+def preset_metadata(
+    *, parameter_count: int, base_preset: Any, provenance: Any, chat_template: Optional[str], dtype: Optional[str]
+) -> dict[str, Any]:
+    """``metadata.json`` of a preset directory (keras-hub's fields plus our provenance)."""
+    from mistral_tune import __version__
+
+    return {
+        "mistral_tune_version": __version__,
+        "parameter_count": int(parameter_count),
+        "date_saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tasks": ["CausalLM"],
+        "base_preset": base_preset,
+        "chat_template": chat_template,
+        "dtype": dtype,
+        "provenance": provenance,
+    }
 
 
 def write_generation_config(out_dir: Path, tokenizer: Any) -> None:
@@ -73,8 +94,6 @@ def shard_parameter_count(out_dir: Path) -> int:
 
 def write_preset_metadata(directory: Path, tokenizer: Any, *, base_preset: Any, provenance: Any) -> dict[str, Any]:
     """``metadata.json`` of a preset directory whose weights and config.json are already written."""
-    from mistral_tune.export.preset import PRESET_METADATA, preset_metadata
-
     config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
     meta = preset_metadata(
         parameter_count=shard_parameter_count(directory),
@@ -392,3 +411,62 @@ def export_trained(
             quantization=quantization,
             **kwargs,
         )
+
+
+def export_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    prompts: Sequence[str],
+    dtype_name: str = "auto",
+    merged_dir: Optional[Path] = None,
+    preset_dir: Optional[Path] = None,
+    max_shard_size: str = "2GB",
+    verify: bool = True,
+    tolerance: Optional[float] = None,
+    base_preset: Optional[str] = None,
+    provenance: Optional[dict] = None,
+) -> dict[str, Any]:
+    """Write ``merged_dir`` and/or ``preset_dir`` from a model in memory, merged and verified once
+    (``export.pipeline.export_in_memory``). ``model`` is left as it is.
+
+    Returns ``{"merged": {...}, "preset": {...}}`` for the formats written, each with the path, dtype,
+    the measured max |logit diff| and what it was measured against (this goes into summary.json).
+    """
+    outs = {k: Path(v) for k, v in (("merged", merged_dir), ("preset", preset_dir)) if v is not None}
+    if not outs:
+        return {}
+    return export_in_memory(
+        model,
+        tokenizer,
+        outs,
+        verify=verify,
+        prompts=prompts,
+        dtype_name=dtype_name,
+        max_shard_size=max_shard_size,
+        tolerance=tolerance,
+        base_preset=base_preset,
+        provenance=provenance or {},
+    )
+
+
+def export_merged(
+    model: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    dtype_name: str,
+    prompts: Sequence[str],
+    max_shard_size: str = "2GB",
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Merge and write one verified ``merged/`` directory (``export_model`` with the merged format only)."""
+    return export_model(
+        model,
+        tokenizer,
+        prompts=prompts,
+        dtype_name=dtype_name,
+        merged_dir=out_dir,
+        max_shard_size=max_shard_size,
+        verify=verify,
+    )["merged"]

@@ -5,9 +5,8 @@ training provenance), loadable by ``MistralCausalLM.from_preset`` and ``AutoMode
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -15,27 +14,6 @@ from mistral_tune.core.errors import UserError
 from mistral_tune.core.files import check_writable
 
 log = logging.getLogger(__name__)
-
-
-PRESET_METADATA = "metadata.json"
-
-
-def preset_metadata(
-    *, parameter_count: int, base_preset: Any, provenance: Any, chat_template: Optional[str], dtype: Optional[str]
-) -> dict[str, Any]:
-    """``metadata.json`` of a preset directory (keras-hub's fields plus our provenance)."""
-    from mistral_tune import __version__
-
-    return {
-        "mistral_tune_version": __version__,
-        "parameter_count": int(parameter_count),
-        "date_saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "tasks": ["CausalLM"],
-        "base_preset": base_preset,
-        "chat_template": chat_template,
-        "dtype": dtype,
-        "provenance": provenance,
-    }
 
 
 def write_preset(
@@ -62,12 +40,13 @@ def write_preset(
         >>> write_preset(model, tokenizer, "presets/my_tune", base_preset="mistral_tiny",
         ...              provenance={"recipe": "sft_lora", "run_dir": "runs/x"})  # doctest: +SKIP
     """
+    from mistral_tune.export.pipeline import PRESET_METADATA, export_in_memory
+
     out_dir = Path(out_dir)
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / PRESET_METADATA).is_file()):
         # Only an earlier preset (or an empty directory) is replaced; anything else could be someone's data.
         raise UserError(f"{out_dir} exists and is not a mistral-tune preset directory; choose a new path.")
     check_writable(out_dir.parent)
-    from mistral_tune.export.pipeline import export_in_memory
 
     export_in_memory(
         model,

@@ -88,6 +88,6 @@ def test_each_export_file_and_config_is_built_in_one_place():
     assert where(r"BitsAndBytesConfig\(") == ["adapters/quantization.py"]
     # generation/ sets a generation config on a model in memory for sampling; export writes one file
     assert where(r"GenerationConfig\(") == ["export/pipeline.py", "inference/generation.py"]
-    assert where(r"preset_metadata\(") == ["export/pipeline.py", "export/preset.py"]  # called, defined
+    assert where(r"preset_metadata\(") == ["export/pipeline.py"]  # defined and called there only
     assert where(r"save_file\(") == ["export/stream_merge.py"]  # every export's shards: one writer
     assert where(r"def (merge_adapter|write_hf_checkpoint|write_preset_files|copy_generation_config)\b") == []
