@@ -295,7 +295,11 @@ def export_in_memory(
     directory next to the first output, which then serves as the base. ``dtype_name=auto`` is the
     model's base dtype (for a 4-bit base: the dtype it was quantized from).
     """
+    import torch
+
+    from mistral_tune.adapters.quantization import is_4bit_linear
     from mistral_tune.export.hf_files import merged_state_dict, resolve_export_dtype
+    from mistral_tune.export.merged import dequantized_copy
     from mistral_tune.export.verify import VERIFY_PROMPTS
 
     prompts = VERIFY_PROMPTS if prompts is None else prompts
@@ -307,6 +311,8 @@ def export_in_memory(
     first = Path(outs[next(f for f in WEIGHT_FORMATS if f in outs)])
     first.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{first.name}.source-", dir=first.parent) as tmp:
+        if any(is_4bit_linear(m) for m in model.modules()):  # never save (or merge into) 4-bit weights
+            model = dequantized_copy(model, torch.float32)  # merged in float32, cast by the writer
         base, state = merged_state_dict(model)
         # Training turns the KV cache off (TRL, gradient checkpointing); an exported model is for inference.
         if getattr(base.config, "use_cache", True) is False:

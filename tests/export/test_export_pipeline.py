@@ -91,3 +91,34 @@ def test_each_export_file_and_config_is_built_in_one_place():
     assert where(r"preset_metadata\(") == ["export/pipeline.py"]  # defined and called there only
     assert where(r"save_file\(") == ["export/stream_merge.py"]  # every export's shards: one writer
     assert where(r"def (merge_adapter|write_hf_checkpoint|write_preset_files|copy_generation_config)\b") == []
+
+
+def test_the_in_memory_fallback_never_writes_4bit_weights(tmp_path):
+    """A QLoRA model without adapter files to stream from is dequantized first, then merged and verified."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MistralConfig, MistralForCausalLM
+
+    from mistral_tune.adapters.quantization import keep_cpu_4bit_numerics
+    from mistral_tune.export.pipeline import export_in_memory
+    from mistral_tune.models.tokenizer import MistralTokenizer
+
+    torch.manual_seed(0)
+    small = MistralConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    MistralForCausalLM(small).save_pretrained(tmp_path / "base")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32, quantization_config=bnb)
+    keep_cpu_4bit_numerics(quantized)
+    model = get_peft_model(quantized, LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)
+    info = export_in_memory(model, MistralTokenizer.from_version("v1"), {"merged": tmp_path / "merged"})["merged"]
+    assert info["reference"] == "dequantized 4-bit base + adapter" and info["max_abs_logit_diff"] < 1e-4
+    assert info["dequantized_vs_4bit_max_abs_logit_diff"] is not None and info["fine_tune_max_abs_logit_shift"] > 0
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)  # not packed 4-bit
