@@ -244,7 +244,7 @@ def test_preset_round_trips(runs, ids, tmp_path):
     assert MistralTokenizer.from_pretrained(again).encode(TEXT) == ids[0].tolist()
 
 
-def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(runs, tmp_path):
+def test_resume_from_continues_the_adapter_and_export_none_publishes_a_card(runs, tmp_path):
     from mistral_tune.pipeline.run import run
 
     first = runs("lora")
@@ -253,7 +253,7 @@ def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(run
         f"adapter.resume_from={first / 'adapter'}",
         "train.max_steps=1",
         "train.learning_rate=1e-9",
-        "export=adapter_only",
+        "export=none",
         f"output_dir={out}",
     ]
     s = run(compose("sft_lora", overrides))
@@ -263,7 +263,7 @@ def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(run
     assert before[b_key].abs().max() > 0  # a fresh adapter would start from B = 0
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-5
     assert s["first_loss"] < summary(first)["first_loss"] - 0.1  # starts where the first run ended
-    # adapter_only: no merged weights, a model card with base, recipe, data and metrics
+    # export=none: no merged weights, a model card with base, recipe, data and metrics
     assert not (out / "merged").exists() and s["merged"] is None
     card = (out / "adapter" / "README.md").read_text()
     for needle in ("base_model: mistral_tiny", "recipe `sft_lora`", "data/sft_sample.jsonl", "loss: first"):

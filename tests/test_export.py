@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import mistral_tune.export.merged as export
+import mistral_tune.export.pipeline as export
 import mistral_tune.export.stream_merge as merge
 from mistral_tune import cli
 from mistral_tune.core.errors import UserError
@@ -263,8 +263,8 @@ def test_parse_size():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["export.adapter_only=true"], "export.adapter_only=true publishes only the adapter"),
-        (["export=adapter_only", "adapter=none"], "needs an adapter"),
+        (["export.adapter_only=true"], "export.adapter_only was removed with export=adapter_only"),
+        (["export=adapter_only", "adapter=none"], "export=adapter_only was removed: it wrote exactly what export=none"),
         (["adapter.init_lora_weights=svd"], "adapter.init_lora_weights='svd'"),
         (["adapter=qlora", "adapter.init_lora_weights=pissa"], "cannot be done on a 4-bit base"),
         (["adapter.lora_dropout=1.5"], "adapter.lora_dropout=1.5"),
@@ -279,8 +279,8 @@ def test_bad_adapter_and_export_settings_fail_at_compose(compose, overrides, mes
 def test_export_groups_and_adapter_options_compose(compose):
     cfg = compose("sft_lora", ["adapter=dora", "export=preset", "adapter.target_modules=[all-linear]"])
     assert cfg.adapter.name == "dora" and cfg.export.preset and cfg.export.merged
-    cfg = compose("sft_qlora", ["export=adapter_only", "adapter.use_rslora=true", "adapter.modules_to_save=[lm_head]"])
-    assert cfg.export.adapter_only and not cfg.export.merged and cfg.adapter.modules_to_save == ["lm_head"]
+    cfg = compose("sft_qlora", ["export=none", "adapter.use_rslora=true", "adapter.modules_to_save=[lm_head]"])
+    assert not cfg.export.merged and not cfg.export.preset and cfg.adapter.modules_to_save == ["lm_head"]
 
 
 def test_export_command_arguments_fail_clearly(capsys):

@@ -17,7 +17,7 @@ def merged_dir(tmp_path_factory):
     """A run's merged/ directory, written by the run's own export step (LoRA merged, verified)."""
     from peft import LoraConfig, get_peft_model
 
-    from mistral_tune.export.merged import export_merged
+    from mistral_tune.export.pipeline import export_merged
     from mistral_tune.export.verify import VERIFY_PROMPTS
 
     lm = MistralCausalLM.from_preset("mistral_tiny")

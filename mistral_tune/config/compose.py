@@ -98,11 +98,24 @@ def compose(recipe: str, overrides: list[str]):
     return cfg
 
 
+# Removed options and keys, with what replaces them (one clear error instead of "unknown option").
+REMOVED = {
+    ("export", "adapter_only"): "export=adapter_only was removed: it wrote exactly what export=none writes "
+    "(adapter/ with its README.md model card, samples.jsonl, no merged weights). Use export=none, and merge later "
+    "with `mistral-tune export run_dir=RUN formats=[merged]`",
+    ("export.adapter_only", None): "export.adapter_only was removed with export=adapter_only, which wrote exactly "
+    "what export=none writes. Use export=none (or export.merged=false)",
+}
+
+
 def check_group_options(overrides: list[str]) -> None:
     """``group=option`` must name a file of that group: no paths (``model=../../etc/x``) into the filesystem."""
     options = group_options()
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
+        removed = REMOVED.get((key, value if sep else None)) or REMOVED.get((key, None))
+        if removed:
+            raise UserError(f"{removed} (from command-line override '{override}').")
         if sep and key in options and value not in options[key]:
             close = difflib.get_close_matches(value, options[key], n=1)
             hint = f" Did you mean {key}={close[0]}?" if close else ""

@@ -155,7 +155,6 @@ class ExportConfig:
     verify: bool = True  # reload merged/ and compare logits with the in-memory model
     tolerance: Optional[float] = None  # max |logit diff| accepted; None = per-dtype default (export.TOLERANCE)
     preset: bool = False  # also write preset/ (Hugging Face layout + metadata.json with provenance)
-    adapter_only: bool = False  # publish only adapter/ with a README.md model card; no merged weights
     num_samples: int = 4  # greedy generations written to samples.jsonl
     sample_max_new_tokens: int = 32
 
@@ -462,16 +461,8 @@ def adapter_problems(a: Any) -> list[str]:
 
 
 def export_problems(e: Any, a: Any) -> list[str]:
-    """Checks on the export group: adapter_only excludes the merged formats, tolerances are positive."""
+    """Checks on the export group: tolerances are positive."""
     problems = []
-    if e.adapter_only and (e.merged or e.preset):
-        on = [k for k in ("merged", "preset") if getattr(e, k)]
-        problems.append(
-            f"export.adapter_only=true publishes only the adapter, but export.{'/'.join(on)}=true asks for merged "
-            "weights too; use export=adapter_only, or set export.adapter_only=false"
-        )
-    if e.adapter_only and a.name == "none":
-        problems.append("export.adapter_only=true needs an adapter; adapter=none (full fine-tuning) has none")
     if e.tolerance is not None and not e.tolerance > 0:
         problems.append(f"export.tolerance={e.tolerance} must be > 0")
     return problems

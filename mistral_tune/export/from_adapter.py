@@ -11,11 +11,9 @@ itself needs about one shard. ``verify=false`` skips it (the summary then says s
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from mistral_tune.adapters.build import read_sidecar
 from mistral_tune.config.schema import upgrade_renamed_keys
@@ -86,184 +84,50 @@ def check_causal_lm_adapter(adapter: Path) -> None:
         )
 
 
-def materialize_base(model: dict[str, Any], tmp: Path) -> tuple[Path, Any]:
-    """A directory of safetensors for the base; random-init presets (the embedded ones, or any with
-    ``load_weights=false``) are rebuilt from their seed and saved."""
-    from types import SimpleNamespace
-
-    import mistral_tune.models.loading as models
-    from mistral_tune.models.sources import check_weight_files, fetch_hub_repo, resolve_source
-
-    source = resolve_source(model["name"] or model["path"], model["path"])
-    if source.local_dir is not None:
-        check_weight_files(source.local_dir, allow_pickle=False)
-        return source.local_dir, source
-    if source.preset is not None and (source.preset.hf_repo is None or not model.get("load_weights", True)):
-        model_cfg = SimpleNamespace(
-            attn_implementation="sdpa",
-            dtype="float32",
-            load_weights=False,
-            path=None,
-            revision=None,
-            trust_remote_code=False,
-            allow_pickle=False,
-        )
-        base = models.load_model(model_cfg, source, seed=model["seed"])
-        base.save_pretrained(tmp, max_shard_size="2GB")
-        return tmp, source
-    return fetch_hub_repo(source.hub_repo), source
-
-
-def reference(base_dir: Path, adapter: Optional[Path], quant: Optional[dict], tokenizer: Any, prompts):
-    """Logits of base + adapter (unmerged) in memory, and how far the adapter moves them from the base.
-
-    For QLoRA the reference is the dequantized 4-bit base + adapter, as in the training run.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from mistral_tune.adapters.quantization import keep_cpu_4bit_numerics
-    from mistral_tune.export.merged import dequantized_copy
-    from mistral_tune.export.verify import fine_tune_shift, reference_logits
-
-    # The reference runs in float32 whatever the export dtype: it stands for the exact fine-tuned model.
-    dtype = torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if quant:
-        base_dtype = getattr(torch, quant["base_dtype"])
-        kwargs = {
-            "dtype": base_dtype,
-            "quantization_config": BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=quant["quant_type"],
-                bnb_4bit_use_double_quant=quant["double_quant"],
-                bnb_4bit_compute_dtype=base_dtype,
-            ),
-        }
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    if quant:
-        keep_cpu_4bit_numerics(model)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    if quant:
-        model = dequantized_copy(model, dtype)
-    expected = reference_logits(model, tokenizer, prompts)
-    return expected, fine_tune_shift(model, tokenizer, prompts, expected)
-
-
 def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    """Run the plan: merged/preset via one streamed, verified merge (the second format links its files),
-    adapter via its model card."""
+    """Run the plan: merged/preset through the export pipeline (one streamed merge, one verification;
+    the second format links the first's files), adapter via its model card."""
     import mistral_tune.adapters.build as adapters
-    import mistral_tune.export.stream_merge as merge
-    from mistral_tune.core.files import atomic_directory
-    from mistral_tune.export.hf_files import write_tokenizer_files
-    from mistral_tune.export.verify import VERIFY_PROMPTS, verify_export, warn_if_indistinguishable
+    from mistral_tune.export.pipeline import export_checkpoint, materialize_base
     from mistral_tune.models.tokenizer import load_tokenizer
 
     results: dict[str, Any] = {}
-    with ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mistral-tune-export-")))
-        sidecar = adapters.read_sidecar(p["adapter"]) if p["adapter"] is not None else {}
-        quant = sidecar.get("quantization")
-        weights = {f: o for f, o in p["outs"].items() if f in ("merged", "preset")}
-        if weights:
-            base_dir, source = materialize_base(p["model"], tmp / "base")
+    weights = {f: o for f, o in p["outs"].items() if f in ("merged", "preset")}
+    if weights:
+        with tempfile.TemporaryDirectory(prefix="mistral-tune-export-") as tmp:
+            sidecar = adapters.read_sidecar(p["adapter"]) if p["adapter"] is not None else {}
+            base_dir, source = materialize_base(p["model"], Path(tmp) / "base")
             tokenizer = load_tokenizer(source)
-            expected = shift = None
-            if opts["verify"]:
-                expected, shift = reference(base_dir, p["adapter"], quant, tokenizer, VERIFY_PROMPTS)
-            first = None  # merged and preset hold the same weights: merge and verify once, link the second
-            for fmt, out in weights.items():
-                with atomic_directory(out) as staging:
-                    if first is None:
-                        info = merge.stream_merge(
-                            base_dir,
-                            p["adapter"],
-                            staging,
-                            dtype_name=opts["dtype"],
-                            max_shard_size=opts["max_shard_size"],
-                            quantization=quant,
-                        )
-                        write_tokenizer_files(tokenizer, staging)
-                        copy_generation_config(base_dir, staging, tokenizer)
-                        diff = tol = None
-                        if opts["verify"]:
-                            diff, tol = verify_export(
-                                staging, tokenizer, VERIFY_PROMPTS, expected, info["dtype"], opts["tolerance"]
-                            )
-                            warn_if_indistinguishable(shift, tol, info["dtype"])
-                    else:
-                        shutil.rmtree(staging)
-                        shutil.copytree(first, staging, copy_function=link_or_copy, ignore=ignore_metadata)
-                    if fmt == "preset":
-                        write_metadata(staging, p, tokenizer)
-                first = out
-                results[fmt] = {
-                    "path": str(out),
-                    "max_abs_logit_diff": diff,
-                    "tolerance": tol,
-                    "fine_tune_max_abs_logit_shift": shift,
-                    "dtype": info["dtype"],
-                    "verified": opts["verify"],
-                    "reference": "dequantized 4-bit base + adapter" if quant else "base + adapter (unmerged)",
-                    "method": "streamed",
-                    "shards": len(info["shards"]),
-                }
-        if "adapter" in p["outs"]:
-            results["adapter"] = {"path": str(write_card(p))}
+            results.update(
+                export_checkpoint(
+                    base_dir,
+                    p["adapter"],
+                    weights,
+                    tokenizer=tokenizer,
+                    verify=opts["verify"],
+                    dtype_name=opts["dtype"],
+                    max_shard_size=opts["max_shard_size"],
+                    tolerance=opts["tolerance"],
+                    quantization=sidecar.get("quantization"),
+                    base_preset=p["model"]["name"] or p["model"]["path"],
+                    provenance=preset_provenance(p),
+                )
+            )
+    if "adapter" in p["outs"]:
+        results["adapter"] = {"path": str(write_card(p))}
     if p["run_dir"] is not None:
         record_in_summary(p["run_dir"], results)
     return results
 
 
-def link_or_copy(src: str, dst: str) -> None:
-    """Hard-link a file of the first export into the second (a copy across filesystems)."""
-    import os
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def ignore_metadata(directory: str, names: list[str]) -> list[str]:
-    return [n for n in names if n == "metadata.json"]  # preset/ writes its own
-
-
-def copy_generation_config(base_dir: Path, out: Path, tokenizer: Any) -> None:
-    src = base_dir / "generation_config.json"
-    if src.exists():
-        shutil.copyfile(src, out / "generation_config.json")
-        return
-    from transformers import GenerationConfig
-
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, max_new_tokens=256
-    ).save_pretrained(out)
-
-
-def write_metadata(directory: Path, p: dict[str, Any], tokenizer: Any) -> None:
-    """metadata.json for a preset written by the streamed path (same fields as ``export.write_preset``)."""
-    from mistral_tune.export.preset import PRESET_METADATA, preset_metadata
-    from mistral_tune.models.presets import parameter_count
-
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+def preset_provenance(p: dict[str, Any]) -> dict[str, Any]:
+    """metadata.json's provenance for a standalone export: adapter, base, and the run's settings."""
     provenance: dict[str, Any] = {"adapter": str(p["adapter"]) if p["adapter"] else None, "base": p["model"]}
     if p["cfg"] is not None:
         from mistral_tune.export.preset import provenance as run_provenance
 
         provenance.update(run_provenance(p["cfg"]))
-    meta = preset_metadata(
-        parameter_count=parameter_count(config),
-        base_preset=p["model"]["name"] or p["model"]["path"],
-        provenance=provenance,
-        chat_template=tokenizer.chat_template,
-        dtype=config.get("dtype"),
-    )
-    (directory / PRESET_METADATA).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    return provenance
 
 
 def write_card(p: dict[str, Any]) -> Path:

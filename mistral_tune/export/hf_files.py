@@ -1,5 +1,6 @@
-"""Write a Hugging Face layout directory: safetensors shards, config, generation config and the
-tokenizer files (with the chat template); fold LoRA into a state dict without touching the model.
+"""Pieces of a Hugging Face layout directory: the tokenizer files (with the chat template), the
+export dtype, and LoRA folded into a state dict without touching the model (the in-memory source
+``export.pipeline.export_in_memory`` writes).
 """
 
 from __future__ import annotations
@@ -7,33 +8,11 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from mistral_tune.adapters.quantization import is_4bit_linear
 from mistral_tune.config.registry import DTYPES
 from mistral_tune.export.verify import ExportMismatch
-
-
-def write_hf_checkpoint(
-    model: Any, tokenizer: Any, out_dir: Path, max_shard_size: str = "2GB", state_dict: Optional[dict] = None
-) -> None:
-    """Weights as safetensors shards (+ index), config, tokenizer with chat template, generation config."""
-    from transformers import GenerationConfig
-
-    # Training turns the KV cache off (TRL, gradient checkpointing); an exported model is for inference.
-    if getattr(model.config, "use_cache", True) is False:
-        model.config.use_cache = True
-    kwargs = {} if state_dict is None else {"state_dict": dict(state_dict)}  # save_pretrained consumes it
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size, **kwargs)
-    write_tokenizer_files(tokenizer, out_dir)
-    if not model.can_generate():
-        return  # a reward model (sequence classification) has no generation settings
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-        max_new_tokens=256,
-    ).save_pretrained(out_dir)
 
 
 def write_tokenizer_files(tokenizer: Any, out_dir: Path) -> None:

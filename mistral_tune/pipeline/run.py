@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 from mistral_tune.core.logs import log_warning, setup_logging, teardown_logging
 from mistral_tune.core.process import default_output_dir
 from mistral_tune.export.preset import provenance
-from mistral_tune.export.verify import VERIFY_PROMPTS
 from mistral_tune.pipeline.summary import build_summary, finish_run, peak_memory
 
 log = logging.getLogger("mistral_tune")
@@ -143,7 +142,9 @@ def train_and_export(
     quant = distributed.quantization_for_engine(quantization_config(cfg.adapter, compute_dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant, task=method.TASK_TYPE)
     models.check_max_length(cfg.trainer.max_length, model.config.max_position_embeddings)
-    init_dir = run_dir / ".adapter-init"  # only used when adapter.init_lora_weights rewrites the base (PiSSA/OLoRA)
+    # Only used when adapter.init_lora_weights rewrites the base (PiSSA/OLoRA). PEFT names the initial adapter after the
+    # directory's basename when converting, and a module name cannot contain "." (".adapter-init" failed).
+    init_dir = run_dir / ".adapter-init" / "initial"
     model = adapters.apply_adapter(
         model,
         cfg.adapter,
@@ -230,12 +231,14 @@ def save_outputs(
 
     Rank 0 only writes; the other ranks return {} after taking part in the save.
     """
+    import shutil
+
     import mistral_tune.adapters.build as adapters
-    import mistral_tune.export.merged as export
     import mistral_tune.launch.engine as distributed
     from mistral_tune.core.files import atomic_directory
     from mistral_tune.core.redaction import redact
     from mistral_tune.export.model_card import base_label
+    from mistral_tune.export.pipeline import export_trained
 
     # Every process takes part in saving (ZeRO-3 and FSDP gather the shards); rank 0 writes, then goes on alone.
     model = trainer.model
@@ -251,11 +254,12 @@ def save_outputs(
         model = distributed.load_trained(
             cfg, source, quant, saved_dir, pad_token_id=tokenizer.pad_id, task=method.TASK_TYPE
         )
+    base = {"name": cfg.model.name, "path": cfg.model.path, "seed": cfg.train.seed, "label": base_label(cfg.model),
+            "load_weights": cfg.model.load_weights}  # fmt: skip
     if adapter_dir is not None:
-        base = {"name": cfg.model.name, "path": cfg.model.path, "seed": cfg.train.seed, "label": base_label(cfg.model),
-                "load_weights": cfg.model.load_weights}  # fmt: skip
         with atomic_directory(adapter_dir) as tmp:  # never a half-written adapter/
             adapters.save_adapter(model, tmp, base=base, kind=cfg.adapter.name, init_dir=init_dir)
+        shutil.rmtree(init_dir.parent, ignore_errors=True)
 
     samples = method.samples(model, tokenizer, prepared, cfg)  # the trainer module's samples.jsonl records
     if samples:
@@ -263,16 +267,19 @@ def save_outputs(
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 
     exported: dict[str, Any] = {}
-    if cfg.export.merged or cfg.export.preset:
-        exported = export.export_model(
+    outs = {f: run_dir / f for f in ("merged", "preset") if getattr(cfg.export, f)}
+    if outs:
+        # The same pipeline as `mistral-tune export run_dir=...`: streamed from the base's files and adapter/.
+        exported = export_trained(
             model,
             tokenizer,
-            prompts=VERIFY_PROMPTS,
-            dtype_name=cfg.export.dtype,
-            merged_dir=run_dir / "merged" if cfg.export.merged else None,
-            preset_dir=run_dir / "preset" if cfg.export.preset else None,
-            max_shard_size=cfg.export.max_shard_size,
+            outs,
+            adapter_dir=adapter_dir,
+            base=base,
+            source=source,
             verify=cfg.export.verify,
+            dtype_name=cfg.export.dtype,
+            max_shard_size=cfg.export.max_shard_size,
             tolerance=cfg.export.tolerance,
             base_preset=cfg.model.name,
             provenance=redact(provenance(cfg)),
