@@ -9,7 +9,7 @@ import pytest
 
 from mistral_tune.config.compose import recipes
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.usefixtures("single_thread")

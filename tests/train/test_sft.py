@@ -1,12 +1,6 @@
 import pytest
 
 
-def state(step, max_steps=120):
-    from transformers import TrainerState
-
-    return TrainerState(global_step=step, max_steps=max_steps)  # is_world_process_zero defaults to True
-
-
 @pytest.mark.slow
 def test_gradient_checkpointing_is_on_during_training_only_when_asked(tmp_path, compose):
     """train.gradient_checkpointing reaches the model (transformers 5.2x calls it activation_checkpointing)."""
