@@ -1,3 +1,5 @@
+"""Recipes compose and validate; config mistakes fail early with one clear message."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,3 +1,5 @@
+"""Packed batches train exactly like the same examples unpacked, sliding window included."""
+
 from __future__ import annotations
 
 import functools

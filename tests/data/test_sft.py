@@ -1,3 +1,5 @@
+"""Data loading, format detection, templating and loss masks."""
+
 from __future__ import annotations
 
 from functools import partial

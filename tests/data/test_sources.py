@@ -1,3 +1,5 @@
+"""Hostile inputs: malformed lines, bad bytes, missing/extra/empty fields, long and duplicate rows, bad paths."""
+
 from __future__ import annotations
 
 import json

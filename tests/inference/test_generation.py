@@ -1,3 +1,5 @@
+"""generate(): samplers, batching with left padding, stop tokens, chat templates, contrastive search."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,6 +17,9 @@ from mistral_tune import (
 from mistral_tune.core.errors import UserError
 from mistral_tune.inference.generation import encode_inputs, resolve_stop_ids
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 
 
@@ -25,7 +30,6 @@ def run(lm, sampler, inputs=PROMPTS, **kwargs):
     return lm.generate(inputs, **kwargs)
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_deterministic_samplers_reduce_to_greedy(lm):
     greedy = run(lm, "greedy")
     assert len(greedy) == 2 and all(isinstance(t, str) and t for t in greedy)
@@ -35,7 +39,6 @@ def test_deterministic_samplers_reduce_to_greedy(lm):
     assert run(lm, ContrastiveSampler(k=4, alpha=0.0)) == greedy
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_seeded_sampling_repeats_and_leaves_global_rng_alone(lm):
     for sampler in (TopKSampler(k=50, seed=7), TopPSampler(p=0.9, temperature=1.5, seed=7)):
         torch.manual_seed(123)
@@ -47,7 +50,6 @@ def test_seeded_sampling_repeats_and_leaves_global_rng_alone(lm):
     assert run(lm, RandomSampler(temperature=1.5, seed=8)) != run(lm, RandomSampler(temperature=1.5, seed=7))
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_beam_search_finds_at_least_greedys_log_probability(lm):
     lm.compile(sampler="greedy")
     greedy = lm.generate(PROMPTS[0], max_length=14, stop_token_ids=None)
@@ -62,7 +64,6 @@ def test_beam_search_finds_at_least_greedys_log_probability(lm):
     assert new_token_logprob(beam) >= new_token_logprob(greedy) - 1e-4
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_generate_shapes_padding_and_strip_prompt(lm):
     lm.compile(sampler="greedy")
     full = lm.generate(PROMPTS[0], max_length=20)
@@ -84,7 +85,6 @@ def test_generate_shapes_padding_and_strip_prompt(lm):
         lm.generate(42)
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_stop_token_ids(lm):
     lm.compile(sampler="greedy")
     prompts = [PROMPTS[0], "Another prompt"]
@@ -110,7 +110,6 @@ def test_stop_token_ids(lm):
         resolve_stop_ids((10**6,), lm.tokenizer)
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_auto_stops_at_eos():
     """Make EOS a likely greedy choice, then check that "auto" stops at the first EOS."""
     from mistral_tune.inference.generation import generate_ids
@@ -136,7 +135,6 @@ def test_auto_stops_at_eos():
     assert auto == model.tokenizer.decode(forced[: forced.index(eos)])
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_conversation_uses_the_chat_template(lm):
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
     assert encode_inputs(lm.tokenizer, [conversation]) == [lm.tokenizer.apply_chat_template(conversation)]

@@ -1,3 +1,16 @@
+"""Sliding-window attention is exact on every CPU backend: eager, sdpa and flex_attention.
+
+The reference is written here from the Mistral definition (RoPE, grouped-query attention, causal mask
+plus a window of ``sliding_window`` positions, padding excluded), not taken from transformers. The
+tiny preset's window is 32, and every sequence below is longer than that, so the window matters.
+
+flex_attention on CPU: inductor compiles it for inference only (torch has no CPU flex backward), once
+per shape, and with torch 2.13 some decoding shapes fail to compile (CppCompileError). The fast tests
+therefore swap transformers' ``torch.compile(flex_attention)`` for torch's own uncompiled
+``flex_attention`` (same block mask and score_mod from transformers, unfused kernel); the slow test
+runs the compiled kernel on a forward pass.
+"""
+
 from __future__ import annotations
 
 import logging

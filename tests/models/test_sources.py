@@ -1,3 +1,5 @@
+"""Presets, source resolution, offline behaviour and the embedded tiny preset."""
+
 from __future__ import annotations
 
 import time

@@ -1,3 +1,5 @@
+"""Exactness tests for mistral_tune.models.tokenizer against sentencepiece and mistral_common."""
+
 from __future__ import annotations
 
 import json

@@ -1,3 +1,10 @@
+"""Each adapter kind trains on mistral_tiny, and its merged export reproduces the fine-tuned model.
+
+One short run per kind (lora, qlora, dora, none) is shared by every test in this module. Each run
+trains a few steps on the same tiny batch, so the loss must fall; the merged checkpoint is then
+checked against references rebuilt independently of mistral_tune's export code.
+"""
+
 import json
 
 import pytest
@@ -9,6 +16,9 @@ from mistral_tune.config.compose import compose
 from mistral_tune.core.errors import UserError
 from mistral_tune.models.presets import PRESETS
 from tests.helpers import read_summary as summary
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
 
 RECIPES = {"lora": "sft_lora", "qlora": "sft_qlora", "dora": "sft_dora", "none": "sft_full"}
 
@@ -76,8 +86,6 @@ def ids():
     return torch.tensor([load_tokenizer(resolve_source("mistral_tiny")).encode(TEXT)])
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("kind", list(RECIPES))
 def test_loss_falls(runs, kind):
     losses = [json.loads(line)["loss"] for line in (runs(kind) / "metrics.jsonl").read_text().splitlines()]
@@ -85,8 +93,6 @@ def test_loss_falls(runs, kind):
     assert losses[-1] < losses[0] - 0.1, f"{kind}: {losses}"
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("kind", list(RECIPES))
 def test_trainable_and_total_parameters_logged(runs, kind):
     run_dir = runs(kind)
@@ -107,8 +113,6 @@ def test_trainable_and_total_parameters_logged(runs, kind):
     )
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_qlora_base_was_nf4_double_quantized_in_fp32_compute(runs):
     side = json.loads((runs("qlora") / "adapter" / "mistral_tune_adapter.json").read_text())
     q = side["quantization"]
@@ -119,8 +123,6 @@ def test_qlora_base_was_nf4_double_quantized_in_fp32_compute(runs):
     assert {t.dtype for t in adapter.values()} == {torch.float32}
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_merged_matches_base_plus_adapter(runs, kind, ids):
     from peft import PeftModel
@@ -135,8 +137,6 @@ def test_merged_matches_base_plus_adapter(runs, kind, ids):
     assert summary(run_dir)["merged"]["max_abs_logit_diff"] < 1e-4
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_qlora_merged_matches_dequantized_base_plus_adapter(runs, ids):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -156,8 +156,6 @@ def test_qlora_merged_matches_dequantized_base_plus_adapter(runs, ids):
     assert s["dequantized_vs_4bit_max_abs_logit_diff"] < 1e-4  # the 4-bit model computes the same on CPU
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_full_fine_tune_merged_is_the_trained_model(runs, ids):
     from transformers import AutoModelForCausalLM
 
@@ -168,8 +166,6 @@ def test_full_fine_tune_merged_is_the_trained_model(runs, ids):
     assert summary(run_dir)["merged"]["max_abs_logit_diff"] == 0.0  # same fp32 weights, reloaded
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("kind", list(RECIPES))
 def test_streamed_merge_equals_in_memory_merge(runs, kind, tmp_path):
     run_dir = runs(kind)
@@ -189,8 +185,6 @@ def test_streamed_merge_equals_in_memory_merge(runs, kind, tmp_path):
     assert worst <= 1e-6, f"{kind}: streamed and in-memory merges differ by {worst}"
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_merged_and_preset_in_one_export_share_one_verified_merge(runs, tmp_path):
     out = tmp_path / "both"
     args = [f"adapter={runs('lora') / 'adapter'}", "base=mistral_tiny", f"out={out}", "formats=[merged,preset]"]
@@ -204,8 +198,6 @@ def test_merged_and_preset_in_one_export_share_one_verified_merge(runs, tmp_path
     assert max((in_memory[k] - streamed[k]).abs().max().item() for k in in_memory) <= 1e-6
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_exported_config_keeps_sliding_window_rope_and_chat_template(runs):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -226,8 +218,6 @@ def test_exported_config_keeps_sliding_window_rope_and_chat_template(runs):
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2) and gen["pad_token_id"] != 2
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_preset_round_trips(runs, ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -260,8 +250,6 @@ def test_preset_round_trips(runs, ids, tmp_path):
     assert MistralTokenizer.from_pretrained(again).encode(TEXT) == ids[0].tolist()
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(runs, tmp_path):
     from mistral_tune.pipeline.run import run
 
@@ -289,8 +277,6 @@ def test_resume_from_continues_the_adapter_and_adapter_only_publishes_a_card(run
     assert "base=mistral_tiny out=merged seed=42" in card  # the random base's seed goes with the merge command
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_paged_optimizer_on_cpu_is_one_clear_error(tmp_path):
     from mistral_tune.pipeline.run import run
 

@@ -1,9 +1,14 @@
+"""The memory/speed estimator: its activation terms against what autograd really saves, and the
+7B QLoRA anchor against published figures."""
+
 import pytest
 import torch
 
 import mistral_tune.pipeline.estimate as E
 from mistral_tune.models.presets import PRESETS
 from tests.helpers import TINY_CONFIG as TINY
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forward passes: one thread is faster under load
 
 
 def saved_bytes(model, ids):
@@ -47,7 +52,6 @@ def anchor(**overrides):
     return E.estimate_memory(SEVEN_B, shape, trainable=trainable, total=total), shape, trainable
 
 
-@pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize(
     "adapter,dropout,targets",
     [
@@ -79,7 +83,6 @@ def test_layer_activations_match_saved_tensors(adapter, dropout, targets):
     assert estimated == pytest.approx(measured, rel=0.02), (measured, E.layer_activation_terms(TINY, shape))
 
 
-@pytest.mark.usefixtures("single_thread")
 @pytest.mark.slow
 def test_qlora_layer_activations_match_saved_tensors(tmp_path):
     """4-bit linears keep no inputs (bitsandbytes keeps only the packed weight)."""
@@ -108,7 +111,6 @@ def test_qlora_layer_activations_match_saved_tensors(tmp_path):
     assert sum(E.layer_activation_terms(TINY, shape).values()) == pytest.approx(measured, rel=0.02)
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_7b_qlora_anchor_within_25_percent_of_published_figures():
     # Published QLoRA fine-tuning of a 7B model at seq 2048, batch 1, gradient checkpointing:
     # about 5-7 GiB. Within 25% of the middle of that range: 4.5-7.5 GiB.
@@ -121,7 +123,6 @@ def test_7b_qlora_anchor_within_25_percent_of_published_figures():
     assert memory.peak_bytes_other_checkpointing > 2.5 * memory.peak_bytes
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_estimates_move_the_right_way():
     base, _, _ = anchor()
     longer, _, _ = anchor(seq_len=4096)
@@ -135,7 +136,6 @@ def test_estimates_move_the_right_way():
     assert E.fits(full_mem.peak_bytes, "H100") and not E.fits(full_mem.peak_bytes, "L4")
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_lora_count_matches_peft_on_the_meta_device():
     from mistral_tune.config.schema import AdapterConfig
     from mistral_tune.pipeline.dry_run import build_on_meta
@@ -148,7 +148,6 @@ def test_lora_count_matches_peft_on_the_meta_device():
         assert next(model.parameters()).device.type == "meta"
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_speed_scales_with_gpu_peak_and_tokens():
     _, shape, trainable = anchor()
     h100 = E.estimate_speed(SEVEN_B, shape, trainable=trainable, gpu="H100", mfu=0.4)

@@ -1,3 +1,10 @@
+"""End-to-end reliability: SIGKILL + resume, SIGTERM/SIGINT, NaN stop/skip, interrupted writes, secrets.
+
+The subprocess tests run the real CLI and really kill it. The in-process ones inject faults below the
+trainer (a forward hook that makes logits NaN, a signal sent to this process, a full disk while
+saving), never by replacing the trainer.
+"""
+
 from __future__ import annotations
 
 import errno

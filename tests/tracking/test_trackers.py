@@ -1,3 +1,6 @@
+"""Tracking end to end with the real packages: a W&B offline run and TensorBoard event files, both read
+back from disk; plus the run experience around them (eval split, progress lines, plot, summary)."""
+
 import json
 import math
 import os

@@ -1,3 +1,5 @@
+"""Checkpoint layout rules: completeness markers, rotation, leftovers, resume resolution, disk estimate."""
+
 from __future__ import annotations
 
 import json

@@ -1,3 +1,5 @@
+"""Preference recipes compose and validate; the DPO settings are checked against the installed TRL."""
+
 from __future__ import annotations
 
 import json
