@@ -40,14 +40,15 @@ def small_base(seed=0):
     return MistralForCausalLM(MistralConfig(**SMALL_CONFIG)).eval()
 
 
-def tiny_lora_model():
-    """The tiny preset (sdpa, seed 0) with a non-identity rank-4 LoRA on q_proj and v_proj."""
+def tiny_lora_model(attn="sdpa", **config):
+    """The tiny preset (seed 0; `config` overrides its MistralConfig keys) with a non-identity rank-4 LoRA
+    on q_proj and v_proj."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(**TINY_CONFIG, attn_implementation="sdpa"))
+    model = MistralForCausalLM(MistralConfig(**{**TINY_CONFIG, **config}, attn_implementation=attn))
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     return get_peft_model(model, lora)
 
@@ -96,6 +97,20 @@ def hostile_file(tmp_path: Path) -> Path:
         chat("Long " * 200, "too long for max_length=64"),
     ]
     return write_lines(tmp_path / "hostile.jsonl", lines)
+
+
+def fake_checkpoint(root: Path, step: int, *, complete: bool = True) -> Path:
+    """A small checkpoint-<step> directory, with its completeness marker unless complete=False."""
+    from mistral_tune.train import checkpoints
+
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"w" * 100)
+    (path / "optimizer.pt").write_bytes(b"o" * 200)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        checkpoints.write_marker(path, {"step": step})
+    return path
 
 
 # ---- run-directory readers -----------------------------------------------------------------------------

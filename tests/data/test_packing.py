@@ -12,7 +12,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 import mistral_tune.train.lm_head_loss as losses
 from mistral_tune.benchmark import flops
 from mistral_tune.data.packing import PackedRowsCollator, batch_token_count, pack_examples
-from mistral_tune.models.presets import PRESETS
+from tests.helpers import tiny_lora_model
 
 # mistral_tiny has sliding_window=32: 70 and 100 tokens run past it, 5 and 20 do not.
 LENGTHS = (70, 5, 100, 20, 33)
@@ -30,14 +30,7 @@ def _examples(lengths=LENGTHS, seed=0):
 
 @functools.cache
 def _model(attn: str, sliding_window=32):
-    from peft import LoraConfig, get_peft_model
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = {**PRESETS["mistral_tiny"].config, "sliding_window": sliding_window}
-    model = MistralForCausalLM(MistralConfig(**cfg, attn_implementation=attn))
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    return get_peft_model(model, lora)
+    return tiny_lora_model(attn, sliding_window=sliding_window)
 
 
 def _loss_and_grads(model, batch, chunked=False):

@@ -11,10 +11,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import mistral_tune.export.merged as export
 import mistral_tune.export.stream_merge as merge
 from mistral_tune import cli
 from mistral_tune.core.errors import UserError
-from mistral_tune.export.verify import reference_logits
+from mistral_tune.export.verify import ExportMismatch, reference_logits
 from tests.helpers import SMALL_CONFIG as SMALL
 from tests.helpers import small_base
 
@@ -111,6 +112,39 @@ def test_16bit_export_within_tolerance_and_measured(dtype, base_dir, tmp_path, t
     assert cli.main(["export", *args]) == 0
     assert {t.dtype for t in streamed_state(out).values()} == {getattr(torch, dtype)}
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+
+
+def test_failed_verification_keeps_nothing_and_spares_the_previous_export(tmp_path, tokenizer):
+    model = trained_adapter(tmp_path / "adapter", **ADAPTERS["lora"])
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "marker").write_text("previous export")
+    with pytest.raises(ExportMismatch, match="does not reproduce"):
+        # bf16 rounding makes the difference > 0, so a 1e-9 tolerance must fail after writing everything
+        export.export_model(model, tokenizer, prompts=PROMPTS, dtype_name="bfloat16", merged_dir=out, tolerance=1e-9)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in out.iterdir()] == ["marker"]
+
+
+def test_in_memory_export_records_diff_and_writes_both_formats(tmp_path, tokenizer):
+    model = trained_adapter(tmp_path / "adapter", **ADAPTERS["dora"])
+    info = export.export_model(
+        model,
+        tokenizer,
+        prompts=PROMPTS,
+        merged_dir=tmp_path / "merged",
+        preset_dir=tmp_path / "preset",
+        max_shard_size="5MB",
+        base_preset="small",
+        provenance={"test": True},
+    )
+    for kind in ("merged", "preset"):
+        assert info[kind]["dtype"] == "float32" and 0 <= info[kind]["max_abs_logit_diff"] < 1e-4
+        assert (tmp_path / kind / "model.safetensors.index.json").exists()
+    meta = json.loads((tmp_path / "preset" / "metadata.json").read_text())
+    assert meta["provenance"] == {"test": True} and meta["parameter_count"] == sum(
+        p.numel() for p in small_base().parameters()
+    )
 
 
 def test_streamed_merge_failing_half_way_leaves_no_directory(base_dir, tmp_path):

@@ -1,23 +1,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.train import checkpoints, resume
-
-
-def fake_checkpoint(root: Path, step: int, *, complete: bool = True) -> Path:
-    path = root / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    (path / "adapter_model.safetensors").write_bytes(b"w" * 100)
-    (path / "optimizer.pt").write_bytes(b"o" * 200)
-    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    if complete:
-        checkpoints.write_marker(path, {"step": step})
-    return path
+from tests.helpers import fake_checkpoint
 
 
 def test_resolve_resume_auto_and_path(tmp_path):
