@@ -28,3 +28,39 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- the tiny-model harness (plain helpers are in tests/helpers.py) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """The tiny preset as a MistralCausalLM (random init, seeded)."""
+    from mistral_tune import MistralCausalLM
+
+    return MistralCausalLM.from_preset("mistral_tiny")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """The v1 tokenizer with the v1 chat template."""
+    from mistral_tune.models.tokenizer import MistralTokenizer
+
+    return MistralTokenizer.from_version("v1", chat_template="v1")
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+    """The v1 tokenizer, no chat template."""
+    from mistral_tune.models.tokenizer import MistralTokenizer
+
+    return MistralTokenizer.from_version("v1")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """The tokenizer of the mistral_tiny preset, loaded the way training loads it."""
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_source("mistral_tiny"))

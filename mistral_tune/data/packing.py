@@ -19,7 +19,7 @@ each example, with every backend mistral-tune offers:
 - ``flash_attention_2``: its varlen kernel only reads packed sequences from a batch of one row,
   so TRL's padding-free collator flattens the batch and passes ``cu_seq_lens_q/k``.
 
-Checked against the same examples unpacked, loss and gradients, in tests/test_packing.py.
+Checked against the same examples unpacked, loss and gradients, in tests/data/test_packing.py.
 
 Example:
     >>> packed, collator, flat, report = prepare_packing(dataset, 512, "sdpa", pad_token_id=0)

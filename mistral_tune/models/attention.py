@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def pick_attn_implementation(requested: str) -> str:
     """Resolve ``auto`` and check that an explicit choice can run here; logs the choice.
 
-    Every backend applies Mistral's sliding window (tests/test_attention.py checks eager, sdpa and
+    Every backend applies Mistral's sliding window (tests/models/test_attention.py checks eager, sdpa and
     flex_attention against a hand-written windowed attention).
     """
     import torch

@@ -1,0 +1,174 @@
+"""Data loading, format detection, templating and loss masks."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+import mistral_tune.data.sft as data
+from mistral_tune.config.compose import compose
+from mistral_tune.core.errors import UserError
+from mistral_tune.data.report import DataReport
+from mistral_tune.data.sft import prepare_sft_data
+from tests.helpers import chat, good_rows, hostile_file, write_lines
+from tests.helpers import write_jsonl as _write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok(chat_tokenizer):
+    return chat_tokenizer
+
+
+write_jsonl = partial(_write_jsonl, as_str=True)  # this file's copy returned a str
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
+
+
+def data_cfg(path: Path, **overrides):
+    args = [f"data.path={path}", "data.holdout=0", "trainer.max_length=64"]
+    return compose("sft_lora", args + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _groups(cfg):
+    return cfg.data, cfg.trainer
+
+
+@pytest.mark.parametrize(
+    "row,fmt",
+    [
+        ({"messages": [{"role": "user", "content": "a"}]}, "messages"),
+        ({"instruction": "a", "input": "", "output": "b"}, "alpaca"),
+        ({"text": "hello"}, "text"),
+    ],
+)
+def test_detects_formats(row, fmt):
+    assert data.detect_format([row]) == fmt
+
+
+def test_unknown_columns_name_columns_and_formats():
+    with pytest.raises(UserError) as err:
+        data.detect_format([{"question": "q", "answer": "a"}])
+    msg = str(err.value)
+    assert "answer" in msg and "question" in msg and "alpaca" in msg and "messages" in msg
+
+
+def test_alpaca_becomes_one_chat_turn():
+    msgs = data.to_messages({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "alpaca", None)
+    assert msgs == [{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+
+
+def test_chat_labels_cover_only_the_answer_and_eos(tok):
+    report = DataReport()
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}]
+    (ex,) = data.tokenize_rows(
+        rows, "messages", tok, max_length=64, truncation="truncate", system_prompt=None, report=report
+    )
+    ids, labels = ex["input_ids"], ex["labels"]
+    # mistral-common encodes the prompt and the answer as separate sentencepiece pieces
+    assert ids == tok.encode("[INST] Hi [/INST]") + tok.encode("Hello there.", add_bos=False) + [tok.eos_id]
+    learned = [t for t in labels if t != -100]
+    assert tok.decode(learned) == "Hello there." and learned[-1] == tok.eos_id
+
+
+def test_text_rows_learn_every_token_and_end_with_eos(tok):
+    report = DataReport()
+    (ex,) = data.tokenize_rows(
+        [{"text": "one two"}], "text", tok, max_length=64, truncation="truncate", system_prompt=None, report=report
+    )
+    assert ex["labels"] == ex["input_ids"] and ex["input_ids"][-1] == tok.eos_id
+
+
+def test_truncation_and_drops_are_counted(tok):
+    long = {"messages": [{"role": "user", "content": "x " * 50}, {"role": "assistant", "content": "y " * 50}]}
+    bad = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "z"}]}
+    report = DataReport()
+    out = data.tokenize_rows(
+        [long, bad], "messages", tok, max_length=70, truncation="truncate", system_prompt=None, report=report
+    )
+    assert len(out) == 1 and len(out[0]["input_ids"]) == 70 and report.truncated == 1
+    assert report.dropped["empty_field"] == 1
+    report = DataReport()
+    out = data.tokenize_rows(
+        [long], "messages", tok, max_length=70, truncation="drop", system_prompt=None, report=report
+    )
+    assert out == [] and report.dropped["too_long"] == 1
+
+
+def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(10)
+    ]
+    cfg = compose("sft_lora", [f"data.path={write_jsonl(tmp_path / 'd.jsonl', rows)}", "data.holdout=3"])
+    prepared = data.prepare_sft_data(cfg.data, cfg.trainer, tok)
+    ds, holdout, fmt, report = prepared.train, prepared.holdout, prepared.format, prepared.report
+    assert fmt == "messages" and len(ds) == 7 and len(holdout) == 3 and prepared.eval is None
+    assert report.as_dict() == {
+        "read": 10,
+        "used": 7,
+        "held_out": 3,
+        "truncated": 0,
+        "duplicates": 0,
+        "extra_fields": 0,
+        "dropped": {},
+        "dropped_total": 0,
+        "bad_lines": [],
+        "eval_read": 0,
+        "eval_used": 0,
+        "eval_dropped": {},
+    }
+
+
+def test_on_error_skip_counts_every_bad_line_and_row(tmp_path, tokenizer):
+    cfg = data_cfg(hostile_file(tmp_path), **{"data.on_error": "skip", "trainer.truncation": "drop"})
+    prepared = prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+    ds, fmt, report = prepared.train, prepared.format, prepared.report
+    d = report.as_dict()
+    assert fmt == "messages"
+    assert d["dropped"] == {
+        "malformed_json": 1,
+        "invalid_utf8": 1,
+        "not_an_object": 1,
+        "missing_field": 1,
+        "empty_field": 1,
+        "too_long": 1,
+    }
+    assert d["duplicates"] == 1  # counted, kept (dedup is off)
+    assert d["extra_fields"] == 1
+    assert [b.split(": ")[0].rsplit(":", 1)[1] for b in d["bad_lines"]] == ["21", "22", "23"]
+    assert d["used"] == len(ds) == 20 + 1 + 2  # good rows + the extra-field row + both copies of the duplicate
+    assert d["read"] == d["used"] + d["held_out"] + d["dropped_total"] == 29
+
+
+def test_dedup_drops_duplicates_and_counts_them(tmp_path, tokenizer):
+    lines = good_rows(10) + good_rows(3)  # three exact duplicates
+    cfg = data_cfg(write_lines(tmp_path / "dups.jsonl", lines), **{"data.dedup": "true"})
+    prepared = prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+    ds, report = prepared.train, prepared.report
+    assert report.duplicates == 3 and report.dropped["duplicate"] == 3
+    assert len(ds) == 10
+
+
+def test_long_samples_truncated_or_dropped_per_config(tmp_path, tokenizer):
+    lines = good_rows(5) + [chat("Long " * 200, "answer"), chat("Short question?", "Long answer " * 100)]
+    path = write_lines(tmp_path / "long.jsonl", lines)
+    prepared = prepare_sft_data(*_groups(data_cfg(path)), tokenizer)
+    ds, report = prepared.train, prepared.report
+    # Truncation keeps the second one (assistant tokens survive) but must drop the first: its
+    # assistant turn is cut off entirely, so no loss token is left.
+    assert report.truncated == 1 and report.dropped["no_loss_tokens"] == 1
+    assert max(len(x) for x in ds["input_ids"]) == 64
+    prepared = prepare_sft_data(*_groups(data_cfg(path, **{"trainer.truncation": "drop"})), tokenizer)
+    ds, report = prepared.train, prepared.report
+    assert report.truncated == 0 and report.dropped["too_long"] == 2 and len(ds) == 5
+
+
+def test_all_bad_lines_skipped_leaves_clear_error(tmp_path, tokenizer):
+    cfg = data_cfg(write_lines(tmp_path / "bad.jsonl", ["{", "nope"]), **{"data.on_error": "skip"})
+    with pytest.raises(UserError, match="holds no examples.*malformed_json"):
+        prepare_sft_data(cfg.data, cfg.trainer, tokenizer)

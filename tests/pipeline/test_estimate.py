@@ -1,0 +1,159 @@
+"""The memory/speed estimator: its activation terms against what autograd really saves, and the
+7B QLoRA anchor against published figures."""
+
+import pytest
+import torch
+
+import mistral_tune.pipeline.estimate as E
+from mistral_tune.models.presets import PRESETS
+from tests.helpers import TINY_CONFIG as TINY
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forward passes: one thread is faster under load
+
+
+def saved_bytes(model, ids):
+    """Bytes of the distinct tensors autograd keeps for backward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+def tiny_model(layers, adapter, dropout, targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**{**TINY, "num_hidden_layers": layers}, attn_implementation="sdpa"))
+    if adapter != "none":
+        target = "all-linear" if targets == ("all-linear",) else list(targets)
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_dropout=dropout, target_modules=target, task_type="CAUSAL_LM")
+        )
+    return model.train()
+
+
+SEVEN_B = PRESETS["mistral_7b_en"].config
+
+
+def anchor(**overrides):
+    settings = {"batch_size": 1, "seq_len": 2048, "adapter": "qlora", "gradient_checkpointing": True, **overrides}
+    shape = E.RunShape(**settings)
+    trainable = E.lora_parameter_count(SEVEN_B, shape.targets, shape.lora_r)
+    total = PRESETS["mistral_7b_en"].parameter_count + trainable
+    return E.estimate_memory(SEVEN_B, shape, trainable=trainable, total=total), shape, trainable
+
+
+@pytest.mark.parametrize(
+    "adapter,dropout,targets",
+    [
+        ("lora", 0.0, ("q_proj", "v_proj")),
+        ("lora", 0.05, ("q_proj", "v_proj")),
+        ("lora", 0.0, ("all-linear",)),
+        ("none", 0.0, ()),
+    ],
+)
+def test_layer_activations_match_saved_tensors(adapter, dropout, targets):
+    # The difference between a 3- and a 2-layer model is one steady-state layer (the first layer
+    # is special: its input does not require grad). fp32 on CPU; the CPU dropout mask is a float.
+    seq = 128  # > sliding window 32, so the sdpa mask is materialized as it is on GPU
+    ids = torch.randint(3, 1000, (1, seq))
+    measured = (
+        saved_bytes(tiny_model(3, adapter, dropout, targets), ids)
+        - saved_bytes(tiny_model(2, adapter, dropout, targets), ids)
+    ) / seq
+    shape = E.RunShape(
+        seq_len=seq,
+        adapter=adapter,
+        target_modules=targets,
+        lora_dropout=dropout,
+        compute_bytes=4,
+        attn="sdpa",
+        dropout_mask_bytes=4,
+    )
+    estimated = sum(E.layer_activation_terms(TINY, shape).values())
+    assert estimated == pytest.approx(measured, rel=0.02), (measured, E.layer_activation_terms(TINY, shape))
+
+
+@pytest.mark.slow
+def test_qlora_layer_activations_match_saved_tensors(tmp_path):
+    """4-bit linears keep no inputs (bitsandbytes keeps only the packed weight)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    def build(layers):
+        tiny_model(layers, "none", 0, ()).save_pretrained(tmp_path / str(layers))
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / str(layers), dtype=torch.float32, attn_implementation="sdpa", quantization_config=quant
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        lora = LoraConfig(r=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        return get_peft_model(model, lora).train()
+
+    seq = 128
+    ids = torch.randint(3, 1000, (1, seq))
+    measured = (saved_bytes(build(3), ids) - saved_bytes(build(2), ids)) / seq
+    shape = E.RunShape(seq_len=seq, adapter="qlora", compute_bytes=4, attn="sdpa", dropout_mask_bytes=4)
+    assert sum(E.layer_activation_terms(TINY, shape).values()) == pytest.approx(measured, rel=0.02)
+
+
+def test_7b_qlora_anchor_within_25_percent_of_published_figures():
+    # Published QLoRA fine-tuning of a 7B model at seq 2048, batch 1, gradient checkpointing:
+    # about 5-7 GiB. Within 25% of the middle of that range: 4.5-7.5 GiB.
+    memory, _, _ = anchor()
+    peak = memory.peak_bytes / E.GiB
+    assert 4.5 <= peak <= 7.5, memory.terms
+    weights = memory.terms["weights"][0] / E.GiB
+    assert 3.9 <= weights <= 4.6  # 6.98B NF4 params (3.35 GiB) + embeddings/head in fp32 (0.98 GiB)
+    # Without checkpointing every layer keeps its activations: several times more.
+    assert memory.peak_bytes_other_checkpointing > 2.5 * memory.peak_bytes
+
+
+def test_estimates_move_the_right_way():
+    base, _, _ = anchor()
+    longer, _, _ = anchor(seq_len=4096)
+    bigger_adapter, _, _ = anchor(target_modules=("all-linear",), lora_r=64)
+    assert longer.peak_bytes > base.peak_bytes and bigger_adapter.peak_bytes > base.peak_bytes
+    full = E.RunShape(batch_size=1, seq_len=2048, adapter="none", gradient_checkpointing=True)
+    n = PRESETS["mistral_7b_en"].parameter_count
+    full_mem = E.estimate_memory(SEVEN_B, full, trainable=n, total=n)
+    # bf16 weights + grads + two bf16 AdamW moments = 8 bytes per parameter
+    assert full_mem.terms["trainable + grads + optimizer"][0] == 8 * n
+    assert E.fits(full_mem.peak_bytes, "H100") and not E.fits(full_mem.peak_bytes, "L4")
+
+
+def test_lora_count_matches_peft_on_the_meta_device():
+    from mistral_tune.config.schema import AdapterConfig
+    from mistral_tune.pipeline.dry_run import build_on_meta
+
+    for config, targets, r in ((TINY, ["q_proj", "v_proj"], 8), (SEVEN_B, ["all-linear"], 16)):
+        adapter = AdapterConfig(name="lora", r=r, target_modules=targets)
+        model = build_on_meta(config, adapter)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert trainable == E.lora_parameter_count(config, E.RunShape(target_modules=tuple(targets)).targets, r)
+        assert next(model.parameters()).device.type == "meta"
+
+
+def test_speed_scales_with_gpu_peak_and_tokens():
+    _, shape, trainable = anchor()
+    h100 = E.estimate_speed(SEVEN_B, shape, trainable=trainable, gpu="H100", mfu=0.4)
+    a100 = E.estimate_speed(SEVEN_B, shape, trainable=trainable, gpu="A100", mfu=0.4)
+    assert a100.step_seconds / h100.step_seconds == pytest.approx(989.4 / 312.0)
+    # Forward + input-grad backward + recomputation of a 7.1B-matmul model: ~6 x 7.1 GFLOPs/token + attention
+    assert 40e9 < h100.flops_per_token < 50e9
+    assert h100.tokens_per_second == pytest.approx(2048 / h100.step_seconds)
+    assert E.mean_context(2048, 4096) == pytest.approx(1024.5) and E.mean_context(8192, 4096) < 4096
