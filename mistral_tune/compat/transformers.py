@@ -88,12 +88,20 @@ def drop_quantization(config: Any) -> None:
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
-def generation_cache(model_kwargs: dict[str, Any]) -> Any:
-    """The cache generate() prepared for a custom decoding method (None when it made none)."""
+def generation_cache(model_kwargs: dict[str, Any], model: Any = None) -> Any:
+    """The cache generate() prepared for a custom decoding method.
+
+    When it made none (transformers 5.0 leaves the cache to the model's forward) and ``model`` is
+    given, a new ``DynamicCache`` for that model; else None.
+    """
     for key in CACHE_KEYWORDS:
         if model_kwargs.get(key) is not None:
             return model_kwargs[key]
-    return None
+    if model is None:
+        return None
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config.get_text_config(decoder=True))
 
 
 def cache_argument(model: Any, cache: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def contrastive_search(
 
     k, alpha = int(contrastive_k), float(contrastive_alpha)
     pad = generation_pad_token(generation_config)
-    cache = generation_cache(model_kwargs)
+    cache = generation_cache(model_kwargs, model)
     cache_kwargs = cache_argument(model, cache)
     mask = model_kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask  # generate() drops an all-ones mask

@@ -160,3 +160,20 @@ def test_generate_hands_a_custom_decoding_method_its_cache_and_pad_token():
         "transformers", f"{type(cache).__name__}.batch_select_indices", "did not keep only the selected row"
     )
     assert out.logits.shape[:2] == (1, 4)
+
+
+def test_a_cache_made_for_a_model_that_got_none_fills_and_extends():
+    """transformers 5.0 hands a custom decoding method no cache; contrastive search then makes its own:
+    it must take the prompt's keys/values and continue from them exactly as a full forward does."""
+    model = tiny_model()
+    assert compat.generation_cache({}) is None
+    cache = compat.generation_cache({}, model)
+    ids = torch.tensor([[2, 5, 6, 7, 8]])
+    with torch.no_grad():
+        model(input_ids=ids[:, :4], use_cache=True, **compat.cache_argument(model, cache))
+        step = model(input_ids=ids[:, 4:], use_cache=True, **compat.cache_argument(model, cache)).logits[:, -1]
+        full = model(input_ids=ids).logits[:, -1]
+    assert cache.get_seq_length() == 5, broken("transformers", "DynamicCache(config=...)", "did not fill")
+    assert torch.allclose(step, full, atol=1e-5), broken(
+        "transformers", "DynamicCache(config=...)", "differs from a full pass"
+    )
