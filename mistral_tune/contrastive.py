@@ -30,7 +30,10 @@ def contrastive_search(
 
     k, alpha = int(contrastive_k), float(contrastive_alpha)
     pad = generation_config._pad_token_tensor
-    cache = model_kwargs.get("past_key_values")
+    # generate() prepares the cache under the name the model's forward takes: "cache" from transformers 5.24,
+    # "past_key_values" before. Read it and pass it back under the same name.
+    cache_key = "cache" if "cache" in model_kwargs else "past_key_values"
+    cache = model_kwargs.get(cache_key)
     mask = model_kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask  # generate() drops an all-ones mask
     batch = input_ids.shape[0]
@@ -41,7 +44,7 @@ def contrastive_search(
             input_ids=ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{cache_key: cache},
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=1,
