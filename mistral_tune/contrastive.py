@@ -34,6 +34,10 @@ def contrastive_search(
     # "past_key_values" before. Read it and pass it back under the same name.
     cache_key = "cache" if "cache" in model_kwargs else "past_key_values"
     cache = model_kwargs.get(cache_key)
+    if cache is None:  # transformers 5.0 leaves the cache to the model's forward; this loop needs it in hand
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     mask = model_kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask  # generate() drops an all-ones mask
     batch = input_ids.shape[0]
