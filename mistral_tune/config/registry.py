@@ -15,6 +15,10 @@ from typing import Any, Optional
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPES)
 
+# Weight formats an export writes (export/pipeline.py): merged/ (Hugging Face layout) and preset/
+# (the same files hard-linked, plus metadata.json). `mistral-tune export formats=` adds "adapter" (a model card).
+EXPORT_FORMATS = ("merged", "preset")
+
 # trainer.name -> the trainer module (mistral_tune/train/<name>.py: build/train/... one interface).
 TRAINERS = {
     "sft": "mistral_tune.train.sft",

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from mistral_tune.adapters.build import read_sidecar
+from mistral_tune.config.registry import EXPORT_FORMATS
 from mistral_tune.config.schema import upgrade_renamed_keys
 from mistral_tune.core.errors import UserError
 
-FORMATS = ("merged", "preset", "adapter")
+FORMATS = (*EXPORT_FORMATS, "adapter")
 
 
 def plan(opts: dict[str, Any]) -> dict[str, Any]:

@@ -28,12 +28,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
+from mistral_tune.config.registry import EXPORT_FORMATS
 from mistral_tune.core.files import atomic_directory, save_json
 
 log = logging.getLogger(__name__)
 
 
-WEIGHT_FORMATS = ("merged", "preset")
+WEIGHT_FORMATS = EXPORT_FORMATS
 
 PRESET_METADATA = "metadata.json"
 
