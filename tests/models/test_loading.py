@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,8 +82,15 @@ def test_remote_code_never_runs_unless_trusted(tmp_path):
     assert cfg.trust_remote_code is False  # the default
     model = load_model(cfg, resolve_source("mistral_tiny", str(directory)))
     assert type(model).__name__ == "MistralForCausalLM" and not sentinel.exists()
-    # The check can fail: with the user's explicit consent the repo's code does run.
-    load_model(model_cfg(directory, trust_remote_code="true"), resolve_source("mistral_tiny", str(directory)))
+    # The check can fail: with the user's explicit consent the repo's code does run. In a child process:
+    # trusting remote code registers its classes (here transformers' own Mistral ones) for auto-saving
+    # process-wide, and every later save_pretrained in this process would then try to copy code files.
+    script = (
+        "import sys; from pathlib import Path; from tests.models.test_loading import model_cfg; "
+        "from mistral_tune.models.loading import load_model; from mistral_tune.models.sources import resolve_source; "
+        "d = Path(sys.argv[1]); load_model(model_cfg(d, trust_remote_code='true'), resolve_source('mistral_tiny', str(d)))"
+    )
+    subprocess.run([sys.executable, "-c", script, str(directory)], check=True, cwd=Path(__file__).resolve().parents[2])
     assert sentinel.exists()
 
 
