@@ -155,3 +155,48 @@ def generate_ids(
             row = row[:cut]
         results.append(row)
     return results
+
+
+CHAT_TRAINERS = ("sft", "dpo")  # trainers whose merged model answers in the chat template (reward models score)
+
+
+def chat_model_reason(local_dir: Any, metadata: Optional[Mapping], base_preset: Optional[str]) -> Optional[str]:
+    """Why prompts for this model should go through its chat template, or None for a plain language model.
+
+    A run's ``merged/`` or ``preset/`` says what trained it: the run directory's ``resolved_config.yaml`` and
+    ``summary.json`` (``data_format``), or ``metadata.json``'s provenance. SFT and DPO runs on chat data
+    (anything but ``text``) and the built-in instruct presets are chat models.
+    """
+    import json
+    from pathlib import Path
+
+    provenance = dict((metadata or {}).get("provenance") or {})
+    if local_dir is not None:
+        run = Path(local_dir).parent
+        config, summary = run / "resolved_config.yaml", run / "summary.json"
+        if config.is_file():
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(OmegaConf.load(config))
+            provenance.setdefault("recipe", cfg.get("recipe"))
+            provenance.setdefault("trainer", (cfg.get("trainer") or {}).get("name"))
+            provenance.setdefault("data", cfg.get("data"))
+        if summary.is_file():
+            provenance.setdefault("data_format", json.loads(summary.read_text(encoding="utf-8")).get("data_format"))
+    trainer = provenance.get("trainer") or str(provenance.get("recipe") or "").split("_")[0]
+    if trainer in CHAT_TRAINERS:
+        fmt = provenance.get("data_format") or (provenance.get("data") or {}).get("format")
+        if fmt != "text":
+            return f"trained by {provenance.get('recipe') or trainer} on {fmt or 'chat'} data (the run's metadata)"
+        return None
+    if base_preset and "instruct" in str(base_preset) and not trainer:
+        return f"{base_preset} is an instruct preset"
+    return None
+
+
+def empty_reason(new_ids: Sequence[int], tokenizer: Any, stop_ids: Optional[Sequence[int]]) -> str:
+    """Why a generation came out empty, for the user: the first new token was a stop token, or only blanks."""
+    if not new_ids:
+        first = "EOS" if stop_ids and tokenizer.eos_id in stop_ids else "a stop token"
+        return f"the model's first new token was {first}"
+    return f"the {len(new_ids)} new token(s) decode to whitespace only"

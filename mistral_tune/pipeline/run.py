@@ -101,6 +101,11 @@ def train_and_export(
             "train.eval_steps=%d is set but data.eval_split is not: no evaluation will run", cfg.train.eval_steps
         )
     started = time.time()
+    # The run's first step: every row is read and checked before anything is downloaded, loaded or built.
+    from mistral_tune.config.registry import PREFERENCE_TRAINERS
+    from mistral_tune.data.preflight import check_data
+
+    check_data(cfg.data, preference=cfg.trainer.name in PREFERENCE_TRAINERS)
 
     import mistral_tune.models.loading as models
     from mistral_tune.models.sources import download_source, resolve_source
@@ -138,6 +143,8 @@ def train_and_export(
     set_seed(cfg.train.seed)
     check_optimizer(cfg.train.optim)
     tokenizer = load_tokenizer(source)
+    prepared = method.prepare_data(cfg, tokenizer)  # tokenized before the model exists: data errors come first
+    train_ds, report = prepared.train, prepared.report
     compute_dtype = models.resolve_dtype(cfg.model.dtype)
     quant = distributed.quantization_for_engine(quantization_config(cfg.adapter, compute_dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant, task=method.TASK_TYPE)
@@ -155,8 +162,6 @@ def train_and_export(
     trainable, total = adapters.count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    prepared = method.prepare_data(cfg, tokenizer)
-    train_ds, report = prepared.train, prepared.report
     steps = resume.planned_steps(cfg.train, len(train_ds), world_size())
     resume.check_disk_for_run(
         cfg, run_dir, trainable=trainable, total=total, param_bytes=compute_dtype.itemsize, steps=steps
@@ -200,6 +205,7 @@ def train_and_export(
         summary = build_summary(cfg, run_dir, result, trainer, metrics.records, report, started, resume_from)
         summary.update(outputs)
         summary.update(extras)
+        summary["data_format"] = prepared.format  # generate/chat read it: chat data means a chat model
         summary["parameters"] = {"trainable": trainable, "total": total}
         summary["peak_memory_bytes"], summary["peak_memory_kind"] = peak_memory(torch)
         summary["tracking"] = tracking.info
@@ -282,7 +288,7 @@ def save_outputs(
             max_shard_size=cfg.export.max_shard_size,
             tolerance=cfg.export.tolerance,
             base_preset=cfg.model.name,
-            provenance=redact(provenance(cfg)),
+            provenance=redact({**provenance(cfg), "trainer": cfg.trainer.name, "data_format": prepared.format}),
         )
     return {
         "adapter": str(adapter_dir) if adapter_dir else None,

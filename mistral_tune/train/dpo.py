@@ -223,6 +223,6 @@ def samples(model: Any, tokenizer: Any, data: Any, cfg: Any) -> list[dict]:
     pairs = data.holdout[: cfg.export.num_samples]
     generations = greedy_generate(model, tokenizer, [p.prompt for p in pairs], cfg.export.sample_max_new_tokens)
     return [
-        {"prompt": p.prompt, "reference": p.chosen, "rejected": p.rejected, "generation": g}
+        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "generation": g}
         for p, g in zip(pairs, generations)
     ]

@@ -152,7 +152,7 @@ def test_bad_pairs_are_counted_not_dropped_silently(tmp_path, tokenizer):
         {"prompt": "Q", "chosen": "", "rejected": "b"},
         {"prompt": "Q", "chosen": "a", "rejected": "   "},
         rows[0],  # an exact duplicate
-        {"prompt": "Q " * 300, "chosen": "long", "rejected": "prompt"},  # the prompt alone is over max_length
+        {"prompt": "Q " * 300, "chosen": "long", "rejected": "prompt"},  # kept: the prompt loses its start
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
@@ -161,12 +161,11 @@ def test_bad_pairs_are_counted_not_dropped_silently(tmp_path, tokenizer):
     train, holdout, fmt, report = prepared.train, prepared.holdout, prepared.format, prepared.report
     assert fmt == "preference" and prepared.eval is None
     got = report.as_dict()
-    assert got["dropped"] == {
-        "chosen_equals_rejected": 1, "empty_field": 2, "duplicate": 1, "prompt_too_long": 1, "malformed_json": 1,
-    }  # fmt: skip
-    assert (got["read"], got["used"], got["held_out"], got["dropped_total"]) == (11, 4, 1, 6)
+    assert got["dropped"] == {"chosen_equals_rejected": 1, "empty_field": 2, "duplicate": 1, "malformed_json": 1}
+    assert (got["read"], got["used"], got["held_out"], got["dropped_total"]) == (11, 5, 1, 5)
     assert got["read"] == got["used"] + got["held_out"] + got["dropped_total"]  # every row accounted for
-    assert len(train) == 4 and len(holdout) == 1
+    assert len(train) == 5 and len(holdout) == 1
+    assert got["drop_examples"]["empty_field"] == "row 7: 'chosen' is empty"
     assert set(train.column_names) == {"prompt_ids", "chosen_ids", "rejected_ids"}
 
 
@@ -222,22 +221,36 @@ def test_fit_pair_truncation_modes():
     prompt, chosen, rejected = [1, 10, 11, 12, 13, 14], [20, 21, 22, 2], [30, 2]
     kw = dict(max_prompt_length=None, truncation="truncate")
     assert fit_pair(prompt, chosen, rejected, max_length=10, truncation_mode="keep_start", **kw) == (
-        (prompt, chosen, rejected), False)  # fmt: skip
-    # keep_start: the answers' ends are cut
+        (prompt, chosen, rejected), set())  # fmt: skip
+    # keep_start: the answers keep half of max_length (all they need here), the prompt loses its start (BOS kept)
     assert fit_pair(prompt, chosen, rejected, max_length=8, truncation_mode="keep_start", **kw) == (
-        (prompt, [20, 21], [30, 2]), True)  # fmt: skip
-    # keep_end: the prompt's start is cut, BOS kept
+        ([1, 12, 13, 14], chosen, rejected), {"prompt"})  # fmt: skip
+    # ...and past half, the answers' ends are cut too; a short prompt leaves them all the rest
+    assert fit_pair(prompt, [20, 21, 22, 23, 24, 2], rejected, max_length=8, truncation_mode="keep_start", **kw) == (
+        ([1, 12, 13, 14], [20, 21, 22, 23], [30, 2]), {"prompt", "answers"})  # fmt: skip
+    assert fit_pair([1, 10], [20, 21, 22, 23, 24, 2], rejected, max_length=6, truncation_mode="keep_start", **kw) == (
+        ([1, 10], [20, 21, 22, 23], [30, 2]), {"answers"})  # fmt: skip
+    assert fit_pair(prompt, [20, 21, 22, 23, 24, 2], rejected, max_length=6, truncation_mode="keep_start", **kw) == (
+        ([1, 13, 14], [20, 21, 22], [30, 2]), {"prompt", "answers"})  # fmt: skip
+    # keep_end: the prompt's start is cut, BOS kept, answers whole
     assert fit_pair(prompt, chosen, rejected, max_length=8, truncation_mode="keep_end", **kw) == (
-        ([1, 12, 13, 14], chosen, rejected), True)  # fmt: skip
+        ([1, 12, 13, 14], chosen, rejected), {"prompt"})  # fmt: skip
+    # ...down to BOS and one token; only then are the answers' ends cut
+    assert fit_pair(prompt, chosen, rejected, max_length=5, truncation_mode="keep_end", **kw) == (
+        ([1, 14], [20, 21, 22], [30, 2]), {"prompt", "answers"})  # fmt: skip
     # max_prompt_length keeps BOS and the prompt's end
     got = fit_pair(prompt, chosen, rejected, max_length=64, max_prompt_length=3, truncation="truncate",
                    truncation_mode="keep_start")  # fmt: skip
-    assert got == (([1, 13, 14], chosen, rejected), True)
-    with pytest.raises(BadPair, match="too_long"):
-        fit_pair(prompt, chosen, rejected, max_length=8, max_prompt_length=None, truncation="drop",
-                 truncation_mode="keep_start")  # fmt: skip
-    with pytest.raises(BadPair, match="prompt_too_long"):
-        fit_pair(prompt, chosen, rejected, max_length=6, truncation_mode="keep_start", **kw)
+    assert got == (([1, 13, 14], chosen, rejected), {"prompt"})
+    # truncation=drop drops what is over either limit, and cuts nothing
+    for limits in (dict(max_length=8, max_prompt_length=None), dict(max_length=64, max_prompt_length=3)):
+        with pytest.raises(BadPair, match="too_long"):
+            fit_pair(prompt, chosen, rejected, truncation="drop", truncation_mode="keep_start", **limits)
+    assert fit_pair(prompt, chosen, rejected, max_length=10, max_prompt_length=6, truncation="drop",
+                    truncation_mode="keep_start") == ((prompt, chosen, rejected), set())  # fmt: skip
+    # A prompt that fills max_length alone is cut, not dropped (it used to be prompt_too_long)
+    got = fit_pair(prompt, chosen, rejected, max_length=6, truncation_mode="keep_start", **kw)
+    assert got == (([1, 13, 14], [20, 21, 22], [30, 2]), {"prompt", "answers"})
 
 
 def test_sample_file_converts_completely(tokenizer):

@@ -121,6 +121,9 @@ def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
         "eval_read": 0,
         "eval_used": 0,
         "eval_dropped": {},
+        "truncated_parts": {},
+        "drop_examples": {},
+        "length_notice": None,
     }
 
 

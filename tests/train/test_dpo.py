@@ -178,7 +178,8 @@ def test_dpo_lora_learns_the_preferences(tmp_path):
     assert not (run_dir / "adapter" / "ref").exists()
     assert summary["merged"]["verified"] and summary["merged"]["max_abs_logit_diff"] < 1e-4
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 and {"prompt", "reference", "rejected", "generation"} <= set(samples[0])
+    assert len(samples) == 2 and {"prompt", "chosen", "rejected", "generation"} <= set(samples[0])
+    assert "reference" not in samples[0] and samples[0]["chosen"] != samples[0]["rejected"]
 
 
 @pytest.mark.slow
