@@ -197,6 +197,6 @@ def chat_model_reason(local_dir: Any, metadata: Optional[Mapping], base_preset: 
 def empty_reason(new_ids: Sequence[int], tokenizer: Any, stop_ids: Optional[Sequence[int]]) -> str:
     """Why a generation came out empty, for the user: the first new token was a stop token, or only blanks."""
     if not new_ids:
-        first = "EOS" if stop_ids and tokenizer.eos_id in stop_ids else "a stop token"
+        first = "EOS" if tuple(stop_ids or ()) == (tokenizer.eos_id,) else f"one of stop_token_ids {list(stop_ids)}"
         return f"the model's first new token was {first}"
     return f"the {len(new_ids)} new token(s) decode to whitespace only"

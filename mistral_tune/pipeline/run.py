@@ -48,8 +48,10 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     ``guards.NonFiniteLoss`` on a NaN/inf loss with ``on_nan=stop``.
     """
     import mistral_tune.launch.engine as distributed
+    from mistral_tune.config.registry import PREFERENCE_TRAINERS
     from mistral_tune.core.files import check_writable
     from mistral_tune.core.process import is_main_process, shared_run_dir
+    from mistral_tune.data.preflight import check_data
 
     # In a multi-process launch only rank 0 writes; the others train and help save (distributed.py).
     main_process = is_main_process()
@@ -60,6 +62,13 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     preflight(cfg)
     cfg.output_dir = str(run_dir)
     setup_logging(run_dir, main_process)
+    # The run's first step: every row is read and checked before torch is imported and anything is downloaded,
+    # loaded or built, so a bad file fails in about a second.
+    try:
+        check_data(cfg.data, preference=cfg.trainer.name in PREFERENCE_TRAINERS)
+    except BaseException:
+        teardown_logging()
+        raise
     distributed.prepare_process(cfg)
     from transformers.utils import logging as hf_logging
 
@@ -101,11 +110,6 @@ def train_and_export(
             "train.eval_steps=%d is set but data.eval_split is not: no evaluation will run", cfg.train.eval_steps
         )
     started = time.time()
-    # The run's first step: every row is read and checked before anything is downloaded, loaded or built.
-    from mistral_tune.config.registry import PREFERENCE_TRAINERS
-    from mistral_tune.data.preflight import check_data
-
-    check_data(cfg.data, preference=cfg.trainer.name in PREFERENCE_TRAINERS)
 
     import mistral_tune.models.loading as models
     from mistral_tune.models.sources import download_source, resolve_source

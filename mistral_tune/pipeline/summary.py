@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mistral_tune.train.signals import TrainingInterrupted
-
 log = logging.getLogger(__name__)
 
 
@@ -19,6 +17,7 @@ def stopped_summary(cfg: Any, trainer: Any, exc: Exception, data: dict, resume_f
     from pathlib import Path
 
     from mistral_tune.train.checkpoints import latest_complete
+    from mistral_tune.train.signals import TrainingInterrupted  # lazily: it pulls in transformers
 
     last = latest_complete(Path(trainer.args.output_dir))
     return {

@@ -19,7 +19,7 @@ from typing import Any
 
 from trl import DPOConfig, DPOTrainer
 
-from mistral_tune.compat.trl import DPOHooks, dpo_loss_types, reference_model_hash
+from mistral_tune.compat.trl import DPOHooks, dpo_loss_types, reference_model_hash, trainer_metrics
 from mistral_tune.core.errors import UserError
 from mistral_tune.train.base import RunStateMixin, common_args
 from mistral_tune.train.checkpoints import AtomicCheckpointMixin
@@ -142,6 +142,12 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(model, inputs)  # non-padding tokens of the chosen and the rejected sequences
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # TRL's num_tokens counts training tokens; under an eval_ prefix it read as the eval set's size.
+        if not self.model.training:
+            trainer_metrics(self, "eval").pop("num_tokens", None)
+        super().log(logs, start_time)
 
 
 def loss_types(trainer_cfg: Any) -> list[str]:

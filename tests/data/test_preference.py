@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -280,3 +281,71 @@ def test_eval_split_fraction_and_file_are_accounted_for(tmp_path, tokenizer):
     got = prepared.report.as_dict()
     assert (got["used"], got["eval_read"], got["eval_used"], got["eval_dropped"]) == (
         20, 2, 1, {"chosen_equals_rejected": 1})  # fmt: skip
+
+
+HH_LONG = Path(__file__).parent / "hh_long.jsonl"  # 80 HH-shaped pairs, multi-turn, prompts up to ~600 tokens
+
+
+@pytest.mark.parametrize("recipe", ["dpo_lora", "reward_lora"])
+@pytest.mark.parametrize("model,limits", [(None, (256, 128)), ("mistral_7b_en", (1024, 512))])
+def test_long_hh_pairs_are_kept_by_default(recipe, model, limits, compose, tokenizer):
+    """The recipes' defaults keep >= 95% of well-formed long pairs: prompts lose their start, nothing is dropped."""
+    cfg = compose(recipe, [f"data.path={HH_LONG}", *([f"model={model}"] if model else [])])
+    assert (cfg.trainer.max_length, cfg.trainer.max_prompt_length) == limits  # they follow the base model
+    prepared = prepare_preference_data(cfg.data, cfg.trainer, tokenizer)
+    got = prepared.report.as_dict()
+    assert got["read"] == 80 and got["held_out"] == 4 and got["dropped_total"] == 0
+    assert got["used"] + got["held_out"] >= 0.95 * got["read"]
+    assert got["truncated"] > 0 and got["truncated_parts"].get("prompt") == got["truncated"]
+    max_length, max_prompt = limits
+    for row in prepared.train:
+        if recipe == "dpo_lora":
+            assert len(row["prompt_ids"]) <= max_prompt
+            assert len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
+        else:  # reward: the two full chats
+            assert max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
+    notice = got["length_notice"]
+    if model is None:  # 41 of 76 cut on the demo: one line naming the keys, recorded for summary.json
+        assert notice["affected"] == got["truncated"] and notice["of"] == got["used"]
+        assert "trainer.max_length=" in notice["message"] and "trainer.max_prompt_length=" in notice["message"]
+        assert notice["suggested"]["trainer.max_prompt_length"] > max_prompt
+    else:  # 3 of 76: under the notice's 5%
+        assert notice is None
+
+
+def test_a_cut_prompt_keeps_its_last_turn(tokenizer):
+    rows = [json.loads(line) for line in HH_LONG.read_text().splitlines()]
+    pair = max((to_pair(r, "hh") for r in rows), key=lambda p: sum(len(m["content"]) for m in p.prompt))
+    ids, cut = fit_pair(*tokenize_pair(pair, tokenizer), max_length=128, max_prompt_length=64, truncation="truncate",
+                        truncation_mode="keep_start")  # fmt: skip
+    assert cut == {"prompt"} and len(ids[0]) == 64 and ids[0][0] == tokenizer.bos_id
+    assert tokenizer.decode(ids[0]).rstrip().endswith(pair.prompt[-1]["content"][-40:] + " [/INST]")
+
+
+def test_holdout_is_drawn_from_pairs_that_fit(compose, tokenizer):
+    """data.holdout=4 holds out 4 even when many pairs are dropped for length (it used to hold out fewer)."""
+    cfg = compose("dpo_lora", [f"data.path={HH_LONG}", "trainer.truncation=drop", "data.holdout=4"])
+    got = prepare_preference_data(cfg.data, cfg.trainer, tokenizer).report.as_dict()
+    assert got["held_out"] == 4 and got["dropped"]["too_long"] > 4
+    assert got["read"] == got["used"] + got["held_out"] + got["dropped_total"]
+    assert "were dropped" in got["length_notice"]["message"]
+
+
+def test_length_notice_only_past_a_few_percent():
+    report = DataReport()
+    report.lengths, report.truncated = [100] * 40, 2  # 5%: quiet
+    assert report.check_lengths("pairs", 64) is None
+    report.truncated = 3  # 7.5%
+    notice = report.check_lengths("pairs", 64)
+    assert notice["suggested"] == {"trainer.max_length": 128} and "3 of 40 training pairs (8%)" in notice["message"]
+
+
+def test_bad_pair_errors_name_the_field(tmp_path, tokenizer):
+    rows = [{"chosen": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+             "rejected": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away"}]}]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(UserError) as err:
+        prepare_preference_data(data_cfg(path), trainer_cfg(), tokenizer)
+    assert "row 1: chosen[0] has no 'role'; found keys from, value" in str(err.value)
+    assert "max_length" not in str(err.value)  # no unrelated hint
