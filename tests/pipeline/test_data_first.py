@@ -75,3 +75,20 @@ def test_bad_data_file_fails_within_seconds_from_the_command_line(tmp_path):
     assert done.returncode == 2 and "Could not detect the preference data format" in done.stderr
     assert "parameters:" not in done.stderr  # no model was built
     assert seconds < 60  # typically a few seconds; generous for a loaded CI machine
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
+def test_sharegpt_data_trains(tmp_path):
+    """ShareGPT rows (human/gpt/system, and user/assistant) train end to end, every row used."""
+    rows = [
+        {"conversations": [{"from": "system", "value": "Answer briefly."},
+                           {"from": "human" if i % 2 else "user", "value": f"What is {i} plus {i}?"},
+                           {"from": "gpt" if i % 2 else "assistant", "value": f"{i} plus {i} is {2 * i}."}]}
+        for i in range(24)
+    ]  # fmt: skip
+    cfg = compose("sft_lora", [f"data.path={write_jsonl(tmp_path / 'sharegpt.jsonl', rows)}", "train.max_steps=2",
+                               "train.logging_steps=1", "data.holdout=0", "export=none", f"output_dir={tmp_path / 'r'}"])  # fmt: skip
+    summary = run(cfg)
+    assert summary["data_format"] == "sharegpt" and summary["data"]["used"] == 24 and summary["steps"] == 2
+    assert summary["tokens_seen"] > 0 and summary["final_loss"] is not None
