@@ -189,9 +189,16 @@ def chat_model_reason(local_dir: Any, metadata: Optional[Mapping], base_preset: 
         if fmt != "text":
             return f"trained by {provenance.get('recipe') or trainer} on {fmt or 'chat'} data (the run's metadata)"
         return None
-    if base_preset and "instruct" in str(base_preset) and not trainer:
-        return f"{base_preset} is an instruct preset"
+    label = str(base_preset or "").lower()
+    if not trainer and "instruct" in label and (label.startswith("hf://") or _builtin(str(base_preset))):
+        return f"{base_preset} is an instruct model"
     return None
+
+
+def _builtin(preset_id: str) -> bool:
+    from mistral_tune.models.presets import PRESETS
+
+    return preset_id in PRESETS
 
 
 def empty_reason(new_ids: Sequence[int], tokenizer: Any, stop_ids: Optional[Sequence[int]]) -> str:

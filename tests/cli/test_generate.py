@@ -155,3 +155,15 @@ def test_chat_prompt_goes_to_stderr_not_stdout(merged_dir, capsys, monkeypatch, 
     captured = capsys.readouterr()
     assert "> " not in captured.out  # piped output holds the answers only
     assert ("> " in captured.err) == terminal
+
+
+def test_chat_model_reason_reads_metadata_and_instruct_presets(tmp_path):
+    from mistral_tune.inference.generation import chat_model_reason
+
+    preset_meta = {"provenance": {"recipe": "dpo_lora", "trainer": "dpo", "data_format": "hh"}}
+    assert "trained by dpo_lora on hh data" in chat_model_reason(None, preset_meta, "mistral_tiny")
+    text_sft = {"provenance": {"recipe": "sft_lora", "trainer": "sft", "data_format": "text"}}
+    assert chat_model_reason(None, text_sft, "mistral_tiny") is None  # plain-text SFT stays a language model
+    assert chat_model_reason(None, {}, "mistral_instruct_7b_en") == "mistral_instruct_7b_en is an instruct model"
+    assert chat_model_reason(None, {}, "mistral_7b_en") is None
+    assert chat_model_reason(None, {}, "runs/instruct-test/merged") is None  # a path is not a preset id
