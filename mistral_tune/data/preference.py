@@ -304,6 +304,7 @@ def prepare_preference_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> 
     if not rows:
         raise UserError(f"data.path={data_cfg.path} holds no examples ({dict(report.dropped) or 'empty file'}).")
     fmt = detect_preference_format(rows, data_cfg.format)
+    # Row numbers in drop examples are file rows, unless data.dedup removed rows before them.
     pairs = to_pairs(find_duplicates(rows, data_cfg.dedup, report), fmt, data_cfg.system_prompt, report)
     order = list(range(len(pairs)))
     random.Random(data_cfg.seed).shuffle(order)

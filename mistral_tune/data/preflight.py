@@ -70,4 +70,7 @@ def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[st
             f"{key}={path}: none of its {len(rows)} rows can be used as {fmt} data (dropped: "
             f"{report.describe_drops()}). Fix those fields, or set data.format if the format was detected wrongly."
         )
+    if report.dropped:
+        log.warning("data: %d of %d rows of %s cannot be used: %s", len(rows) - usable, len(rows), path,
+                    report.describe_drops())  # fmt: skip
     return {"format": fmt, "rows": len(rows), "usable": usable}

@@ -90,14 +90,14 @@ def tokenize_rows(
     """Rows to ``input_ids`` + ``labels``: -100 outside the assistant turns for chat data, unless
     ``completion_only_loss`` is false (TRL SFTConfig's name): then every token of the conversation counts."""
     out = []
-    for i, row in enumerate(rows, 1):
+    for row in rows:
         try:
             ids, mask = encode_row(row, fmt, tokenizer, system_prompt)
-        except BadRow as exc:
-            report.drop(exc.reason, f"row {i}: {exc.detail}")
+        except BadRow as exc:  # rows arrive split and shuffled: the data check before this names their file line
+            report.drop(exc.reason, exc.detail)
             continue
         except ValueError as exc:  # the chat template's own checks: roles that do not alternate
-            report.drop("bad_roles", f"row {i}: {exc}")
+            report.drop("bad_roles", str(exc))
             continue
         if not completion_only_loss:
             mask = [1] * len(ids)

@@ -216,10 +216,19 @@ def test_sharegpt_is_detected_and_reads_like_messages(tmp_path, tok):
     ],
 )  # fmt: skip
 def test_a_bad_row_error_names_the_field(tmp_path, tok, row, detail):
+    from mistral_tune.data.preflight import check_data
+
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    cfg = data_cfg(write_jsonl(tmp_path / "bad.jsonl", [good, row, row]))
+    # The data check (the run's first step) names the row; tokenizing later counts it with the same detail.
+    assert check_data(cfg.data, preference=False)["usable"] == 1
     cfg = data_cfg(write_jsonl(tmp_path / "bad.jsonl", [row]))
     with pytest.raises(UserError) as err:
+        check_data(cfg.data, preference=False)
+    assert f"(first: row 1: {detail}" in str(err.value) and "max_length" not in str(err.value)
+    with pytest.raises(UserError) as err:
         prepare_sft_data(*_groups(cfg), tok)
-    assert f"row 1: {detail}" in str(err.value)
+    assert f"(first: {detail}" in str(err.value)
     assert "max_length" not in str(err.value)  # the old, unrelated hint
 
 
