@@ -178,7 +178,7 @@ def test_tokenizer_file():
 
 
 def test_import_is_light():
-    code = "import sys, mistral_tune.models.tokenizer; assert not {'torch', 'transformers', 'sentencepiece'} & set(sys.modules)"
+    code = "import sys, mistral_tune.models.tokenizer; assert not {'torch', 'transformers', 'sentencepiece', 'tiktoken', 'tokenizers', 'mistral_common'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
@@ -311,7 +311,10 @@ def test_hf_save_reload(fmt, saved):
     directory, reloaded = saved
     assert isinstance(reloaded, PreTrainedTokenizerFast)
     assert (directory / "tokenizer.model").read_bytes() == tokenizer_file(version).read_bytes()
-    assert json.loads((directory / SIDECAR_FILE).read_text()) == {"chat_template": version}
+    assert json.loads((directory / SIDECAR_FILE).read_text()) == {
+        "chat_template": version,
+        "tokenizer_file": "tokenizer.model",
+    }
     _check_hf_plain(reloaded, tok)
     _check_hf_chat(reloaded, tok)
 
