@@ -155,3 +155,18 @@ def tiny_tekken_file(path: Path, special_tokens: list[str] | None = None, versio
         data["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(special_tokens)]
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+def mc_chat_ids(mc, messages: list[dict]) -> list[int]:
+    """mistral-common's ids for a conversation (``mc``: its ``MistralTokenizer``).  One ending on an
+    answer (training): the request up to the last user turn, then the answer as mistral-common
+    encodes answers mid-conversation (content + EOS)."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    if messages[-1]["role"] == "assistant":
+        answer = AssistantMessage(content=messages[-1]["content"])
+        return mc_chat_ids(mc, messages[:-1]) + mc.instruct_tokenizer.encode_assistant_message(answer, False)
+    roles = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[roles[m["role"]](content=m["content"]) for m in messages])
+    return mc.encode_chat_completion(request).tokens

@@ -16,12 +16,11 @@ import random
 from pathlib import Path
 
 import pytest
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 
 from mistral_tune.models.tokenizer import TOKENIZER_FILES, MistralTokenizer, shipped_tokenizer_files, tokenizer_file
+from tests.helpers import mc_chat_ids
 
 ALPACA = Path("/work/shared/data/alpaca_5000.json")
 
@@ -80,19 +79,6 @@ def _conversations() -> list[list[dict]]:
 
 
 CONVERSATIONS = _conversations()
-_MC_CLASS = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-
-
-def mc_chat_ids(mc: MCTokenizer, messages: list[dict]) -> list[int]:
-    """mistral-common's ids.  A conversation ending on an answer (training): the request up to the
-    last user turn, then the answer as mistral-common encodes answers mid-conversation."""
-    if messages[-1]["role"] == "assistant":
-        answer = AssistantMessage(content=messages[-1]["content"])
-        return mc_chat_ids(mc, messages[:-1]) + mc.instruct_tokenizer.encode_assistant_message(answer, False)
-    request = ChatCompletionRequest(messages=[_MC_CLASS[m["role"]](content=m["content"]) for m in messages])
-    return mc.encode_chat_completion(request).tokens
-
-
 VERSIONS = [v for v, f in TOKENIZER_FILES.items() if f.filename in shipped_tokenizer_files()]
 
 
