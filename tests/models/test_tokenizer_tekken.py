@@ -142,3 +142,21 @@ def test_hub_layout_and_preset_chat_template(tmp_path):
     # Without a directory, a preset's tokenizer is mistral-common's file.
     offline = load_tokenizer(ModelSource(preset, None, None))
     assert offline.model_file == tokenizer_file("tekken_240718") and offline.chat_template == "v7"
+
+
+def test_export_files_reload(tmp_path):
+    """The export writes a Tekken tokenizer that our loader and plain transformers both read back."""
+    from transformers import AutoTokenizer
+
+    from mistral_tune.export.hf_files import write_tokenizer_files
+
+    tok = MistralTokenizer(tiny_tekken_file(tmp_path / "tekken_tiny.json", V7_SPECIALS, version="v7"))
+    write_tokenizer_files(tok, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == tok.jinja_chat_template
+    again = load_tokenizer(ModelSource(None, tmp_path / "merged", None))
+    assert (again.kind, again.chat_template) == ("tekken", "v7")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    for messages in CONVERSATIONS:
+        assert again.encode_chat(messages) == tok.encode_chat(messages)
+        assert hf.apply_chat_template(messages, return_dict=False) == tok.encode_chat(messages)[0]

@@ -52,10 +52,14 @@ class ChatFormat:
 CHAT_FORMATS: dict[str, ChatFormat] = {
     f.name: f
     for f in [
+        # mistral-common's InstructTokenizerV1 (tokenizer.model.v1: no [INST] control token).
         ChatFormat("v1", (SENTENCEPIECE,), inst=("[INST] ", " [/INST]"), inst_is_text=True, system=FIRST_USER,
                    rstrip_answers=False),
+        # InstructTokenizerV2/V3 on SentencePiece (V2 differs only in tool calls).
         ChatFormat("v3", (SENTENCEPIECE,)),
+        # InstructTokenizerV3 on a Tekkenizer (Nemo, Ministral): v3's layout without SentencePiece's prefix space.
         ChatFormat("tekken", (TEKKEN,)),
+        # InstructTokenizerV7 (Mistral Large 2411; Tekken v7 files such as Mistral Small 3's).
         ChatFormat("v7", (SENTENCEPIECE, TEKKEN), system=SYSTEM_BLOCK,
                    system_tokens=("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")),
     ]
