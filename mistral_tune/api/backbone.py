@@ -20,8 +20,8 @@ class MistralBackbone(torch.nn.Module):
     ``num_layers`` -> ``num_hidden_layers``, ``num_query_heads`` -> ``num_attention_heads``,
     ``hidden_dim`` -> ``hidden_size``, ``intermediate_dim`` -> ``intermediate_size``,
     ``rope_max_wavelength`` -> RoPE theta, ``rope_scaling_factor`` -> linear RoPE scaling,
-    ``layer_norm_epsilon`` -> ``rms_norm_eps``, ``dropout`` -> ``attention_dropout``. The head size is
-    ``hidden_dim // num_query_heads``, as in keras-hub.
+    ``layer_norm_epsilon`` -> ``rms_norm_eps``, ``dropout`` -> ``attention_dropout``. ``head_dim``
+    defaults to ``hidden_dim // num_query_heads``, as in keras-hub (Mistral Nemo sets 128 apart).
 
     Calling it on ``{"token_ids": [batch, seq], "padding_mask": [batch, seq]}`` returns the final
     hidden states ``[batch, seq, hidden_dim]``. Position ids skip padding, so a left-padded row gives
@@ -47,6 +47,7 @@ class MistralBackbone(torch.nn.Module):
         rope_scaling_factor: float = 1.0,
         layer_norm_epsilon: float = 1e-6,
         sliding_window: int | None = 512,
+        head_dim: int | None = None,
         dropout: float = 0,
         dtype: Any = None,
         attn_implementation: str = "auto",
@@ -56,10 +57,10 @@ class MistralBackbone(torch.nn.Module):
         from mistral_tune.models.attention import pick_attn_implementation
         from mistral_tune.models.presets import config_from_keras
 
-        if hidden_dim % num_query_heads or num_query_heads % num_key_value_heads:
+        if (head_dim is None and hidden_dim % num_query_heads) or num_query_heads % num_key_value_heads:
             raise UserError(
-                f"hidden_dim ({hidden_dim}) must divide by num_query_heads ({num_query_heads}), and "
-                f"num_query_heads by num_key_value_heads ({num_key_value_heads})."
+                f"hidden_dim ({hidden_dim}) must divide by num_query_heads ({num_query_heads}) unless head_dim "
+                f"is given, and num_query_heads by num_key_value_heads ({num_key_value_heads})."
             )
         args = dict(
             vocabulary_size=vocabulary_size,
@@ -72,6 +73,7 @@ class MistralBackbone(torch.nn.Module):
             rope_scaling_factor=rope_scaling_factor,
             layer_norm_epsilon=layer_norm_epsilon,
             sliding_window=sliding_window,
+            head_dim=head_dim,
             dropout=dropout,
         )
         config = MistralConfig(
@@ -128,6 +130,7 @@ class MistralBackbone(torch.nn.Module):
     hidden_dim = property(lambda self: self.config.hidden_size)
     intermediate_dim = property(lambda self: self.config.intermediate_size)
     sliding_window = property(lambda self: self.config.sliding_window)
+    head_dim = property(lambda self: self.config.head_dim)
 
     def forward(self, inputs: dict | None = None, *, token_ids: Any = None, padding_mask: Any = None):
         """Hidden states for ``{"token_ids", "padding_mask"}`` (or the same as keyword arguments)."""
@@ -144,6 +147,11 @@ class MistralBackbone(torch.nn.Module):
     def count_params(self) -> int:
         """Number of parameters (keras naming)."""
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def trainable_weights(self) -> list[torch.nn.Parameter]:
+        """The parameters that train (keras naming): after ``enable_lora``, the LoRA factors only."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def lora_enabled(self) -> bool:

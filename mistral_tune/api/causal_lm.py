@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from mistral_tune.api.backbone import MistralBackbone
+from mistral_tune.api.preprocessor import MistralCausalLMPreprocessor
 from mistral_tune.core.errors import UserError
 from mistral_tune.models.from_preset import preset_table
 
@@ -73,6 +74,7 @@ class MistralCausalLM(torch.nn.Module):
         self.metadata = metadata
         self.base_preset = base_preset
         self.sampler = get_sampler("top_k")
+        self.preprocessor = None if tokenizer is None else MistralCausalLMPreprocessor(tokenizer, DEFAULT_MAX_LENGTH)
 
     @classmethod
     def from_preset(
@@ -80,11 +82,12 @@ class MistralCausalLM(torch.nn.Module):
         preset: str,
         load_weights: bool = True,
         *,
-        dtype: str = "auto",
+        dtype: Any = "auto",
         attn_implementation: str = "auto",
         revision: str | None = None,
         allow_pickle: bool = False,
         seed: int = 0,
+        sequence_length: int | None = None,
     ) -> MistralCausalLM:
         """Load a preset: a built-in id (see ``MistralCausalLM.presets``), ``hf://org/name``,
         ``kaggle://owner/model/framework/variation`` (needs kagglehub) or a local directory.
@@ -92,10 +95,13 @@ class MistralCausalLM(torch.nn.Module):
         Args:
             load_weights: False builds the architecture with random weights (seeded by ``seed``)
                 and downloads no weights. Inside ``with torch.device("meta"):`` nothing is allocated.
-            dtype: auto (bf16 on a bf16 GPU, else fp32) | float32 | bfloat16 | float16.
+            dtype: auto (bf16 on a bf16 GPU, else fp32) | float32 | bfloat16 | float16, or the
+                ``torch.dtype`` itself (``torch.bfloat16``).
             attn_implementation: auto | flash_attention_2 | flex_attention | sdpa | eager.
             revision: hub branch, tag or commit.
             allow_pickle: accept .bin/.pt weights (they can run code on load).
+            sequence_length: the preprocessor's ``sequence_length`` (default 1024), which is also
+                ``generate``'s default ``max_length``, as in keras-hub.
         """
         from mistral_tune.models.from_preset import load_preset_model
 
@@ -108,7 +114,11 @@ class MistralCausalLM(torch.nn.Module):
             allow_pickle=allow_pickle,
             seed=seed,
         )
-        return cls._from_hf(model, tokenizer, metadata, base)
+        lm = cls._from_hf(model, tokenizer, metadata, base)
+        sequence_length = sequence_length or metadata.get("sequence_length")  # a keras preprocessor.json's
+        if sequence_length is not None:
+            lm.preprocessor.sequence_length = int(sequence_length)
+        return lm
 
     def _text_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -144,21 +154,45 @@ class MistralCausalLM(torch.nn.Module):
 
         Args:
             inputs: a str; a conversation (list of ``{"role", "content"}`` dicts, formatted with the
-                preset's chat template, the same definition training uses); or a list of those.
-            max_length: longest prompt + new tokens; default 1024 (capped at the model's context).
-            stop_token_ids: "auto" = the tokenizer's EOS; None = run to ``max_length``; a tuple of
-                ids = stop at any of them. Stop tokens are not part of the returned text.
+                preset's chat template, the same definition training uses); a list of those; or
+                keras-hub's preprocessed ``{"token_ids", "padding_mask"}`` (right-padded), which is
+                continued up to its width and returned in the same shape.
+            max_length: each row's prompt + new tokens (keras-hub's meaning: in a batch every row is
+                filled to it); default the preprocessor's ``sequence_length`` (1024).
+            stop_token_ids: "auto" = the tokenizer's EOS, not part of the text; None = run to
+                ``max_length``; a tuple of ids = stop at any of them, the stop token kept in the
+                text (as keras-hub; BOS/EOS never show).
             strip_prompt: return only the new text.
 
-        Returns a str for a single input, else a list of str.
+        Returns a str for a single input, else a list of str (with ``BeamSampler(return_all_beams=True)``
+        a list of ``num_beams`` texts, best first, in place of each str).
         """
-        from mistral_tune.inference.generation import encode_inputs, generate_ids, normalize_inputs, resolve_stop_ids
+        from mistral_tune.inference.generation import (
+            encode_inputs,
+            generate_ids,
+            generate_token_dict,
+            is_token_dict,
+            normalize_inputs,
+            resolve_stop_ids,
+        )
 
+        if is_token_dict(inputs):
+            if stop_token_ids == "auto" and self.tokenizer is None:
+                raise UserError('stop_token_ids="auto" needs a tokenizer; pass stop_token_ids=None or ids.')
+            return generate_token_dict(
+                self.hf_model,
+                self.tokenizer or _NoTokenizer(self.hf_model.config.vocab_size),
+                inputs,
+                sampler=self.sampler,
+                stop_ids=resolve_stop_ids(stop_token_ids, self.tokenizer or _NoTokenizer(self.hf_model.config.vocab_size)),
+                strip_prompt=strip_prompt,
+            )
         prompts, single = normalize_inputs(inputs)
         tokenizer = self._text_tokenizer()
         prompt_ids = encode_inputs(tokenizer, prompts)
         if max_length is None:
-            max_length = min(DEFAULT_MAX_LENGTH, self.hf_model.config.max_position_embeddings)
+            default = self.preprocessor.sequence_length if self.preprocessor is not None else DEFAULT_MAX_LENGTH
+            max_length = min(default, self.hf_model.config.max_position_embeddings)
         new_ids = generate_ids(
             self.hf_model,
             tokenizer,
@@ -167,21 +201,52 @@ class MistralCausalLM(torch.nn.Module):
             max_length=int(max_length),
             stop_ids=resolve_stop_ids(stop_token_ids, tokenizer),
         )
-        texts = [tokenizer.decode(new if strip_prompt else prompt + new) for prompt, new in zip(prompt_ids, new_ids)]
+        per_prompt = len(new_ids) // len(prompt_ids)
+        texts = [
+            tokenizer.decode(new if strip_prompt else prompt_ids[i // per_prompt] + new)
+            for i, new in enumerate(new_ids)
+        ]
+        if per_prompt > 1:
+            texts = [texts[i : i + per_prompt] for i in range(0, len(texts), per_prompt)]
         return texts[0] if single else texts
 
-    def score(self, inputs: Any, padding_mask: Any = None, scoring_mode: str = "log_likelihood"):
-        """Score sequences: "log_likelihood" ``[batch, seq]`` (log p(token_t | tokens before t); 0 at
-        position 0 and on padding), "loss" (its negative), or "logits" ``[batch, seq, vocab]``.
+    def score(
+        self,
+        inputs: Any = None,
+        padding_mask: Any = None,
+        scoring_mode: str = "log_likelihood",
+        layer_intercept_fn: Any = None,
+        target_ids: Any = None,
+        *,
+        token_ids: Any = None,
+    ):
+        """Score sequences.
 
-        ``inputs`` is a str, a list of str (tokenized with BOS, left-padded), or token ids with an
-        optional ``padding_mask``.
+        With ``target_ids`` (keras-hub's semantics): "loss" is the per-position cross-entropy of
+        ``target_ids[:, t]`` under the logits at position ``t`` (pass ids rolled left by one for
+        next-token loss), "log_likelihood" its negative. Without ``target_ids`` (ours):
+        "log_likelihood" ``[batch, seq]`` is log p(token_t | tokens before t), 0 at position 0
+        and on padding, and "loss" its negative. "logits" gives ``[batch, seq, vocab]``.
+
+        ``inputs`` (or ``token_ids=``) is a str, a list of str (tokenized with BOS, left-padded),
+        or token ids with an optional ``padding_mask``. ``layer_intercept_fn(x, i)`` sees and may
+        replace the embeddings (``i=-1``) and each decoder layer's output (``i=0..n-1``); with it,
+        autograd stays on so gradients reach what it captured.
         """
         from mistral_tune.inference.scoring import score
 
+        inputs = token_ids if inputs is None else inputs
         texts = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str))
         tokenizer = self._text_tokenizer() if texts else self.tokenizer
-        return score(self.hf_model, tokenizer, inputs, padding_mask, scoring_mode)
+        return score(
+            self.hf_model,
+            tokenizer,
+            inputs,
+            padding_mask,
+            scoring_mode,
+            layer_intercept_fn=layer_intercept_fn,
+            target_ids=target_ids,
+        )
 
     def perplexity(
         self, data: Any, batch_size: int = 8, max_length: int | None = None, text_field: str = "text"
@@ -218,3 +283,12 @@ class MistralCausalLM(torch.nn.Module):
         return write_preset(
             self.hf_model, self._text_tokenizer(), Path(preset_dir), base_preset=self.base_preset, provenance=provenance
         )
+
+
+class _NoTokenizer:
+    """What generation needs of a tokenizer when a model has none (token-id input only)."""
+
+    def __init__(self, vocabulary_size: int) -> None:
+        self.vocabulary_size = vocabulary_size
+        self.pad_id = 0
+        self.bos_id = None

@@ -66,6 +66,13 @@ _JINJA = (
 )
 
 
+class _CallableInt(int):
+    """An int that returns itself when called (``vocabulary_size`` is both an int and keras-hub's method)."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+
 def tokenizer_file(version: str) -> Path:
     """Return the SentencePiece model shipped in `mistral_common`'s package data.
 
@@ -137,22 +144,36 @@ class MistralTokenizer:
     model; `encode_chat` then uses the v1 format).
     """
 
-    def __init__(self, model_file: str | Path, chat_template: str | None = "v1") -> None:
+    def __init__(
+        self, model_file: str | Path | None = None, chat_template: str | None = "v1", *, proto: Any = None
+    ) -> None:
         import sentencepiece as spm
 
         if chat_template is not None and chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"unknown chat_template {chat_template!r}; expected one of {CHAT_TEMPLATES} or None")
-        self.model_file = Path(model_file)
+        # keras-hub's constructor: MistralTokenizer(proto=path or serialized bytes).
+        if (model_file is None) == (proto is None):
+            raise ValueError("give exactly one of model_file and proto (a path or the serialized model's bytes)")
+        if isinstance(proto, (bytes, bytearray)):
+            self.model_file = None
+            self._proto: bytes | None = bytes(proto)
+            self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        else:
+            self.model_file = Path(model_file if proto is None else proto)
+            self._proto = None
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
         self.chat_template = chat_template
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
         sp = self._sp
-        self.vocabulary_size: int = sp.get_piece_size()
+        # An int that is also callable: ``tok.vocabulary_size`` (ours, before keras-hub parity) and
+        # ``tok.vocabulary_size()`` (keras-hub's method) both give the size.
+        self.vocabulary_size: int = _CallableInt(sp.get_piece_size())
         self.bos_id: int = sp.bos_id()
         self.eos_id: int = sp.eos_id()
         self.unk_id: int = sp.unk_id()
         # Padding uses <unk>, never EOS: with pad == EOS, collators that mask padding out of
         # the loss would also mask the real EOS closing each answer, and the fine-tuned model
-        # would never learn to stop.  <unk> never occurs in real text (byte fallback).
+        # would never learn to stop.  <unk> never occurs in real text (byte fallback).  keras-hub
+        # pads with id 0, which is <unk> in every Mistral SentencePiece model.
         self.pad_id: int = self.unk_id
         self._special_ids = frozenset(i for i in range(self.vocabulary_size) if sp.is_control(i) or sp.is_unknown(i))
         self._format = chat_template or "v1"
@@ -177,7 +198,76 @@ class MistralTokenizer:
         return load_preset_tokenizer(preset, revision=revision)
 
     def __repr__(self) -> str:
-        return f"MistralTokenizer({str(self.model_file)!r}, chat_template={self.chat_template!r})"
+        source = str(self.model_file) if self.model_file is not None else f"<{len(self._proto or b'')} bytes>"
+        return f"MistralTokenizer({source!r}, chat_template={self.chat_template!r})"
+
+    # keras-hub's tokenizer API (keras_hub.models.MistralTokenizer). Like keras-hub, ``tokenize`` adds
+    # no BOS/EOS (the preprocessor does); ``encode`` is ours and adds BOS. Lists, not tensors, come out.
+
+    start_token_id = property(lambda self: self.bos_id)
+    end_token_id = property(lambda self: self.eos_id)
+    pad_token_id = property(lambda self: self.pad_id)
+    start_token = property(lambda self: self._sp.id_to_piece(self.bos_id))
+    end_token = property(lambda self: self._sp.id_to_piece(self.eos_id))
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """keras-hub's list of the tokenizer's own special tokens: BOS and EOS."""
+        return [self.start_token, self.end_token]
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return [self.bos_id, self.eos_id]
+
+    def tokenize(self, inputs: Any) -> Any:
+        """Ids without BOS/EOS: a list of ids for a str, a list of lists for a list of str.
+
+        Example:
+            >>> tok = MistralTokenizer.from_preset("mistral_tiny")
+            >>> tok.tokenize("Hello")
+            [23325]
+        """
+        if isinstance(inputs, bytes):
+            inputs = inputs.decode("utf-8")
+        if isinstance(inputs, str):
+            return self._sp.encode(inputs)
+        if isinstance(inputs, (list, tuple)) and all(isinstance(t, (str, bytes)) for t in inputs):
+            return self._sp.encode([t.decode("utf-8") if isinstance(t, bytes) else t for t in inputs])
+        raise ValueError(f"tokenize() takes a str or a list of str; got {type(inputs).__name__}")
+
+    __call__ = tokenize
+
+    def detokenize(self, inputs: Any) -> Any:
+        """Text for ids (a list of ints or a 1-D tensor) or a batch of them (list of lists, 2-D tensor).
+
+        Decoded as sentencepiece decodes, as keras-hub does: BOS/EOS vanish, <unk> shows as " ⁇ ".
+        """
+        if hasattr(inputs, "tolist"):
+            inputs = inputs.tolist()
+        if isinstance(inputs, int):
+            return self._sp.decode([inputs])
+        inputs = list(inputs)
+        if inputs and not isinstance(inputs[0], int):
+            return [self._sp.decode([int(i) for i in row]) for row in inputs]
+        return self._sp.decode([int(i) for i in inputs])
+
+    def get_vocabulary(self) -> list[str]:
+        """Every piece, in id order."""
+        return [self._sp.id_to_piece(i) for i in range(self.vocabulary_size)]
+
+    def id_to_token(self, id: int) -> str:
+        if not 0 <= int(id) < self.vocabulary_size:
+            raise ValueError(f"id must be in [0, {self.vocabulary_size}); got {id}")
+        return self._sp.id_to_piece(int(id))
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a piece; a piece not in the vocabulary gives the <unk> id, as in keras-hub."""
+        return self._sp.piece_to_id(token)
+
+    @property
+    def proto(self) -> bytes:
+        """The serialized SentencePiece model."""
+        return self._proto if self._proto is not None else self.model_file.read_bytes()
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
         """Encode plain text exactly like `sentencepiece`, optionally adding BOS/EOS."""
@@ -330,7 +420,9 @@ class MistralTokenizer:
         # authoritative (it drops add_bos_token from tokenizer_config.json on save and load).
         self.to_hf().save_pretrained(str(out))
         target = out / "tokenizer.model"
-        if not (target.exists() and target.samefile(self.model_file)):
+        if self.model_file is None:
+            target.write_bytes(self.proto)
+        elif not (target.exists() and target.samefile(self.model_file)):
             shutil.copyfile(self.model_file, target)
         (out / SIDECAR_FILE).write_text(json.dumps({"chat_template": self.chat_template}, indent=2) + "\n")
 
@@ -371,3 +463,13 @@ def load_tokenizer(source: ModelSource):
     if source.preset is None:
         log.warning("no tokenizer.model in %s; using the Mistral v1 tokenizer", source.label)
     return MistralTokenizer.from_version(preset.tokenizer, chat_template=preset.chat_template or "v1")
+
+
+def _presets_table() -> dict[str, dict[str, Any]]:
+    from mistral_tune.models.from_preset import preset_table
+
+    return preset_table()
+
+
+#: Built-in presets as keras-hub lists them on every class (task, backbone, tokenizer).
+MistralTokenizer.presets = _presets_table()
