@@ -184,7 +184,9 @@ class MistralCausalLM(torch.nn.Module):
                 self.tokenizer or _NoTokenizer(self.hf_model.config.vocab_size),
                 inputs,
                 sampler=self.sampler,
-                stop_ids=resolve_stop_ids(stop_token_ids, self.tokenizer or _NoTokenizer(self.hf_model.config.vocab_size)),
+                stop_ids=resolve_stop_ids(
+                    stop_token_ids, self.tokenizer or _NoTokenizer(self.hf_model.config.vocab_size)
+                ),
                 strip_prompt=strip_prompt,
             )
         prompts, single = normalize_inputs(inputs)
@@ -265,9 +267,9 @@ class MistralCausalLM(torch.nn.Module):
         """Number of parameters (keras naming), LoRA weights included when enabled."""
         return sum(p.numel() for p in self.hf_model.parameters())
 
-    def enable_lora(self, rank: int, alpha: float | None = None) -> None:
-        """Same as ``self.backbone.enable_lora`` (freeze all, LoRA on q/v projections)."""
-        self.backbone.enable_lora(rank, alpha)
+    def enable_lora(self, rank: int, target_layer_names: Any = None, alpha: float | None = None) -> None:
+        """Same as ``self.backbone.enable_lora`` (freeze all, LoRA on q/v projections by default)."""
+        self.backbone.enable_lora(rank, target_layer_names, alpha=alpha)
 
     def save_to_preset(self, preset_dir: str | Path, provenance: dict | None = None) -> Path:
         """Write a preset directory: Hugging Face layout files + ``metadata.json``.
@@ -283,6 +285,125 @@ class MistralCausalLM(torch.nn.Module):
         return write_preset(
             self.hf_model, self._text_tokenizer(), Path(preset_dir), base_preset=self.base_preset, provenance=provenance
         )
+
+    # ---- keras-hub's task API, in a PyTorch shape ------------------------------------------------------
+
+    def fit(
+        self,
+        x: Any,
+        epochs: float = 1,
+        batch_size: int = 8,
+        *,
+        overrides: tuple[str, ...] | list[str] = (),
+        output_dir: str | Path | None = None,
+        callbacks: tuple = (),
+    ) -> dict[str, Any]:
+        """Fine-tune this model in place with mistral-tune's SFT trainer (the CLI's TRL path).
+
+        ``x``: strings (loss on every token), conversations (loss on the assistant turns, the
+        chat template of training) or dict rows of any supported format. With ``enable_lora``
+        only the LoRA factors train, else every weight. ``overrides`` are recipe keys
+        (``"train.learning_rate=1e-4"``); sequences are cut at ``preprocessor.sequence_length``.
+        Returns the history: ``{"loss": [per logging step], "train_loss", "steps", ...}``.
+
+        Example:
+            >>> lm.backbone.enable_lora(rank=4)
+            >>> lm.fit(["The sky is blue.", "Grass is green."], epochs=2, batch_size=2)
+        """
+        from mistral_tune.api.fitting import run_trainer
+
+        return run_trainer(
+            self,
+            x,
+            train=True,
+            epochs=epochs,
+            batch_size=batch_size,
+            overrides=overrides,
+            output_dir=output_dir,
+            callbacks=callbacks,
+        )
+
+    def evaluate(self, x: Any, batch_size: int = 8, *, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+        """The trainer's loss on ``x`` (the examples ``fit`` takes), without training: ``{"loss", "examples"}``."""
+        from mistral_tune.api.fitting import run_trainer
+
+        return run_trainer(
+            self, x, train=False, epochs=1, batch_size=batch_size, overrides=overrides, output_dir=None, callbacks=()
+        )
+
+    def predict(self, x: Any, batch_size: int = 8) -> torch.Tensor:
+        """Logits ``[batch, sequence_length, vocab]`` for strings (the preprocessor's packing, right-padded)
+        or ``{"token_ids", "padding_mask"}``, computed ``batch_size`` rows at a time without gradients."""
+        from mistral_tune.inference.generation import is_token_dict
+        from mistral_tune.inference.scoring import batch_logits
+
+        if not is_token_dict(x):
+            if self.preprocessor is None:
+                raise UserError("predict() on text needs a preprocessor; pass {'token_ids', 'padding_mask'}.")
+            x = self.preprocessor.generate_preprocess([x] if isinstance(x, str) else list(x))
+        ids, mask = torch.as_tensor(x["token_ids"]), x.get("padding_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+        was_training = self.hf_model.training
+        self.hf_model.eval()
+        try:
+            with torch.no_grad():
+                parts = [
+                    batch_logits(self.hf_model, ids[i : i + batch_size], mask[i : i + batch_size])[0]
+                    for i in range(0, ids.shape[0], batch_size)
+                ]
+        finally:
+            self.hf_model.train(was_training)
+        return torch.cat(parts)
+
+    def quantize(self, mode: str = "int8") -> None:
+        """Quantize the linear layers in place: "int8" (torchao weight-only int8, CPU and GPU) or
+        "int4" (torchao weight-only int4, needs a CUDA GPU). The LM head stays as it is."""
+        from mistral_tune.adapters.quantization import quantize_in_place
+
+        quantize_in_place(self.hf_model, mode)
+
+    def save_lora_weights(self, path: str | Path) -> Path:
+        """Write the LoRA adapter (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``) to a directory."""
+        return self.backbone.save_lora_weights(path)
+
+    def load_lora_weights(self, path: str | Path) -> None:
+        """Load a PEFT adapter directory (ours or any PEFT LoRA on the same targets) into this model."""
+        self.backbone.load_lora_weights(path)
+
+    def export_to_transformers(self, path: str | Path) -> Path:
+        """Hugging Face layout (safetensors, config, tokenizer, generation config), LoRA merged in:
+        our export, the same files as ``save_to_preset`` plus its ``metadata.json``."""
+        return self.save_to_preset(path)
+
+    def summary(self, print_fn: Any = print) -> str:
+        """A table of the top-level blocks with their parameter counts (total and trainable)."""
+        from mistral_tune.api.backbone import summary_table
+
+        text = summary_table(type(self).__name__, self.hf_model)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def get_config(self) -> dict[str, Any]:
+        """keras-hub's shape: the backbone's arguments and the preprocessor's settings (weights excluded)."""
+        tok = self.tokenizer
+        return {
+            "backbone": self.backbone.get_config(),
+            "preprocessor": self.preprocessor.get_config() if self.preprocessor is not None else None,
+            "tokenizer": None if tok is None else {"proto": str(tok.model_file), "chat_template": tok.chat_template},
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MistralCausalLM:
+        """A new, randomly initialized model of ``get_config()``'s architecture (and tokenizer, if a path)."""
+        from mistral_tune.models.tokenizer import MistralTokenizer
+
+        tok = config.get("tokenizer")
+        tokenizer = MistralTokenizer(proto=tok["proto"], chat_template=tok["chat_template"]) if tok else None
+        lm = cls(MistralBackbone.from_config(config["backbone"]), tokenizer)
+        if lm.preprocessor is not None and config.get("preprocessor"):
+            lm.preprocessor.sequence_length = config["preprocessor"]["sequence_length"]
+        return lm
 
 
 class _NoTokenizer:

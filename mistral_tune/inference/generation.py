@@ -70,7 +70,13 @@ def is_token_dict(inputs: Any) -> bool:
 
 
 def generate_token_dict(
-    model: Any, tokenizer: Any, inputs: Mapping, *, sampler: Any, stop_ids: Optional[tuple[int, ...]], strip_prompt: bool
+    model: Any,
+    tokenizer: Any,
+    inputs: Mapping,
+    *,
+    sampler: Any,
+    stop_ids: Optional[tuple[int, ...]],
+    strip_prompt: bool,
 ) -> dict[str, Any]:
     """keras-hub's ``generate`` on token ids: each row's prompt (its ``padding_mask``, right-padded)
     is continued up to the width of ``token_ids``. Returns the same dict shape: ``padding_mask`` is

@@ -78,7 +78,9 @@ def score(
     if target_ids is not None:
         targets = torch.as_tensor(target_ids, device=logits.device).long()
         if targets.shape != ids.shape:
-            raise UserError(f"target_ids must have the shape of token_ids {tuple(ids.shape)}; got {tuple(targets.shape)}.")
+            raise UserError(
+                f"target_ids must have the shape of token_ids {tuple(ids.shape)}; got {tuple(targets.shape)}."
+            )
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         ll = logprobs.gather(-1, targets[..., None]).squeeze(-1)
         return ll if scoring_mode == "log_likelihood" else -ll

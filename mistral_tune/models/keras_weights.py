@@ -72,9 +72,7 @@ def read_keras_weights(directory: Path, config: Any) -> dict[str, Any]:
         if "layers" not in f:
             raise UserError(f"{path} is not a Keras 3 weights file (no 'layers' group).")
         layers = f["layers"]
-        decoders = sorted(
-            (int(m.group(1) or 0), name) for name in layers if (m := _DECODER.match(name)) is not None
-        )
+        decoders = sorted((int(m.group(1) or 0), name) for name in layers if (m := _DECODER.match(name)) is not None)
         if [i for i, _ in decoders] != list(range(config.num_hidden_layers)):
             raise UserError(
                 f"{path}: found {len(decoders)} decoder layers, the config says {config.num_hidden_layers}."
@@ -89,7 +87,9 @@ def read_keras_weights(directory: Path, config: Any) -> dict[str, Any]:
                 kernel = _var(g, f"{attn}/{keras_name}")  # [hidden, heads, head_dim]
                 n = kv_heads if hf_name != "q_proj" else heads
                 if kernel.shape != (hidden, n, head_dim):
-                    raise UserError(f"{path}: {name}/{keras_name} has shape {kernel.shape}, expected {(hidden, n, head_dim)}.")
+                    raise UserError(
+                        f"{path}: {name}/{keras_name} has shape {kernel.shape}, expected {(hidden, n, head_dim)}."
+                    )
                 out[f"{prefix}self_attn.{hf_name}.weight"] = kernel.reshape(hidden, n * head_dim).T
             kernel = _var(g, f"{attn}/_output_dense")  # [heads, head_dim, hidden]
             out[f"{prefix}self_attn.o_proj.weight"] = kernel.reshape(heads * head_dim, hidden).T
@@ -112,6 +112,8 @@ def load_keras_weights(model: Any, directory: Path) -> None:
     params = model.state_dict()
     for key, value in state.items():
         if tuple(params[key].shape) != tuple(value.shape):
-            raise UserError(f"keras weights: {key} has shape {tuple(value.shape)}, the model {tuple(params[key].shape)}.")
+            raise UserError(
+                f"keras weights: {key} has shape {tuple(value.shape)}, the model {tuple(params[key].shape)}."
+            )
     with torch.no_grad():
         model.load_state_dict(state, strict=False)

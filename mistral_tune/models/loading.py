@@ -93,7 +93,9 @@ def load_model(
     keras = directory is not None and keras_layout(directory) is not None
     if weightless or not model_cfg.load_weights or keras:
         torch.manual_seed(seed)  # a random-init model is the same model for the same seed
-        config = load_config(ModelSource(source.preset, directory, None) if keras else source, model_cfg.revision, **head)
+        config = load_config(
+            ModelSource(source.preset, directory, None) if keras else source, model_cfg.revision, **head
+        )
         model = auto_class.from_config(config, attn_implementation=attn).to(dtype)
         if keras:
             from mistral_tune.models.keras_weights import load_keras_weights

@@ -45,7 +45,6 @@ def test_keras_style_custom_sampler_runs_get_next_token(lm):
     sampler = SecondBest()
     lm.compile(sampler=sampler)
     out = lm.generate("The capital of France is", max_length=len(prompt) + 5, stop_token_ids=None, strip_prompt=True)
-    expected = []
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(5):

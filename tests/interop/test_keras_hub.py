@@ -89,7 +89,10 @@ def interop(tmp_path_factory):
 
 def greedy_ids(lm: MistralCausalLM, prompt: list[int], steps: int) -> list[int]:
     lm.compile(sampler="greedy")
-    x = {"token_ids": torch.tensor([prompt + [0] * steps]), "padding_mask": torch.tensor([[1] * len(prompt) + [0] * steps])}
+    x = {
+        "token_ids": torch.tensor([prompt + [0] * steps]),
+        "padding_mask": torch.tensor([[1] * len(prompt) + [0] * steps]),
+    }
     return lm.generate(x, stop_token_ids=None)["token_ids"][0, len(prompt) :].tolist()
 
 
