@@ -95,7 +95,14 @@ class Sampler:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Sampler:
-        return cls(**config)
+        """A sampler of ``get_config()``'s values; keys its constructor does not take (keras-hub writes
+        ``temperature`` for every sampler) are left out."""
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return cls(**config)
+        return cls(**{k: v for k, v in config.items() if k in params})
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())

@@ -43,7 +43,7 @@ def test_enable_lora_target_layer_names_and_lora_files(tmp_path):
         model.enable_lora(4, target_layer_names=["nope"])
     model.enable_lora(4, target_layer_names=["query", "value", "feedforward_output_dense"])
     trainable = [n for n, p in model.hf_model.named_parameters() if p.requires_grad]
-    assert {n.split(".")[-3] for n in trainable} == {"q_proj", "v_proj", "down_proj"}
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj", "down_proj"}
     with torch.no_grad():
         for n, p in model.hf_model.named_parameters():
             if "lora_B" in n:
