@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from mistral_tune.core.errors import UserError
-from mistral_tune.models.from_preset import preset_table
+from mistral_tune.models.presets import preset_table
 
 
 def _as_tensor(value: Any, device: torch.device) -> torch.Tensor:

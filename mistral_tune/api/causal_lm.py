@@ -10,7 +10,7 @@ import torch
 from mistral_tune.api.backbone import MistralBackbone
 from mistral_tune.api.preprocessor import MistralCausalLMPreprocessor
 from mistral_tune.core.errors import UserError
-from mistral_tune.models.from_preset import preset_table
+from mistral_tune.models.presets import preset_table
 
 DEFAULT_MAX_LENGTH = 1024  # keras-hub's MistralCausalLMPreprocessor sequence_length
 

@@ -79,22 +79,3 @@ def keras_sequence_length(directory: Any) -> int | None:
     except (ValueError, KeyError, TypeError):
         return None
     return int(value) if isinstance(value, int) else None
-
-
-def preset_table() -> dict[str, dict[str, Any]]:
-    """keras-hub's ``presets`` shape: id -> {"metadata": {description, params, ...}, handle}."""
-    from mistral_tune.models.presets import PRESETS, format_params
-
-    return {
-        p.id: {
-            "metadata": {
-                "description": p.description,
-                "params": p.parameter_count,
-                "params_human": format_params(p.parameter_count),
-                "official_name": "Mistral",
-                "path": "mistral",
-            },
-            "handle": f"hf://{p.hf_repo}" if p.hf_repo else "embedded",
-        }
-        for p in PRESETS.values()
-    }

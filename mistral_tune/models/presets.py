@@ -189,3 +189,20 @@ def config_from_keras(args: dict[str, Any]) -> dict[str, Any]:
         else {"rope_type": "linear", "factor": factor, "rope_theta": theta}
     )
     return out
+
+
+def preset_table() -> dict[str, dict[str, Any]]:
+    """keras-hub's ``presets`` shape: id -> {"metadata": {description, params, ...}, handle}."""
+    return {
+        p.id: {
+            "metadata": {
+                "description": p.description,
+                "params": p.parameter_count,
+                "params_human": format_params(p.parameter_count),
+                "official_name": "Mistral",
+                "path": "mistral",
+            },
+            "handle": f"hf://{p.hf_repo}" if p.hf_repo else "embedded",
+        }
+        for p in PRESETS.values()
+    }

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mistral_tune.models.presets import PRESETS
+from mistral_tune.models.presets import PRESETS, preset_table
 from mistral_tune.models.sources import ModelSource, resolve_handle
 
 log = logging.getLogger(__name__)
@@ -465,11 +465,5 @@ def load_tokenizer(source: ModelSource):
     return MistralTokenizer.from_version(preset.tokenizer, chat_template=preset.chat_template or "v1")
 
 
-def _presets_table() -> dict[str, dict[str, Any]]:
-    from mistral_tune.models.from_preset import preset_table
-
-    return preset_table()
-
-
 #: Built-in presets as keras-hub lists them on every class (task, backbone, tokenizer).
-MistralTokenizer.presets = _presets_table()
+MistralTokenizer.presets = preset_table()

@@ -189,3 +189,26 @@ def test_conversation_uses_the_chat_template(lm):
     assert both[0] == lm.generate(conversation, max_length=28, strip_prompt=True)  # same in a padded batch
     with pytest.raises(UserError, match="Invalid conversation"):
         lm.generate([{"role": "assistant", "content": "I start?"}])
+
+
+def test_token_dict_inputs_keep_keras_hubs_shape(lm):
+    lm.compile(sampler="greedy")
+    x = lm.preprocessor.generate_preprocess(PROMPTS, sequence_length=16)
+    lengths = x["padding_mask"].sum(-1).tolist()
+    full = lm.generate(x, stop_token_ids=None)
+    assert full["token_ids"].shape == (2, 16) and full["padding_mask"].all()
+    assert torch.equal(full["token_ids"][x["padding_mask"]], x["token_ids"][x["padding_mask"]])  # prompts kept
+    texts = lm.generate(PROMPTS, max_length=16, stop_token_ids=None)
+    assert lm.preprocessor.generate_postprocess(full) == texts  # the text path, row by row
+    stripped = lm.generate(x, stop_token_ids=None, strip_prompt=True)
+    assert stripped["padding_mask"].sum(-1).tolist() == [16 - n for n in lengths]
+    for row, n in enumerate(lengths):
+        assert stripped["token_ids"][row, : 16 - n].tolist() == full["token_ids"][row, n:].tolist()
+    single = lm.generate({"token_ids": x["token_ids"][0], "padding_mask": x["padding_mask"][0]}, stop_token_ids=None)
+    assert torch.equal(single["token_ids"], full["token_ids"][0])
+
+
+def test_tf_data_is_refused_with_a_way_out(lm):
+    fake = type("DatasetV2", (), {"__module__": "tensorflow.python.data.ops.dataset_ops"})()
+    with pytest.raises(UserError, match="tf.data.Dataset.*without TensorFlow"):
+        lm.generate(fake)
