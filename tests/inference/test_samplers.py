@@ -93,6 +93,11 @@ def test_speculative_sampler_gives_the_models_greedy_text(lm):
     assert lm.generate(prompts, max_length=20, stop_token_ids=None) == greedy
     lm.compile(sampler=SpeculativeSampler(draft_model=lm, num_speculative_tokens=3))  # a draft that always agrees
     assert lm.generate(prompts, max_length=20, stop_token_ids=None) == greedy
+    sampled = SpeculativeSampler(draft_model=draft, num_speculative_tokens=3, base_sampler=TopKSampler(k=5), seed=4)
+    lm.compile(sampler=sampled)
+    once = lm.generate(prompts, max_length=20, stop_token_ids=None)
+    assert lm.generate(prompts, max_length=20, stop_token_ids=None) == once  # seeded rejection sampling
+    assert once != greedy and all(o.startswith(p) for o, p in zip(once, prompts))
     lm.compile(sampler="speculative")
     with pytest.raises(UserError, match="needs a draft model"):
         lm.generate("Hi", max_length=8)

@@ -6,7 +6,8 @@ PLAN.json names an exported mistral-tune preset (``ours``), a SentencePiece file
 work directory (``out``), token ids and strings. The script writes ``out/keras_results.json``:
 keras-hub's logits and greedy tokens on our export, tokenizer ids, and the logits of a keras-hub
 model of its own that it saves in keras format (``out/keras_preset``) and with
-``export_to_transformers`` (``out/keras_hf``), for mistral-tune to load.
+``export_to_transformers`` (``out/keras_hf``), and the same model LoRA-tuned (``out/keras_preset_lora``),
+for mistral-tune to load.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def main(plan_path: str) -> None:
         "logits": logits_of(own, plan["ids"]),
         "greedy": greedy_tokens(own, plan["ids"][0], plan["greedy_steps"]),
     }
+    # 3. A keras-hub LoRA fine-tune (factors away from their zero init): keras saves the kernels merged.
+    own.backbone.enable_lora(rank=2)
+    rng = np.random.RandomState(plan["seed"])
+    for w in own.backbone.trainable_weights:
+        w.assign((rng.normal(size=tuple(w.shape)) * 0.05).astype("float32"))
+    own.save_to_preset(os.path.join(out, "keras_preset_lora"))
+    results["keras_lora"] = {"logits": logits_of(own, plan["ids"])}
     with open(os.path.join(out, "keras_results.json"), "w") as f:
         json.dump(results, f)
 

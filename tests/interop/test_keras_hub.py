@@ -117,6 +117,11 @@ def test_keras_hub_presets_load_here_with_equal_logits(interop):
         assert diff < 1e-5
         assert greedy_ids(model, IDS[0], 40) == res["keras_own"]["greedy"]
     assert keras_format.preprocessor.sequence_length == 64  # read from its preprocessor.json
+    lora = MistralCausalLM.from_preset(str(work / "keras_preset_lora"))  # a keras-hub LoRA fine-tune
+    tuned = np.array(res["keras_lora"]["logits"])
+    diff = float(np.abs(lora(token_ids=IDS).detach().double().numpy() - tuned).max())
+    print(f"keras-hub LoRA fine-tune (h5) -> mistral-tune: max |logit diff| = {diff:.2e}")
+    assert diff < 1e-5 and np.abs(tuned - theirs).max() > 1e-2  # the LoRA changed the model
 
 
 def test_tokenizer_ids_are_keras_hubs(interop):

@@ -91,6 +91,9 @@ def test_keras_preset_loads_with_its_weights(tmp_path, reference):
     assert loaded.tokenizer.encode("hello") == reference_tokens("hello")
     half = MistralCausalLM.from_preset(str(preset), dtype=torch.bfloat16)
     assert half.hf_model.dtype == torch.bfloat16
+    backbone = MistralBackbone.from_preset(str(preset))
+    hidden = backbone({"token_ids": ids, "padding_mask": [[1] * len(ids[0])]})
+    assert torch.allclose(hidden, reference.backbone({"token_ids": ids}), atol=1e-6)
 
 
 def reference_tokens(text):
