@@ -179,14 +179,13 @@ class MistralCausalLM(torch.nn.Module):
         if is_token_dict(inputs):
             if stop_token_ids == "auto" and self.tokenizer is None:
                 raise UserError('stop_token_ids="auto" needs a tokenizer; pass stop_token_ids=None or ids.')
+            ids_tokenizer = self.tokenizer or _NoTokenizer(self.hf_model.config.vocab_size)
             return generate_token_dict(
                 self.hf_model,
-                self.tokenizer or _NoTokenizer(self.hf_model.config.vocab_size),
+                ids_tokenizer,
                 inputs,
                 sampler=self.sampler,
-                stop_ids=resolve_stop_ids(
-                    stop_token_ids, self.tokenizer or _NoTokenizer(self.hf_model.config.vocab_size)
-                ),
+                stop_ids=resolve_stop_ids(stop_token_ids, ids_tokenizer),
                 strip_prompt=strip_prompt,
             )
         prompts, single = normalize_inputs(inputs)

@@ -176,3 +176,21 @@ def test_from_preset_takes_torch_dtype_and_sequence_length():
     half = MistralCausalLM.from_preset("mistral_tiny", dtype=torch.bfloat16, sequence_length=64)
     assert half.hf_model.dtype == torch.bfloat16 and half.preprocessor.sequence_length == 64
     assert half.backbone.head_dim == 64
+
+
+def test_a_model_without_tokenizer_generates_on_token_ids():
+    from mistral_tune import MistralBackbone
+
+    torch.manual_seed(0)
+    backbone = MistralBackbone(
+        vocabulary_size=50, num_layers=1, num_query_heads=2, hidden_dim=16, intermediate_dim=32, num_key_value_heads=1
+    )
+    model = MistralCausalLM(backbone)
+    model.compile(sampler="greedy")
+    x = {"token_ids": [[1, 7, 9, 0, 0, 0]], "padding_mask": [[1, 1, 1, 0, 0, 0]]}
+    out = model.generate(x, stop_token_ids=None)
+    assert out["padding_mask"].all() and out["token_ids"][0, :3].tolist() == [1, 7, 9]
+    logits = model(token_ids=out["token_ids"][:, :5]).detach()
+    assert out["token_ids"][0, 5].item() == logits[0, 4].argmax().item()  # greedy: the argmax of the last step
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        model.generate(x)
