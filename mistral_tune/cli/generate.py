@@ -144,29 +144,33 @@ def print_generations(lm: Any, prompts: list[str], *, chat: bool, max_length, st
     """Generate for every prompt (one left-padded batch) and print each; an empty answer is reported on stderr
     with its reason instead of printed as a blank. Exit status 1 when every answer was empty."""
     from mistral_tune.api.causal_lm import DEFAULT_MAX_LENGTH
-    from mistral_tune.inference.generation import empty_reason, encode_inputs, generate_ids, resolve_stop_ids
+    from mistral_tune.inference.generation import empty_answer, encode_inputs, generate_ids, resolve_stop_ids
 
     tokenizer = lm.tokenizer
     inputs = [[{"role": "user", "content": p}] for p in prompts] if chat else list(prompts)
     prompt_ids = encode_inputs(tokenizer, inputs)
     if max_length is None:
-        max_length = min(DEFAULT_MAX_LENGTH, lm.hf_model.config.max_position_embeddings)
+        default = lm.preprocessor.sequence_length if lm.preprocessor is not None else DEFAULT_MAX_LENGTH
+        max_length = min(default, lm.hf_model.config.max_position_embeddings)
     stop_ids = resolve_stop_ids(stop_token_ids, tokenizer)
     new_ids = generate_ids(
         lm.hf_model, tokenizer, prompt_ids, sampler=lm.sampler, max_length=int(max_length), stop_ids=stop_ids
     )
+    per_prompt = len(new_ids) // len(prompt_ids)  # several with BeamSampler(return_all_beams=True)
     empty = 0
-    for i, (prompt, ids, new) in enumerate(zip(prompts, prompt_ids, new_ids)):
+    for i, new in enumerate(new_ids):
+        n = i // per_prompt
         if i:
             print("-" * 40)
-        if not tokenizer.decode(new).strip():
+        reason = empty_answer(new, tokenizer, stop_ids)
+        if reason:
             empty += 1
-            print(f"generate: empty answer to prompt {i + 1} ({prompt[:40]!r}): {empty_reason(new, tokenizer, stop_ids)}"
-                  + ("" if chat else "; for a chat model try chat=true"), file=sys.stderr)  # fmt: skip
+            hint = "" if chat else "; for a chat model try chat=true"
+            print(f"generate: empty answer to prompt {n + 1} ({prompts[n][:40]!r}): {reason}{hint}", file=sys.stderr)
             if strip_prompt:
                 continue
-        print(tokenizer.decode(new if strip_prompt else ids + new))
-    return 1 if empty == len(prompts) else 0
+        print(tokenizer.decode(new if strip_prompt else prompt_ids[n] + new))
+    return 1 if empty == len(new_ids) else 0
 
 
 def cmd_chat(args: list[str]) -> int:

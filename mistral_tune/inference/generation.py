@@ -258,9 +258,13 @@ def _builtin(preset_id: str) -> bool:
     return preset_id in PRESETS
 
 
-def empty_reason(new_ids: Sequence[int], tokenizer: Any, stop_ids: Optional[Sequence[int]]) -> str:
-    """Why a generation came out empty, for the user: the first new token was a stop token, or only blanks."""
-    if not new_ids:
-        first = "EOS" if tuple(stop_ids or ()) == (tokenizer.eos_id,) else f"one of stop_token_ids {list(stop_ids)}"
-        return f"the model's first new token was {first}"
-    return f"the {len(new_ids)} new token(s) decode to whitespace only"
+def empty_answer(new_ids: Sequence[int], tokenizer: Any, stop_ids: Optional[Sequence[int]]) -> Optional[str]:
+    """Why a generation's new text is empty (None when it is not): its first new token was a stop token (EOS on
+    a chat model given raw text, typically), or every new token decodes to blanks."""
+    body = list(new_ids)
+    stop = body.pop() if body and stop_ids and body[-1] in stop_ids else None  # generate_ids keeps the stop id
+    if tokenizer.decode(body).strip():
+        return None
+    if not body and stop is not None:
+        return "the model's first new token was " + ("EOS" if stop == tokenizer.eos_id else f"stop token {stop}")
+    return f"the {len(body)} new token(s) decode to whitespace only"

@@ -138,9 +138,7 @@ def test_an_empty_generation_is_reported_with_its_reason(merged_dir, capsys):
     assert main(args) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert f"empty answer to prompt 1 ('Hello'): the model's first new token was one of stop_token_ids [{first}]" in (
-        captured.err
-    )
+    assert f"empty answer to prompt 1 ('Hello'): the model's first new token was stop token {first}" in (captured.err)
 
 
 class TerminalInput(io.StringIO):
