@@ -153,6 +153,16 @@ def test_decode_keeps_special_tokens_as_mistral_common(loaded):
         assert ours.decode(ids, skip_special_tokens=False).startswith("<s>héllo 世界</s>")
 
 
+def test_decode_of_partial_characters(loaded):
+    """Prefixes that cut a character's bytes (as streaming generation does) decode as mistral-common's."""
+    _, ours, mc, _ = loaded
+    reference = mc.instruct_tokenizer.tokenizer
+    ids = ours.encode("日本語 🤖👍🏽 ﬁ", add_bos=False)
+    for k in range(1, len(ids) + 1):
+        assert ours.decode(ids[:k]) == reference.decode(ids[:k], SpecialTokenPolicy.IGNORE), k
+    assert ours.decode(ids[1:]) == reference.decode(ids[1:], SpecialTokenPolicy.IGNORE)
+
+
 def test_chat_exact(loaded):
     version, ours, mc, hf = loaded
     assert hf.chat_template == ours.jinja_chat_template
