@@ -3,7 +3,7 @@ chat, through `MistralTokenizer` and through its exported Hugging Face tokenizer
 with plain `AutoTokenizer`).
 
 Each file is checked on a few hundred strings (hand-picked edge cases, seeded random strings built
-from the hard parts: space runs, newlines, tabs, CJK, emoji, combining marks, code, digits; and the
+from the hard parts: space runs, newlines, tabs, CJK, emoji, combining marks, other scripts, code, digits; and the
 real Alpaca rows when /work/shared/data/alpaca_5000.json is present) and a few hundred
 conversations (system prompt or not, one to three turns, ending on a user turn for generation or on
 an answer for training).  Loaded tokenizers are shared per file (module-scoped fixtures).
@@ -41,7 +41,8 @@ EDGE = [
 
 _PARTS = list(" -ab\n=é日🤖0.\tA'\r") + [
     "the", "ing", "  ", "----", "    ", "\r\n", "ion", "Hello", "世界", "👍🏽", "\u0301", "123456", "'s", "'LL",
-    "def ", "():", "\n    ", "{}", "😀", "ü", "Ω", "—", "...", "https://x.org/a?b=1",
+    "def ", "():", "\n    ", "{}", "😀", "ü", "Ω", "—", "...", "https://x.org/a?b=1", "\u00a0", "\u3000", "ﬁ",
+    "١٢٣", "שלום", "Привет", "नमस्ते",
 ]  # fmt: skip
 
 
