@@ -252,6 +252,9 @@ def stream_merge(
     shards = writer.finish()
     dtype_out = str(dtype).removeprefix("torch.")
     config.pop("quantization_config", None)
+    if config.get("num_local_experts"):
+        # Router logits (and their load-balancing loss) are for training; the export generates.
+        config["output_router_logits"] = False
     config["dtype"] = dtype_out
     config.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

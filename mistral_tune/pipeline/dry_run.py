@@ -20,7 +20,7 @@ def model_config(cfg: Any) -> tuple[dict[str, Any], str]:
 
     source = resolve_source(cfg.model.name, cfg.model.path)
     if source.local_dir is None and source.preset is not None and not cfg.model.path:
-        return dict(source.preset.config), f"built-in preset {source.preset.id}"
+        return dict(source.preset.hf_config), f"built-in preset {source.preset.id}"
     directory = source.local_dir or fetch_hub_repo(source.hub_repo, cfg.model.revision, config_only=True)
     path = directory / "config.json"
     if not path.is_file():
@@ -31,20 +31,22 @@ def model_config(cfg: Any) -> tuple[dict[str, Any], str]:
 def build_on_meta(config: dict[str, Any], adapter_cfg: Any):
     """The causal LM with its adapter, on the meta device: shapes and parameter counts, no memory."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mistral_tune.adapters.build import lora_config
+    from mistral_tune.adapters.build import is_moe_model, lora_config
 
-    known = MistralConfig().to_dict()
+    model_type = config.get("model_type", "mistral")  # keras-hub and older configs: Mistral
+    known = AutoConfig.for_model(model_type).to_dict()
+    arch = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k in known and k != "model_type"})
     with torch.device("meta"):
-        model = MistralForCausalLM(MistralConfig(**{k: v for k, v in config.items() if k in known}))
+        model = AutoModelForCausalLM.from_config(arch)
         if adapter_cfg.name == "none":
             model.requires_grad_(True)
             return model
         from peft import get_peft_model
 
         # QLoRA's adapter has the same shapes as LoRA's; the 4-bit base is costed by the estimator.
-        return get_peft_model(model, lora_config(adapter_cfg))
+        return get_peft_model(model, lora_config(adapter_cfg, moe=is_moe_model(model)))
 
 
 def run_shape(cfg: Any) -> estimate.RunShape:
