@@ -88,7 +88,7 @@ class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         if self._router_aux and "loss" in logs:
             # The mean unweighted load-balancing loss over the logging window (1.0 = perfectly balanced
             # for top-k routing; it grows as the router favours a few experts).
-            logs["router_aux_loss"] = sum(self._router_aux) / len(self._router_aux)
+            logs["aux_loss"] = sum(self._router_aux) / len(self._router_aux)
             self._router_aux = []
         if isinstance(logs.get("eval_loss"), float):
             # Perplexity of the eval split: exp of the mean token NLL (inf past float range).
