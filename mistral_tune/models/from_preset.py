@@ -67,8 +67,11 @@ def preset_table() -> dict[str, dict[str, Any]]:
                 "description": p.description,
                 "params": p.parameter_count,
                 "params_human": format_params(p.parameter_count),
-                "official_name": "Mistral",
-                "path": "mistral",
+                "official_name": {"mixtral": "Mixtral", "ministral": "Ministral"}.get(p.model_type, "Mistral"),
+                "path": p.model_type,
+                "architecture": p.architecture,
+                "tokenizer": p.tokenizer_file,
+                "chat_template": p.chat_template,
             },
             "handle": f"hf://{p.hf_repo}" if p.hf_repo else "embedded",
         }
