@@ -1,7 +1,7 @@
 """Built-in model presets as plain data (no torch import).
 
-Architectures are copied from the ``config.json`` of the Hugging Face repo each preset names (the URL
-is in the comment above each one). ``parameter_count`` computes the size from these numbers; the tests
+Architectures live in ``architectures.py``, each copied from the ``config.json`` of the Hugging Face
+repo its preset names (the URL is in the comment above it). ``parameter_count`` computes the size from these numbers; the tests
 build every preset on the meta device and check it against both that arithmetic and
 ``published_parameters``, the safetensors total the Hugging Face hub reports for the checkpoint.
 
@@ -20,256 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# Mistral 7B v0.1 (https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json).
-_MISTRAL_7B_V01 = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=32768,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=4096,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# v0.2 dropped the sliding window and raised RoPE theta to 1e6 for its 32k context.
-_MISTRAL_7B_V02 = {**_MISTRAL_7B_V01, "rope_theta": 1000000.0, "sliding_window": None}
-
-# v0.3 extended the vocabulary to 32768 pieces (control tokens for [INST], tools, ...).
-_MISTRAL_7B_V03 = {**_MISTRAL_7B_V02, "vocab_size": 32768}
-
-# The embedded default: the Mistral architecture (GQA with 4 query and 2 key/value heads, RoPE, RMSNorm,
-# SwiGLU) at a size that trains in well under a minute on 2 CPU cores, with the real 32000-piece
-# tokenizer. sliding_window=32 is shorter than the recipes' sequences, so the window is exercised.
-# initializer_range is 0.1 rather than Mistral's 0.02: a frozen *random* base needs logits with
-# enough range for a q/v LoRA adapter to make learning visible (at 0.02 the loss barely moves).
-_MISTRAL_TINY = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=2048,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=32,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-
-# Mistral NeMo 12B base (https://huggingface.co/mistralai/Mistral-Nemo-Base-2407/blob/main/config.json):
-# head_dim 128 with 32 heads is a 4096-wide attention on a 5120-wide residual stream. The 1,024,000
-# max positions are the config's own (the model card promises 128k).
-_NEMO_12B = dict(
-    vocab_size=131072,
-    hidden_size=5120,
-    intermediate_size=14336,
-    num_hidden_layers=40,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=1024000,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=None,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# Mistral NeMo 12B Instruct (https://huggingface.co/mistralai/Mistral-Nemo-Instruct-2407/blob/main/config.json):
-# the same weights' shapes; its config caps positions at the 128k of the model card.
-_NEMO_12B_INSTRUCT = {**_NEMO_12B, "max_position_embeddings": 131072}
-
-
-def interleaved_layer_types(layers: int, period: int = 4) -> list[str]:
-    """Ministral's ragged attention: one full-attention layer, then period - 1 sliding-window layers.
-
-    Mistral's params.json writes it as sliding windows (128k, 32k, 32k, 32k) repeated over the layers;
-    transformers' MinistralConfig as ``layer_types``.
-    """
-    return ["full_attention" if i % period == 0 else "sliding_attention" for i in range(layers)]
-
-
-# Ministral 8B Instruct 2410 (https://huggingface.co/mistralai/Ministral-8B-Instruct-2410/blob/main/config.json;
-# the attention pattern "ragged (128k, 32k, 32k, 32k)" is from the model card and params.json).
-_MINISTRAL_8B = dict(
-    vocab_size=131072,
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=32768,
-    rope_theta=100000000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=32768,
-    layer_types=interleaved_layer_types(36),
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# Mistral Small Instruct 2409, 22B (https://huggingface.co/mistralai/Mistral-Small-Instruct-2409/blob/main/config.json).
-_SMALL_22B = dict(
-    vocab_size=32768,
-    hidden_size=6144,
-    intermediate_size=16384,
-    num_hidden_layers=56,
-    num_attention_heads=48,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=None,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# Codestral 22B v0.1 (https://huggingface.co/mistralai/Codestral-22B-v0.1/blob/main/config.json): the
-# same architecture as Mistral Small 2409.
-_CODESTRAL_22B = dict(_SMALL_22B)
-
-# Mistral Small 3, 24B (https://huggingface.co/mistralai/Mistral-Small-24B-Base-2501/blob/main/config.json
-# and .../Mistral-Small-24B-Instruct-2501/blob/main/config.json, identical shapes).
-_SMALL_24B = dict(
-    vocab_size=131072,
-    hidden_size=5120,
-    intermediate_size=32768,
-    num_hidden_layers=40,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=32768,
-    rope_theta=100000000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=None,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# Mathstral 7B v0.1 (https://huggingface.co/mistralai/Mathstral-7B-v0.1/blob/main/config.json): the
-# Mistral 7B v0.3 architecture (32768-piece vocabulary, no sliding window).
-_MATHSTRAL_7B = dict(_MISTRAL_7B_V03)
-
-# Mixtral 8x7B v0.1 (https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json; the
-# Instruct v0.1 config is the same). Eight SwiGLU experts of Mistral 7B's MLP shape per layer, two run
-# per token; the router's load-balancing loss is weighted by router_aux_loss_coef when
-# output_router_logits is on (mistral-tune turns it on for training: adapter group, router_aux_loss).
-_MIXTRAL_8X7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=None,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    router_aux_loss_coef=0.02,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# Mixtral 8x22B v0.1 (https://huggingface.co/mistralai/Mixtral-8x22B-v0.1/blob/main/config.json): 32000
-# pieces in the base model's embedding.
-_MIXTRAL_8X22B = dict(
-    vocab_size=32000,
-    hidden_size=6144,
-    intermediate_size=16384,
-    num_hidden_layers=56,
-    num_attention_heads=48,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=65536,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=None,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    router_aux_loss_coef=0.001,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# Mixtral 8x22B Instruct v0.1 (https://huggingface.co/mistralai/Mixtral-8x22B-Instruct-v0.1/blob/main/config.json):
-# the v3 tokenizer's 32768 pieces (control tokens for [INST], tools, ...).
-_MIXTRAL_8X22B_INSTRUCT = {**_MIXTRAL_8X22B, "vocab_size": 32768}
-
-# Tiny random-weight test models, one per family (keras-hub keeps one next to every model). Each has
-# its family's real tokenizer, hence its vocabulary; hidden sizes stay small because Tekken's 131072
-# pieces dominate (2 x 131072 x 64 = 16.8M parameters in the embedding and the head alone).
-# initializer_range 0.1 as mistral_tiny: a frozen random base needs logits with some range for an
-# adapter's learning to show.
-_TINY_COMMON = dict(
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# v3 (SentencePiece, 32768 pieces; Mistral 7B v0.3, Codestral, Mathstral, Mistral Small 2409).
-_MISTRAL_V3_TINY = dict(
-    _TINY_COMMON, vocab_size=32768, hidden_size=64, intermediate_size=128, head_dim=16, sliding_window=None
-)
-
-# NeMo's shape: attention wider than the residual stream (4 heads x 32 = 128 on hidden 64), Tekken.
-_NEMO_TINY = dict(
-    _TINY_COMMON, vocab_size=131072, hidden_size=64, intermediate_size=128, head_dim=32, sliding_window=None
-)
-
-# Ministral's interleaved attention: full, sliding, sliding, sliding; a window of 16 bites on any real
-# example. Tekken (tekken_240911).
-_MINISTRAL_TINY = dict(
-    _TINY_COMMON,
-    vocab_size=131072,
-    hidden_size=64,
-    intermediate_size=128,
-    head_dim=16,
-    num_hidden_layers=4,
-    sliding_window=16,
-    layer_types=interleaved_layer_types(4),
-)
-
-# Mixtral with 4 experts, 2 active per token, and Mixtral 8x7B's v1 tokenizer.
-_MIXTRAL_TINY = dict(
-    _TINY_COMMON,
-    vocab_size=32000,
-    hidden_size=64,
-    intermediate_size=128,
-    head_dim=16,
-    sliding_window=None,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    router_aux_loss_coef=0.02,
-)
+from mistral_tune.models import architectures as arch
 
 # tokenizer version -> (file, kind). Files are mistral-common's package data, except "hub": the
 # tokenizer file of the preset's own hub repo (mistral-common does not ship Mistral Small 3's).
@@ -338,14 +89,14 @@ PRESETS: dict[str, Preset] = {
             "Tiny random-init Mistral (2 layers, hidden 256, sliding window 32) with the real "
             "Mistral 7B v0.1 tokenizer. Offline default for trying recipes and for tests.",
             None,
-            _MISTRAL_TINY,
+            arch.MISTRAL_TINY,
         ),
         Preset(
             "mistral_0.3_tiny",
             "Tiny random-init Mistral (2 layers, hidden 64) with the real v3 tokenizer (32768 pieces) and "
             "chat format, for tests of the v3 family.",
             None,
-            _MISTRAL_V3_TINY,
+            arch.MISTRAL_V3_TINY,
             tokenizer="v3",
             chat_template="v3",
         ),
@@ -354,7 +105,7 @@ PRESETS: dict[str, Preset] = {
             "Tiny random-init model of Mistral NeMo's shape (head_dim 32 x 4 heads on hidden 64) with the "
             "real Tekken tokenizer (131072 pieces), for tests of the Tekken family.",
             None,
-            _NEMO_TINY,
+            arch.NEMO_TINY,
             tokenizer="tekken_240718",
             chat_template="tekken",
         ),
@@ -363,7 +114,7 @@ PRESETS: dict[str, Preset] = {
             "Tiny random-init Ministral (4 layers: full, sliding, sliding, sliding; window 16) with the "
             "real Ministral Tekken tokenizer, for tests of interleaved attention.",
             None,
-            _MINISTRAL_TINY,
+            arch.MINISTRAL_TINY,
             tokenizer="tekken_240911",
             chat_template="tekken",
             model_type="ministral",
@@ -373,35 +124,35 @@ PRESETS: dict[str, Preset] = {
             "Tiny random-init Mixtral (2 layers, 4 experts, 2 active per token) with the real Mixtral "
             "8x7B tokenizer (v1), for tests of mixture-of-experts training and export.",
             None,
-            _MIXTRAL_TINY,
+            arch.MIXTRAL_TINY,
             model_type="mixtral",
         ),
         Preset(
             "mistral_7b_en",
             "Mistral 7B v0.1 base model, 32 layers, sliding-window attention (4096).",
             "mistralai/Mistral-7B-v0.1",
-            _MISTRAL_7B_V01,
+            arch.MISTRAL_7B_V01,
             published_parameters=7_241_732_096,
         ),
         Preset(
             "mistral_instruct_7b_en",
             "Mistral 7B Instruct v0.1, 32 layers, sliding-window attention (4096).",
             "mistralai/Mistral-7B-Instruct-v0.1",
-            _MISTRAL_7B_V01,
+            arch.MISTRAL_7B_V01,
             published_parameters=7_241_732_096,
         ),
         Preset(
             "mistral_0.2_instruct_7b_en",
             "Mistral 7B Instruct v0.2, 32 layers, 32k context without sliding window.",
             "mistralai/Mistral-7B-Instruct-v0.2",
-            _MISTRAL_7B_V02,
+            arch.MISTRAL_7B_V02,
             published_parameters=7_241_732_096,
         ),
         Preset(
             "mistral_0.3_7b_en",
             "Mistral 7B v0.3 base model, 32768-piece vocabulary, 32k context.",
             "mistralai/Mistral-7B-v0.3",
-            _MISTRAL_7B_V03,
+            arch.MISTRAL_7B_V03,
             tokenizer="v3",
             chat_template="v3",
             published_parameters=7_248_023_552,
@@ -410,7 +161,7 @@ PRESETS: dict[str, Preset] = {
             "mistral_0.3_instruct_7b_en",
             "Mistral 7B Instruct v0.3, 32768-piece vocabulary, 32k context.",
             "mistralai/Mistral-7B-Instruct-v0.3",
-            _MISTRAL_7B_V03,
+            arch.MISTRAL_7B_V03,
             tokenizer="v3",
             chat_template="v3",
             published_parameters=7_248_023_552,
@@ -419,7 +170,7 @@ PRESETS: dict[str, Preset] = {
             "mathstral_7b_en",
             "Mathstral 7B v0.1: Mistral 7B v0.3 trained further for math and reasoning, v3 chat format.",
             "mistralai/Mathstral-7B-v0.1",
-            _MATHSTRAL_7B,
+            arch.MATHSTRAL_7B,
             tokenizer="v3",
             chat_template="v3",
             published_parameters=7_248_023_552,
@@ -428,7 +179,7 @@ PRESETS: dict[str, Preset] = {
             "ministral_instruct_8b_en",
             "Ministral 8B Instruct 2410: 36 layers interleaving full and 32k sliding-window attention, Tekken.",
             "mistralai/Ministral-8B-Instruct-2410",
-            _MINISTRAL_8B,
+            arch.MINISTRAL_8B,
             tokenizer="tekken_240911",
             chat_template="tekken",
             model_type="ministral",
@@ -438,7 +189,7 @@ PRESETS: dict[str, Preset] = {
             "mistral_nemo_12b_en",
             "Mistral NeMo 12B base 2407 (with NVIDIA): 40 layers, head_dim 128 on hidden 5120, Tekken.",
             "mistralai/Mistral-Nemo-Base-2407",
-            _NEMO_12B,
+            arch.NEMO_12B,
             tokenizer="tekken_240718",
             chat_template="tekken",
             published_parameters=12_247_782_400,
@@ -447,7 +198,7 @@ PRESETS: dict[str, Preset] = {
             "mistral_nemo_instruct_12b_en",
             "Mistral NeMo 12B Instruct 2407: 128k context, Tekken tokenizer and chat format.",
             "mistralai/Mistral-Nemo-Instruct-2407",
-            _NEMO_12B_INSTRUCT,
+            arch.NEMO_12B_INSTRUCT,
             tokenizer="tekken_240718",
             chat_template="tekken",
             published_parameters=12_247_782_400,
@@ -456,7 +207,7 @@ PRESETS: dict[str, Preset] = {
             "mistral_small_instruct_22b_en",
             "Mistral Small Instruct 2409 (22B): 56 layers, hidden 6144, v3 tokenizer, 32k context.",
             "mistralai/Mistral-Small-Instruct-2409",
-            _SMALL_22B,
+            arch.SMALL_22B,
             tokenizer="v3",
             chat_template="v3",
             published_parameters=22_247_282_688,
@@ -465,7 +216,7 @@ PRESETS: dict[str, Preset] = {
             "codestral_22b_en",
             "Codestral 22B v0.1: Mistral's code model (80+ languages, fill-in-the-middle), v3 tokenizer.",
             "mistralai/Codestral-22B-v0.1",
-            _CODESTRAL_22B,
+            arch.CODESTRAL_22B,
             tokenizer="v3",
             chat_template="v3",
             published_parameters=22_247_282_688,
@@ -474,7 +225,7 @@ PRESETS: dict[str, Preset] = {
             "mistral_small_3_24b_en",
             "Mistral Small 3 base 2501 (24B): 40 layers, MLP 32768, Tekken v7 tokenizer from the hub repo.",
             "mistralai/Mistral-Small-24B-Base-2501",
-            _SMALL_24B,
+            arch.SMALL_24B,
             tokenizer="hub",
             chat_template="v7",
             published_parameters=23_572_403_200,
@@ -483,7 +234,7 @@ PRESETS: dict[str, Preset] = {
             "mistral_small_3_instruct_24b_en",
             "Mistral Small 3 Instruct 2501 (24B): v7 chat format (system prompt), Tekken tokenizer from the hub repo.",
             "mistralai/Mistral-Small-24B-Instruct-2501",
-            _SMALL_24B,
+            arch.SMALL_24B,
             tokenizer="hub",
             chat_template="v7",
             published_parameters=23_572_403_200,
@@ -492,7 +243,7 @@ PRESETS: dict[str, Preset] = {
             "mixtral_8x7b_en",
             "Mixtral 8x7B v0.1 base: sparse mixture of 8 experts, 2 active per token (12.9B active), v1 tokenizer.",
             "mistralai/Mixtral-8x7B-v0.1",
-            _MIXTRAL_8X7B,
+            arch.MIXTRAL_8X7B,
             model_type="mixtral",
             published_parameters=46_702_792_704,
         ),
@@ -500,7 +251,7 @@ PRESETS: dict[str, Preset] = {
             "mixtral_instruct_8x7b_en",
             "Mixtral 8x7B Instruct v0.1: 8 experts, 2 active per token, v1 chat format.",
             "mistralai/Mixtral-8x7B-Instruct-v0.1",
-            _MIXTRAL_8X7B,
+            arch.MIXTRAL_8X7B,
             model_type="mixtral",
             published_parameters=46_702_792_704,
         ),
@@ -508,7 +259,7 @@ PRESETS: dict[str, Preset] = {
             "mixtral_8x22b_en",
             "Mixtral 8x22B v0.1 base: 56 layers of 8 experts, 2 active per token (39B active), 64k context.",
             "mistralai/Mixtral-8x22B-v0.1",
-            _MIXTRAL_8X22B,
+            arch.MIXTRAL_8X22B,
             model_type="mixtral",
             published_parameters=140_620_634_112,
         ),
@@ -516,7 +267,7 @@ PRESETS: dict[str, Preset] = {
             "mixtral_instruct_8x22b_en",
             "Mixtral 8x22B Instruct v0.1: 8 experts, 2 active per token, v3 tokenizer and chat format.",
             "mistralai/Mixtral-8x22B-Instruct-v0.1",
-            _MIXTRAL_8X22B_INSTRUCT,
+            arch.MIXTRAL_8X22B_INSTRUCT,
             tokenizer="v3",
             chat_template="v3",
             model_type="mixtral",
