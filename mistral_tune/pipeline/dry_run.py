@@ -2,7 +2,7 @@
 
 Resolves the config, builds the model (and its adapter) on the meta device, where tensors have
 shapes but no storage, counts parameters, and prints the memory and speed estimates of
-``mistral_tune.estimate``. Built-in presets need no network: their architecture is in presets.py.
+``mistral_tune.estimate``. Built-in presets need no network: their architecture is data (models/architectures.py).
 """
 
 from __future__ import annotations
