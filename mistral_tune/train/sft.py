@@ -86,8 +86,8 @@ class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._router_aux and "loss" in logs:
-            # The mean unweighted load-balancing loss over the logging window (1.0 = perfectly balanced
-            # for top-k routing; it grows as the router favours a few experts).
+            # The mean unweighted load-balancing loss over the logging window: num_experts_per_tok (2 for
+            # Mixtral) when tokens spread evenly over the experts, more as the router favours a few.
             logs["aux_loss"] = sum(self._router_aux) / len(self._router_aux)
             self._router_aux = []
         if isinstance(logs.get("eval_loss"), float):
