@@ -22,16 +22,9 @@ from typing import Any, Optional
 
 from mistral_tune.models import architectures as arch
 
-# tokenizer version -> (file, kind). Files are mistral-common's package data, except "hub": the
-# tokenizer file of the preset's own hub repo (mistral-common does not ship Mistral Small 3's).
-TOKENIZERS: dict[str, tuple[str, str]] = {
-    "v1": ("tokenizer.model.v1", "sentencepiece"),
-    "v2": ("mistral_instruct_tokenizer_240216.model.v2", "sentencepiece"),
-    "v3": ("mistral_instruct_tokenizer_240323.model.v3", "sentencepiece"),
-    "tekken_240718": ("tekken_240718.json", "tekken"),
-    "tekken_240911": ("tekken_240911.json", "tekken"),
-    "hub": ("tekken.json", "tekken"),
-}
+# Mistral Small 3's tokenizer ("tokenizer: hub"): the tekken.json of the preset's own hub repo, since
+# mistral-common does not ship it. Every other preset names a file of models/tokenizer/files.py.
+HUB_TOKENIZER = ("tekken.json", "tekken")
 
 # model_type -> the transformers causal-LM class it builds.
 ARCHITECTURES = {
@@ -49,7 +42,7 @@ class Preset:
     description: str
     hf_repo: Optional[str]  # None: embedded, random init, nothing to download
     config: dict[str, Any] = field(repr=False)  # transformers config kwargs of model_type's class
-    tokenizer: str = "v1"  # key of TOKENIZERS: mistral-common file version, or "hub"
+    tokenizer: str = "v1"  # a version of models/tokenizer/files.py TOKENIZER_FILES, or "hub" (HUB_TOKENIZER)
     chat_template: Optional[str] = "v1"  # instruct format used for chat data and generation
     model_type: str = "mistral"  # mistral | ministral | mixtral (ARCHITECTURES)
     published_parameters: Optional[int] = None  # the hub's safetensors total for hf_repo
@@ -60,12 +53,17 @@ class Preset:
 
     @property
     def tokenizer_file(self) -> str:
-        return TOKENIZERS[self.tokenizer][0]
+        """The tokenizer's file name: in mistral-common's package data, or (``hub``) in the hub repo."""
+        from mistral_tune.models.tokenizer.files import TOKENIZER_FILES
+
+        return HUB_TOKENIZER[0] if self.tokenizer == "hub" else TOKENIZER_FILES[self.tokenizer].filename
 
     @property
     def tokenizer_kind(self) -> str:
         """``sentencepiece`` or ``tekken``."""
-        return TOKENIZERS[self.tokenizer][1]
+        from mistral_tune.models.tokenizer.files import TOKENIZER_FILES
+
+        return HUB_TOKENIZER[1] if self.tokenizer == "hub" else TOKENIZER_FILES[self.tokenizer].kind
 
     @property
     def architecture(self) -> str:

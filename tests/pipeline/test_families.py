@@ -18,7 +18,7 @@ from tests.helpers import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
-FAMILIES = ["mistral_0.3_tiny", "mixtral_tiny"]
+FAMILIES = ["mistral_0.3_tiny", "mistral_nemo_tiny", "ministral_tiny", "mixtral_tiny"]
 RECIPES = ["sft_lora", "sft_qlora", "dpo_lora"]
 
 FAST = [
