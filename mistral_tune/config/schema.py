@@ -229,7 +229,8 @@ def random_demo_base(model: Any) -> bool:
     """True for the embedded random-weight presets (``mistral_tiny``, ``mixtral_tiny``, ...: every built-in id
     ending in ``_tiny``, a rule tests/models/test_presets.py holds presets.py to), which need far higher
     learning rates."""
-    return str(model.name).endswith("_tiny") and not model.path
+    name = str(model.name)
+    return name.endswith("_tiny") and "/" not in name and not model.path  # not a hub id like org/x_tiny
 
 
 def mixture_of_experts(model: Any) -> bool:
