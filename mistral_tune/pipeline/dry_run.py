@@ -83,7 +83,7 @@ def dry_run(cfg: Any) -> dict[str, Any]:
     shape = run_shape(cfg)
     memory = estimate.estimate_memory(config, shape, trainable=trainable, total=total)
     speed = estimate.estimate_speed(config, shape, trainable=trainable, gpu=cfg.dry_run_gpu, mfu=cfg.dry_run_mfu)
-    print(render(cfg, origin, trainable, total, shape, memory, speed))
+    print(render(cfg, origin, trainable, total, shape, memory, speed, moe=estimate.dims(config)["experts"] > 1))
     return {
         "parameters": {"trainable": trainable, "total": total},
         "tokens_per_step": shape.tokens_per_step,
@@ -95,7 +95,7 @@ def dry_run(cfg: Any) -> dict[str, Any]:
     }
 
 
-def render(cfg, origin, trainable, total, shape, memory, speed) -> str:
+def render(cfg, origin, trainable, total, shape, memory, speed, moe: bool = False) -> str:
     a = cfg.adapter
     adapter = "none (full fine-tuning)" if a.name == "none" else f"{a.name} r={a.r} on {', '.join(a.target_modules)}"
     gc = "on" if shape.gradient_checkpointing else "off"
@@ -128,6 +128,11 @@ def render(cfg, origin, trainable, total, shape, memory, speed) -> str:
         f"  {speed.step_seconds:.3g} s per optimizer step, {speed.tokens_per_second:,.0f} tokens/s"
         f"{' over all devices' if shape.num_devices > 1 else ''}",
     ]
+    if moe and shape.adapter == "qlora":
+        lines.append(
+            "  note: bitsandbytes stores only nn.Linear layers in 4-bit; the experts (3D tensors in transformers 5) "
+            "stay unquantized, in fp32 after PEFT's k-bit preparation (docs/memory.md#mixture-of-experts)"
+        )
     if cfg.trainer.name != "sft":
         lines.append(f"  note: estimated as one SFT sequence per example; trainer={cfg.trainer.name} may differ")
     return "\n".join(lines)

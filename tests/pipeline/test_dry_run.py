@@ -31,6 +31,7 @@ def test_dry_run_7b_qlora_prints_sizes_and_estimates(capsys, tmp_path, monkeypat
     peak = float(re.search(r"^  peak\s+(\d+\.\d+) GiB", out, re.M).group(1))
     assert 4.5 <= peak <= 7.5
     assert "A100 SXM 80GB at 40% FLOPs utilization" in out
+    assert "note: bitsandbytes" not in out  # dense: every linear layer is 4-bit
     assert re.search(r"s per optimizer step, [\d,]+ tokens/s", out)
     assert not list(tmp_path.iterdir()), "a dry run writes nothing"
 
@@ -89,3 +90,4 @@ def test_mixtral_qlora_dry_run_names_what_stays_unquantized(capsys):
     assert f"{46_702_792_704 + lora:,} total, {lora:,} trainable" in out
     assert "in fp32 (experts, router, embeddings, norms, lm_head)" in out
     assert "fits one H100 SXM 80GB: no" in out
+    assert "note: bitsandbytes stores only nn.Linear layers in 4-bit" in out
