@@ -185,6 +185,9 @@ class TrainConfig:
     fp16: bool = False
     dataloader_num_workers: int = 0
     ddp_backend: Optional[str] = None  # null = nccl on GPUs, gloo on CPU
+    # Seconds a process waits in a collective (and for the other machines at start) before it gives up:
+    # how long a job notices a hung or unreachable machine. torch's own default is 30 minutes.
+    ddp_timeout: int = 300
 
 
 @dataclass
