@@ -65,14 +65,23 @@ def prepare_process(cfg: Any) -> None:
         cfg.train.ddp_backend = "gloo"
     if engine != "deepspeed":
         os.environ["ACCELERATE_USE_CPU"] = "true"
-        # transformers hands train.ddp_timeout to accelerate on GPUs and under DeepSpeed, but not on CPU,
-        # where gloo would wait 30 minutes for a lost process. Accelerate keeps a group that already exists.
-        if not torch.distributed.is_initialized():
-            from datetime import timedelta
 
-            torch.distributed.init_process_group(
-                backend=cfg.train.ddp_backend, timeout=timedelta(seconds=cfg.train.ddp_timeout)
-            )
+
+def start_cpu_process_group(cfg: Any) -> None:
+    """Form the gloo group of a CPU DDP launch now, with ``train.ddp_timeout``.
+
+    transformers hands the timeout to accelerate on GPUs and under DeepSpeed, but not in accelerate's CPU
+    mode, where gloo would wait 30 minutes for a lost process; accelerate keeps a group that already
+    exists. Call after :func:`prepare_process`; a no-op anywhere else.
+    """
+    if world_size() == 1 or os.environ.get("ACCELERATE_USE_CPU") != "true":
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from datetime import timedelta
+
+        dist.init_process_group(backend=cfg.train.ddp_backend, timeout=timedelta(seconds=cfg.train.ddp_timeout))
 
 
 def quantization_for_engine(quant: Any) -> Any:

@@ -74,6 +74,7 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     cfg.output_dir = str(run_dir)
     setup_logging(run_dir, main_process)
     distributed.prepare_process(cfg)
+    distributed.start_cpu_process_group(cfg)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
