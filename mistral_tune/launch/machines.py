@@ -17,7 +17,6 @@ import os
 import socket
 import time
 import uuid
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,16 @@ _ranks: list[dict] = []  # every rank's {rank, machine_rank, host}, from registe
 def rendezvous_store(timeout: float) -> Any:
     """A client of torchrun's store, or None outside a multi-process torchrun launch."""
     global _store
-    if world_size() == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if world_size() == 1:
         return None
     if _store is None:
-        from torch.distributed import PrefixStore, TCPStore
+        from mistral_tune.compat.torch_elastic import agent_store
 
-        client = TCPStore(
-            host_name=os.environ["MASTER_ADDR"],
-            port=int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=timedelta(seconds=timeout),
-        )
+        client = agent_store(timeout)
+        if client is None:
+            return None
+        from torch.distributed import PrefixStore
+
         # a torchrun restart reuses the agent's store: keep each attempt's keys apart
         _store = PrefixStore(f"mistral_tune/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
     return _store
