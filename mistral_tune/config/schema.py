@@ -306,6 +306,8 @@ def check_values(cfg: Any) -> list[str]:
         problems.append("train.bf16 and train.fp16 cannot both be true")
     if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
         problems.append(f"train.eval_steps={cfg.train.eval_steps} must be > 0")
+    if cfg.train.ddp_timeout <= 0:
+        problems.append(f"train.ddp_timeout={cfg.train.ddp_timeout} must be > 0 (seconds)")
     fraction = eval_fraction(cfg.data.eval_split)
     if fraction is not None and not 0 < fraction < 1:
         problems.append(f"data.eval_split={cfg.data.eval_split} must be a fraction between 0 and 1, or a file")

@@ -12,7 +12,6 @@ here answers for this process alone.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import time
@@ -22,8 +21,6 @@ from typing import Any
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.core.process import machine_rank, num_machines, rank, world_size
-
-log = logging.getLogger(__name__)
 
 # How long the ranks that survived a failed collective get to say so, before the others count as lost.
 ANSWER_SECONDS = 10.0
