@@ -355,6 +355,7 @@ def test_a_machine_cut_off_the_network_is_given_up_after_train_ddp_timeout(two_m
     timeout = 20  # also how long the processes wait for each other at start: keep a margin for a loaded CI machine
     drill = {FAIL_RANK_ENV: "1", FAIL_STEP_ENV: "2", FAIL_HOW_ENV: "hang"}
     overrides = [f"train.ddp_timeout={timeout}", "export.merged=false", "train.save_steps=100"]
+    ns1, link1 = two_machines.namespaces[1], two_machines.envs[1]["GLOO_SOCKET_IFNAME"]
     node0, node1 = _start(two_machines, tmp_path, tmp_path / "run", overrides, env=drill)
     try:
         deadline = time.monotonic() + 400
@@ -362,7 +363,6 @@ def test_a_machine_cut_off_the_network_is_given_up_after_train_ddp_timeout(two_m
             if any(_status(p) == "stopped" for p in _descendants(node1.pid)):
                 break
             time.sleep(0.2)
-        ns1, link1 = two_machines.namespaces[1], two_machines.envs[1]["GLOO_SOCKET_IFNAME"]
         _ip("-n", ns1, "link", "set", link1, "down")  # the cable is pulled
         cut = time.monotonic()
         _, err0 = node0.communicate(timeout=timeout + 120)
