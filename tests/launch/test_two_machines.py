@@ -2,7 +2,7 @@
 of one CPU process (gloo), in its own network namespace, the two joined by a veth pair, so the rendezvous
 and every collective cross a network interface between two addresses as on a cluster. Where network
 namespaces cannot be made (not root, no iproute2), both machines run over loopback instead, and the
-reason is printed and kept as a pytest warning.
+reason is printed and kept as a pytest warning (MISTRAL_TUNE_TEST_LOOPBACK=1 picks loopback anyway).
 
 Checked: the job trains like one machine of 2 processes and like 1 process with 2 accumulation steps (same
 global batch); only rank 0 writes the run directory; the merged export verifies; summary.json names 2
@@ -103,7 +103,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_machines():
     why = None
-    if shutil.which("ip") is None:
+    if os.environ.get("MISTRAL_TUNE_TEST_LOOPBACK"):  # to run the fallback on a machine where namespaces work
+        why = "MISTRAL_TUNE_TEST_LOOPBACK is set"
+    elif shutil.which("ip") is None:
         why = "no `ip` command (iproute2)"
     elif os.geteuid() != 0:
         why = "not root: network namespaces need CAP_NET_ADMIN"
@@ -139,15 +141,26 @@ def _start(machines: TwoMachines, tmp: Path, run_dir: Path, overrides: list[str]
         full_env = {k: v for k, v in os.environ.items() if k not in (FAIL_RANK_ENV, FAIL_STEP_ENV, FAIL_HOW_ENV)}
         full_env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                         **machines.envs[r], **(env or {}))  # fmt: skip
-        procs.append(subprocess.Popen([*machines.prefixes[r], *args], cwd=tmp, env=full_env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+        # to files, not pipes: a machine nobody reads from while waiting on the other must never block on output
+        logs = [tmp / f"{run_dir.name}-machine{r}-{len(list(tmp.glob(f'{run_dir.name}-machine{r}-*')))}.{x}"
+                for x in ("out", "err")]  # fmt: skip
+        with logs[0].open("w") as out, logs[1].open("w") as err:
+            proc = subprocess.Popen([*machines.prefixes[r], *args], cwd=tmp, env=full_env, stdout=out, stderr=err)
+        proc.logs = logs
+        procs.append(proc)
     return procs
+
+
+def _output(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    """Wait for one machine's command; its stdout and stderr."""
+    proc.wait(timeout=timeout)
+    return proc.logs[0].read_text(), proc.logs[1].read_text()
 
 
 def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[subprocess.CompletedProcess]:
     done = []
     for p in procs:
-        out, err = p.communicate(timeout=timeout)
+        out, err = _output(p, timeout)
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     return done
 
@@ -296,13 +309,13 @@ def test_a_killed_machine_ends_the_other_with_the_lost_rank_and_resume_finishes_
         assert stopped, "rank 1 never reached the drill's step"
         _kill(node1.pid)  # machine 1 dies: all of its processes at once
         killed = time.monotonic()
-        out0, err0 = node0.communicate(timeout=timeout + 120)
+        _, err0 = _output(node0, timeout=timeout + 120)
         detected = time.monotonic() - killed
     finally:
         for p in (node0, node1):
             if p.poll() is None:
                 _kill(p.pid)
-        node1.communicate()
+        node1.wait()
     print(f"machine 0 ended {detected:.1f} s after machine 1 was killed (train.ddp_timeout={timeout})")
     assert node0.returncode != 0
     assert detected < timeout
@@ -365,13 +378,13 @@ def test_a_machine_cut_off_the_network_is_given_up_after_train_ddp_timeout(two_m
             time.sleep(0.2)
         _ip("-n", ns1, "link", "set", link1, "down")  # the cable is pulled
         cut = time.monotonic()
-        _, err0 = node0.communicate(timeout=timeout + 120)
+        _, err0 = _output(node0, timeout=timeout + 120)
         ended = time.monotonic() - cut
     finally:
         for p in (node0, node1):
             if p.poll() is None:
                 _kill(p.pid)
-        node1.communicate()
+        node1.wait()
         _ip("-n", ns1, "link", "set", link1, "up")
     print(f"machine 0 ended {ended:.1f} s after machine 1 was cut off (train.ddp_timeout={timeout})")
     assert node0.returncode != 0
