@@ -44,8 +44,11 @@ def shared_directories(cfg: Any, run_dir: Path) -> dict[str, Path]:
     """The directories every machine of a job must see as one: the run directory, and the DPO
     reference cache when it is used (rank 0 writes it, every process reads it)."""
     dirs = {"output_dir": run_dir}
-    if cfg.trainer.get("precompute_ref_log_probs") and cfg.trainer.get("ref_cache_dir"):
-        dirs["trainer.ref_cache_dir"] = Path(cfg.trainer.ref_cache_dir).expanduser()
+    if cfg.trainer.get("precompute_ref_log_probs"):
+        from mistral_tune.train.dpo import default_cache_dir
+
+        given = cfg.trainer.get("ref_cache_dir")
+        dirs["trainer.ref_cache_dir"] = Path(given).expanduser() if given else default_cache_dir()
     return dirs
 
 

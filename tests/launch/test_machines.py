@@ -133,3 +133,17 @@ def test_one_process_needs_no_store(monkeypatch, tmp_path):
     machines.check_shared_directories({"output_dir": tmp_path / "x"}, timeout=10)  # nothing to check
     assert not (tmp_path / "x").exists()
     assert machines.machine_throughput(50, 5.0, 10)[0]["tokens_per_second"] == 10.0
+
+
+def test_the_directories_every_machine_must_share(tmp_path, monkeypatch):
+    from mistral_tune.config.compose import compose
+    from mistral_tune.pipeline.run import shared_directories
+
+    assert shared_directories(compose("sft_lora", []), tmp_path) == {"output_dir": tmp_path}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    dpo = compose("dpo_lora", ["trainer.precompute_ref_log_probs=true"])
+    assert (
+        shared_directories(dpo, tmp_path)["trainer.ref_cache_dir"] == tmp_path / "cache" / "mistral-tune" / "ref_logps"
+    )
+    given = compose("dpo_lora", ["trainer.precompute_ref_log_probs=true", f"trainer.ref_cache_dir={tmp_path / 'ref'}"])
+    assert shared_directories(given, tmp_path)["trainer.ref_cache_dir"] == tmp_path / "ref"
