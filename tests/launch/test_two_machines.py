@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from mistral_tune.core.process import FAIL_HOW_ENV, FAIL_RANK_ENV, FAIL_STEP_ENV
-from tests.launch.test_processes import COMMON, PER_PROCESS_BATCH, REPO, _adapter, _losses, _ok, _relative_diff, _run
+from tests.launch.test_processes import COMMON, PER_PROCESS_BATCH, REPO, _adapter, _losses, _ok, _relative_diff
 
 STEPS = 4
 # 4 steps of a global batch of 4 (2 machines x 1 process x 2 sequences); a checkpoint at step 2.
@@ -157,6 +157,18 @@ def _output(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
     return proc.logs[0].read_text(), proc.logs[1].read_text()
 
 
+def _start_here(tmp: Path, run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    """One ``mistral-tune`` on this machine (no namespace), its output to files."""
+    args = [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", f"output_dir={run_dir}", *SHARED, *overrides]
+    env = {k: v for k, v in os.environ.items() if k not in (FAIL_RANK_ENV, FAIL_STEP_ENV, FAIL_HOW_ENV)}
+    env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    logs = [tmp / f"{run_dir.name}.{x}" for x in ("out", "err")]
+    with logs[0].open("w") as out, logs[1].open("w") as err:
+        proc = subprocess.Popen(args, cwd=tmp, env=env, stdout=out, stderr=err)
+    proc.logs = logs
+    return proc
+
+
 def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[subprocess.CompletedProcess]:
     done = []
     for p in procs:
@@ -181,16 +193,20 @@ def jobs(two_machines, tmp_path_factory):
             run_dir = tmp / name
             if name in ("ddp", "deepspeed_zero2"):  # 2 machines x 1 process
                 cache[name] = (_wait(_start(two_machines, tmp, run_dir, [], launcher=name)), run_dir)
-            elif name == "one_machine":  # 1 machine x 2 processes
-                args = [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", f"output_dir={run_dir}", *SHARED,
-                        *PER_PROCESS_BATCH, "launcher=ddp", "launcher.num_processes=2", "launcher.main_process_port=0",
-                        "export.merged=false"]  # fmt: skip
-                cache[name] = ([_run(args, tmp)], run_dir)
-            elif name == "one_process":  # 1 process x 2 sequences x 2 accumulation steps
-                args = [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", f"output_dir={run_dir}", *SHARED,
-                        "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2",
-                        "export.merged=false"]  # fmt: skip
-                cache[name] = ([_run(args, tmp)], run_dir)
+            elif name in ("one_machine", "one_process"):
+                # The two one-machine references at once: 3 single-threaded processes keep 2 cores busier than 2, then 1.
+                refs = {
+                    "one_machine": [*PER_PROCESS_BATCH, "launcher=ddp", "launcher.num_processes=2",
+                                    "launcher.main_process_port=0"],  # 1 machine x 2 processes
+                    "one_process": ["train.per_device_train_batch_size=2",
+                                    "train.gradient_accumulation_steps=2"],  # 1 process x 2 sequences x 2 steps
+                }  # fmt: skip
+                procs = {
+                    ref: _start_here(tmp, tmp / ref, [*extra, "export.merged=false"]) for ref, extra in refs.items()
+                }
+                for ref, proc in procs.items():
+                    out, err = _output(proc)
+                    cache[ref] = ([subprocess.CompletedProcess(proc.args, proc.returncode, out, err)], tmp / ref)
         return cache[name]
 
     return get
