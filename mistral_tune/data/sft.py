@@ -59,7 +59,9 @@ def to_messages(row: dict[str, Any], fmt: str, system_prompt: Optional[str]) -> 
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("missing_field")
         messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
-    if any(not isinstance(m["content"], str) or not m["content"].strip() for m in messages):
+    if any(not isinstance(m["content"], str) for m in messages):
+        raise ValueError("missing_field")  # a wrong type is a missing field, as docs/reliability.md says
+    if any(not m["content"].strip() for m in messages):
         raise ValueError("empty_field")
     if system_prompt and messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
@@ -92,7 +94,7 @@ def tokenize_rows(
                 ids = tokenizer.encode(text, add_bos=True, add_eos=True)
                 mask = [1] * len(ids)
             else:
-                if messages[-1]["role"] != "assistant":
+                if not messages or messages[-1]["role"] != "assistant":  # an empty list has no assistant turn
                     raise ValueError("no_assistant_turn")
                 ids, mask = tokenizer.encode_chat(messages)
                 if not completion_only_loss:
