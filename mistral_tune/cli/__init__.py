@@ -86,9 +86,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         from mistral_tune.train.signals import TrainingInterrupted
 
         if not isinstance(exc, TrainingInterrupted):
-            raise
+            print_redacted_traceback(exc)  # a bug: the full traceback, but never a token from the environment
+            return 1
         print("stopped: " + textwrap.fill(str(exc), width=100, subsequent_indent="         "), file=sys.stderr)
         return exc.exit_code  # 128 + signal number, as a shell reports a signal-terminated job
+
+
+def print_redacted_traceback(exc: BaseException) -> None:
+    """What Python prints for an uncaught exception, with secrets masked (tracebacks quote config values)."""
+    import traceback
+
+    from mistral_tune.core.redaction import redact_text
+
+    print(redact_text("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
 
 
 if __name__ == "__main__":
