@@ -20,9 +20,14 @@ OWNER_MARKER = ".written-by-mistral-tune"
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 
 
+# adapter/ directories written before OWNER_MARKER existed carry this sidecar (adapters/build.py SIDECAR), so the
+# resume of a run started by an older version can still rewrite its adapter/.
+LEGACY_MARKERS = ("mistral_tune_adapter.json",)
+
+
 def written_by_us(path: Path) -> bool:
-    """True for a directory mistral-tune wrote (it holds ``OWNER_MARKER``)."""
-    return (Path(path) / OWNER_MARKER).is_file()
+    """True for a directory mistral-tune wrote (it holds ``OWNER_MARKER``, or an older version's sidecar)."""
+    return any((Path(path) / name).is_file() for name in (OWNER_MARKER, *LEGACY_MARKERS))
 
 
 def check_replaceable(out_dir: Path, what: str = "") -> None:
