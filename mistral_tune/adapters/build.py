@@ -124,7 +124,11 @@ def apply_adapter(
         log.info("continuing training of the adapter in %s (its own r/alpha/targets apply)", path)
         return PeftModel.from_pretrained(model, path, is_trainable=True)
     moe = is_moe_model(model)
-    peft_model = get_peft_model(model, lora_config(adapter_cfg, task_type, moe=moe))
+    config = lora_config(adapter_cfg, task_type, moe=moe)
+    targets = config.target_modules
+    if isinstance(targets, (list, set, tuple)):  # "all-linear" and regexes are PEFT's to match
+        check_target_modules(model, list(targets))
+    peft_model = get_peft_model(model, config)
     if changes_base(adapter_cfg) and init_dir is not None:
         # PEFT's recipe: save the initial adapter with plain init, convert against it at save time.
         peft_model.peft_config["default"].init_lora_weights = True
@@ -159,6 +163,25 @@ def save_adapter(
 def read_sidecar(adapter_dir: Path) -> dict[str, Any]:
     path = Path(adapter_dir) / SIDECAR
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def check_target_modules(model: Any, targets: list[str]) -> None:
+    """One clear error when ``adapter.target_modules`` names a module the model does not have, listing the names
+    it does have (PEFT raises only when none matches, with no list)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if name and not list(module.children())}
+    unknown = [t for t in targets if t not in names and not any(n.endswith("." + t) for n, _ in model.named_modules())]
+    if unknown:
+        raise UserError(
+            f"adapter.target_modules names {', '.join(unknown)}, which this model does not have. Its layer names are: "
+            f"{', '.join(sorted(names))}. Pick from these, or use adapter.target_modules=all-linear."
+        )
+
+
+def adapter_shapes(model: Any) -> dict[str, list[int]]:
+    """Name -> shape of the weights a PEFT model saves for its active adapter, under the names its checkpoints use."""
+    from peft import get_peft_model_state_dict
+
+    return {name: list(t.shape) for name, t in get_peft_model_state_dict(model).items()}
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

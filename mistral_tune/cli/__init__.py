@@ -62,6 +62,7 @@ def command(name: str) -> Callable[[list[str]], int]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    sys.excepthook = redacted_excepthook  # an error this raises reaches the console without secrets
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if not args or args[0] in ("-h", "--help", "help"):
@@ -86,9 +87,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         from mistral_tune.train.signals import TrainingInterrupted
 
         if not isinstance(exc, TrainingInterrupted):
-            raise
+            raise  # a bug: Python API callers get the exception; the console its traceback, redacted (below)
         print("stopped: " + textwrap.fill(str(exc), width=100, subsequent_indent="         "), file=sys.stderr)
         return exc.exit_code  # 128 + signal number, as a shell reports a signal-terminated job
+
+
+def redacted_excepthook(kind, exc, tb) -> None:
+    """``sys.excepthook`` that prints what Python would for an uncaught exception, with secrets masked
+    (tracebacks quote config values and environment-derived values)."""
+    import traceback
+
+    from mistral_tune.core.redaction import redact_text
+
+    print(redact_text("".join(traceback.format_exception(kind, exc, tb))), end="", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ def cmd_train(args: list[str]) -> int:
         )
     cfg = compose(recipe, overrides)
     if show:
-        print(OmegaConf.to_yaml(cfg, resolve=True))  # the values the run would use
+        from mistral_tune.core.redaction import redact_config
+
+        print(OmegaConf.to_yaml(redact_config(cfg)))  # the values the run would use, secrets masked
         return 0
     if cfg.dry_run:
         from mistral_tune.pipeline.dry_run import dry_run

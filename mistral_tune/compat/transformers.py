@@ -54,6 +54,15 @@ class GradNormHooks:
         return self.grad_norm_hook(model, grad_norm=grad_norm)
 
 
+CHECKPOINT_LOADER = "_load_from_checkpoint"  # Trainer's: loads a checkpoint's weights (adapter or full, sharded)
+
+
+def load_checkpoint_weights(trainer: Any, checkpoint: str) -> None:
+    """Load the model weights of ``checkpoint`` into ``trainer.model`` the way ``train(resume_from_checkpoint=)``
+    does, without training (``Trainer._load_from_checkpoint``)."""
+    getattr(trainer, CHECKPOINT_LOADER)(checkpoint)
+
+
 def trainer_output_dir(trainer: Any, trial: Any = None) -> str:
     """Where the trainer writes ``checkpoint-N`` (``Trainer._get_output_dir``)."""
     return trainer._get_output_dir(trial)

@@ -228,4 +228,11 @@ def describe_config_error(exc: Exception, overrides: list[str], recipe: Optional
         )
     head = text.split("Config search path")[0]
     first = " ".join(line.strip() for line in head.splitlines() if line.strip() and "full_key:" not in line)
+    odd = [o for o in overrides if not o.isascii() and "LexerNoViableAlt" in text]
+    if odd:  # Hydra's override grammar takes unquoted values in ASCII only
+        key, _, value = odd[0].partition("=")
+        return (
+            f"Invalid configuration: the override {odd[0]!r} has non-ASCII characters, which Hydra reads only inside "
+            f"quotes. Quote the value, e.g. {key}='\"{value}\"' in a shell (single quotes around double quotes)."
+        )
     return f"Invalid configuration: {first.rstrip('.')}. See `mistral-tune --help`."

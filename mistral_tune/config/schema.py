@@ -7,6 +7,7 @@ composition time, before any model is built. This module imports no torch (the C
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -307,8 +308,10 @@ def check_values(cfg: Any) -> list[str]:
         "train.save_steps": cfg.train.save_steps,
     }
     problems += [f"{k}={v} must be > 0" for k, v in positive.items() if v <= 0]
-    if cfg.train.learning_rate <= 0:
-        problems.append(f"train.learning_rate={cfg.train.learning_rate} must be > 0")
+    if not cfg.train.learning_rate > 0 or math.isinf(cfg.train.learning_rate):  # `not >` also catches nan
+        problems.append(f"train.learning_rate={cfg.train.learning_rate} must be a finite number > 0")
+    if cfg.data.max_samples is not None and cfg.data.max_samples <= 0:
+        problems.append(f"data.max_samples={cfg.data.max_samples} must be > 0, or null for all rows")
     if cfg.train.max_steps == 0 or (cfg.train.max_steps < 0 and cfg.train.num_train_epochs <= 0):
         problems.append("set train.max_steps > 0 or train.num_train_epochs > 0")
     if cfg.resume is not None and not str(cfg.resume).strip():

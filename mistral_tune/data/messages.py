@@ -31,7 +31,7 @@ def read_messages(value: Any, name: str = "messages", sharegpt: bool = False) ->
     if not isinstance(value, list):
         raise BadRow("missing_field", f"'{name}' is a {type(value).__name__}, not a list of messages")
     if not value:
-        raise BadRow("empty_field", f"'{name}' is an empty list")
+        raise BadRow("no_assistant_turn", f"'{name}' is an empty list")  # counted as in docs/reliability.md
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     out = []
     for i, m in enumerate(value):

@@ -46,10 +46,45 @@ def _bad_row(where: str, reason: str, detail: str, on_error: str, report: Option
     report.skip_line(where, reason, detail)
 
 
+def lone_surrogate(value: Any) -> Optional[str]:
+    """The first string in a parsed JSON value that UTF-8 cannot encode (a lone ``\\ud800`` escape), else None.
+
+    JSON allows such escapes, but the tokenizers cannot encode them. Walked with a stack, not recursion:
+    the JSON parser accepts nesting close to the interpreter's recursion limit.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return item[exc.start : exc.end]
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def parse_json_row(text: str) -> Any:
+    """``json.loads`` with the two failures a hostile line causes besides bad syntax made ValueErrors."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise ValueError("malformed JSON (nested too deeply)") from exc
+    return row
+
+
 def read_jsonl(path: Path, on_error: str = "fail", report: Optional[DataReport] = None) -> list[dict[str, Any]]:
     rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, possibly before a blank first line
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -65,12 +100,16 @@ def read_jsonl(path: Path, on_error: str = "fail", report: Optional[DataReport] 
                 )
                 continue
             try:
-                row = json.loads(text.lstrip("\ufeff") if lineno == 1 else text)  # tolerate a UTF-8 BOM
-            except json.JSONDecodeError as exc:
-                _bad_row(where, "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})", on_error, report)
+                row = parse_json_row(text)
+            except ValueError as exc:
+                _bad_row(where, "malformed_json", str(exc), on_error, report)
                 continue
             if not isinstance(row, dict):
                 _bad_row(where, "not_an_object", f"expected a JSON object, got {type(row).__name__}", on_error, report)
+                continue
+            bad = lone_surrogate(row)
+            if bad is not None:
+                _bad_row(where, "invalid_utf8", f"not valid UTF-8 (lone surrogate {bad!r})", on_error, report)
                 continue
             rows.append(row)
     return rows
@@ -86,8 +125,8 @@ def load_records(
         return read_jsonl(local, on_error, report)
     if local.suffix == ".json":
         try:
-            data = json.loads(local.read_bytes().decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = parse_json_row(local.read_bytes().decode("utf-8-sig"))
+        except (UnicodeDecodeError, ValueError) as exc:
             raise UserError(f"{local}: not valid UTF-8 JSON ({exc}); a .json file must parse as a whole.") from exc
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
@@ -95,9 +134,7 @@ def load_records(
             raise UserError(f"{local}: expected a JSON list of objects.")
         rows = []
         for i, row in enumerate(data):
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
+            if not isinstance(row, dict):
                 _bad_row(
                     f"{local}[{i}]",
                     "not_an_object",
@@ -105,10 +142,28 @@ def load_records(
                     on_error,
                     report,
                 )
+            elif (bad := lone_surrogate(row)) is not None:
+                _bad_row(f"{local}[{i}]", "invalid_utf8", f"not valid UTF-8 (lone surrogate {bad!r})", on_error, report)
+            else:
+                rows.append(row)
         return rows
+    return read_parquet(local)
+
+
+def read_parquet(path: Path) -> list[dict[str, Any]]:
+    """All rows of a parquet file; an unreadable one (empty, truncated, not parquet) is one clear error.
+
+    A damaged parquet file cannot be read row by row, so it fails with either ``data.on_error``.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(local).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(
+            f"{path}: not a readable parquet file ({type(exc).__name__}: {exc}). Re-export it, or convert it to .jsonl."
+        ) from exc
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -68,6 +68,31 @@ def keras_layout(directory: Path) -> Optional[dict[str, Any]]:
     return data["config"]
 
 
+def check_custom_code(directory: Optional[Path], trust_remote_code: bool) -> None:
+    """A local model whose config.json needs the repository's own code (``auto_map`` with a ``model_type``
+    transformers does not know) cannot load without ``model.trust_remote_code``: one clear error up front."""
+    if directory is None or trust_remote_code:
+        return
+    path = Path(directory) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no or unreadable config.json: load_config says so
+    if not isinstance(data, dict) or "auto_map" not in data:
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = data.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return  # a known architecture: transformers' own classes load it, the shipped code stays unused
+    raise UserError(
+        f"model.path={directory}: its config.json has model_type={model_type!r}, which transformers does not know, "
+        "and an auto_map pointing at code shipped with the model. mistral-tune never runs such code unless "
+        "model.trust_remote_code=true; no code was run. Use a model of a known architecture (e.g. model_type "
+        "'mistral'), or set model.trust_remote_code=true if you trust the repository's code."
+    )
+
+
 def load_config(source: ModelSource, revision: Optional[str] = None, **overrides: Any):
     """The architecture alone: built-in presets and local directories never touch the network."""
     from transformers import AutoConfig, MistralConfig

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from mistral_tune.core.errors import UserError
 from mistral_tune.core.logs import log_warning, setup_logging, teardown_logging
 from mistral_tune.core.process import default_output_dir
 from mistral_tune.export.preset import provenance
@@ -59,19 +60,66 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     ``guards.TrainingInterrupted`` after saving a checkpoint on SIGTERM/SIGINT, and
     ``guards.NonFiniteLoss`` on a NaN/inf loss with ``on_nan=stop``.
     """
-    import mistral_tune.launch.engine as distributed
-    import mistral_tune.launch.machines as machines
-    from mistral_tune.config.registry import PREFERENCE_TRAINERS
     from mistral_tune.core.files import check_writable
     from mistral_tune.core.process import is_main_process, shared_run_dir
-    from mistral_tune.data.preflight import check_data
+    from mistral_tune.core.run_lock import RunLock
+    from mistral_tune.train.resume import check_resume_target
 
     # In a multi-process launch only rank 0 writes; the others train and help save (distributed.py).
     main_process = is_main_process()
+    if cfg.output_dir is not None and not str(cfg.output_dir).strip():
+        cfg.output_dir = None  # `output_dir=` (empty) means "not given", never the current directory
     output_dir_given = cfg.output_dir is not None
+    check_resume_target(cfg.resume, output_dir_given)  # before a new timestamped directory is created
     run_dir = shared_run_dir(cfg.output_dir, lambda when: default_output_dir(cfg.recipe, when))
+    lock = None
     if main_process:
+        check_run_dir(run_dir, cfg)
         check_writable(run_dir)
+        lock = RunLock(run_dir).acquire()  # one run per directory, released however this process ends
+    try:
+        return run_locked(cfg, callbacks, run_dir, output_dir_given, main_process)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# What a run writes at the top of its directory (besides adapter/, merged/, preset/ and checkpoints/).
+RUN_FILES = ("summary.json", "metrics.jsonl", "metrics.png", "resolved_config.yaml", "samples.jsonl", "train.log")
+
+
+def check_run_dir(run_dir: Path, cfg: Any) -> None:
+    """Before anything is written: the directories this run will replace must be ones mistral-tune wrote."""
+    from mistral_tune.core.files import check_replaceable
+    from mistral_tune.core.run_lock import LOCK_NAME
+
+    if not run_dir.is_dir():
+        return
+    if not (run_dir / LOCK_NAME).exists() and not (run_dir / "resolved_config.yaml").is_file():  # not a run dir
+        clash = sorted(name for name in RUN_FILES if (run_dir / name).exists())
+        if clash:
+            raise UserError(
+                f"output_dir={run_dir} is not a mistral-tune run directory, but it holds {', '.join(clash)}, which "
+                "a run would overwrite. Nothing was changed. Choose a new or empty output_dir."
+            )
+    outputs = ["adapter"] if cfg.adapter.name != "none" else []
+    outputs += [name for name in ("merged", "preset") if getattr(cfg.export, name)]
+    for name in outputs:
+        check_replaceable(run_dir / name, f" (this run writes {name}/ there)")
+    for name in ("summary.json", "metrics.jsonl", "resolved_config.yaml", "samples.jsonl"):
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise UserError(
+                f"{path} is in the way: this run writes a file there. Move it, or choose another output_dir."
+            )
+
+
+def run_locked(cfg: Any, callbacks: Sequence[Any], run_dir: Path, output_dir_given: bool, main_process: bool):
+    import mistral_tune.launch.engine as distributed
+    import mistral_tune.launch.machines as machines
+    from mistral_tune.config.registry import PREFERENCE_TRAINERS
+    from mistral_tune.data.preflight import check_data
+
     # Several machines: each says where it runs, and all must see rank 0's run directory (before any loading).
     machines.register(cfg.train.ddp_timeout)
     machines.check_shared_directories(shared_directories(cfg, run_dir), cfg.train.ddp_timeout)
@@ -120,7 +168,7 @@ def train_and_export(
     resume_from = resolve_resume(cfg.resume, run_dir, output_dir_given)
     config = redact_config(cfg)  # what the run directory and the tracker get to see
     config_yaml = OmegaConf.to_yaml(config)
-    if main_process:
+    if main_process and resume_from is None:  # a resume writes it once the checkpoint accepted the config
         (run_dir / "resolved_config.yaml").write_text(config_yaml, encoding="utf-8")
     log.info("run directory: %s", run_dir)
     if cfg.train.eval_steps and not cfg.data.eval_split:
@@ -135,6 +183,7 @@ def train_and_export(
 
     # Before the heavy imports, so an offline machine gets its answer in about a second.
     source = download_source(resolve_source(cfg.model.name, cfg.model.path), cfg.model)
+    models.check_custom_code(source.local_dir, cfg.model.trust_remote_code)
 
     import torch
     from transformers import set_seed
@@ -189,8 +238,6 @@ def train_and_export(
         cfg, run_dir, trainable=trainable, total=total, param_bytes=compute_dtype.itemsize, steps=steps
     )
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
-    if cfg.resume and main_process:  # drop records past the checkpoint: the resumed run logs those steps again
-        metrics.records.extend(resume.trim_metrics(metrics.path, trainer_step(resume_from)))
     stop = GracefulStop()
     tracking = start_tracking(cfg.tracking, run_dir, config, config_yaml) if main_process else None
     extra = [*tracking.callbacks] if tracking else []
@@ -207,15 +254,35 @@ def train_and_export(
         if quant is not None:
             match_adapter_dtype(trainer.model, quant.bnb_4bit_compute_dtype)
         trainer.data_fingerprint = resume.dataset_fingerprint(train_ds)
+        finished = False
         if resume_from is not None:
-            saved = resume.check_compatible(resume_from, trainer.data_fingerprint, resume.batch_geometry(trainer.args))
+            saved = resume.check_compatible(
+                resume_from,
+                trainer.data_fingerprint,
+                resume.batch_geometry(trainer.args),
+                adapter=adapters.adapter_shapes(trainer.model) if cfg.adapter.name != "none" else None,
+                optimizer=resume.optimizer_settings(trainer.args),
+            )
             trainer.nan_skipped_steps.extend(saved.get("nan_skipped_steps", []))
-            log.info("resuming from %s (step %d)", resume_from, saved["step"])
+            if main_process:  # accepted: now the run directory may change
+                (run_dir / "resolved_config.yaml").write_text(config_yaml, encoding="utf-8")
+                # drop records past the checkpoint: the resumed run logs those steps again
+                metrics.records.extend(resume.trim_metrics(metrics.path, trainer_step(resume_from)))
+            finished = saved["step"] >= steps
+            log.info(
+                "resuming from %s (step %d)%s",
+                resume_from,
+                saved["step"],
+                f": training had finished (train.max_steps={steps}); redoing the outputs only" if finished else "",
+            )
         if main_process:
             log.info("topology: %s", machines.topology(trainer.args.per_device_train_batch_size,
                                                         trainer.args.gradient_accumulation_steps))  # fmt: skip
         try:
-            result = train_guarded(trainer, stop, resume_from)
+            # A finished run trains no further step (Trainer would take one past max_steps); it only loads the weights.
+            result = (
+                resume.restore_finished(trainer, resume_from) if finished else train_guarded(trainer, stop, resume_from)
+            )
         except (NonFiniteLoss, TrainingInterrupted) as exc:
             if main_process:
                 summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
@@ -232,9 +299,13 @@ def train_and_export(
             trainer.local_tokens_seen, result.metrics.get("train_runtime", 0.0), cfg.train.ddp_timeout
         )
         extras = method.finish(trainer, prepared)
-        outputs = save_outputs(
-            cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process, init_dir, method
-        )
+        try:
+            outputs = save_outputs(
+                cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process, init_dir, method
+            )
+        except Exception as exc:
+            raise_if_disk_full(exc, run_dir, "Writing the final outputs (adapter/, samples.jsonl, merged/)")
+            raise
         if not main_process:
             return {}
         summary = build_summary(cfg, run_dir, result, trainer, metrics.records, report, started, resume_from)
@@ -338,3 +409,17 @@ def trainer_step(checkpoint: Any) -> int:
     from mistral_tune.train.checkpoints import checkpoint_step
 
     return (checkpoint_step(checkpoint) or 0) if checkpoint else 0
+
+
+def raise_if_disk_full(exc: BaseException, run_dir: Path, what: str) -> None:
+    """Turn a full disk, whichever library noticed it, into the documented message naming the last checkpoint."""
+    from mistral_tune.train.checkpoints import CHECKPOINTS_DIR, is_disk_full, latest_complete
+
+    if not is_disk_full(exc):
+        return
+    latest = latest_complete(run_dir / CHECKPOINTS_DIR)
+    raise UserError(
+        f"{what} failed: the disk is full ({type(exc).__name__}: {exc}). Nothing incomplete was renamed into place. "
+        f"The last complete checkpoint is {latest or 'none'}. Free disk space, then run the same command with "
+        "resume=auto: it redoes the missing outputs without training again."
+    ) from exc

@@ -64,7 +64,8 @@ def build_summary(cfg, run_dir, result, trainer, records, report, started, resum
         "tokens_seen": trainer.tokens_seen,
         "train_seconds": round(runtime, 2),
         "wall_seconds": round(time.time() - started, 2),
-        "tokens_per_second": round(trainer.tokens_seen / max(runtime, 1e-9), 1),
+        # None when no step ran here (a resume=auto of a finished run only redid the outputs)
+        "tokens_per_second": round(trainer.tokens_seen / runtime, 1) if runtime > 0 else None,
         "data": report.as_dict(),
         "nan_skips": len(trainer.nan_skipped_steps),
         "nan_skipped_steps": trainer.nan_skipped_steps,

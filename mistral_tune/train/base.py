@@ -94,11 +94,12 @@ class RunStateMixin:
         self.state.num_input_tokens_seen += count
 
     def checkpoint_state(self) -> dict:
-        from mistral_tune.train.resume import batch_geometry
+        from mistral_tune.train.resume import batch_geometry, optimizer_settings
 
         return {
             "data_fingerprint": self.data_fingerprint,
             "batch_geometry": batch_geometry(self.args),
+            "optimizer_settings": optimizer_settings(self.args),
             "nan_skipped_steps": list(self.nan_skipped_steps),
         }
 

@@ -91,6 +91,34 @@ def test_trainer_calls_our_checkpoint_and_grad_norm_hooks(tmp_path):
     )
 
 
+def test_checkpoint_loader_loads_a_checkpoints_weights_without_training(tmp_path):
+    """``Trainer._load_from_checkpoint`` (resume=auto of a finished run) puts a checkpoint's weights in the model."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    method = getattr(Trainer, compat.CHECKPOINT_LOADER, None)
+    assert method is not None, broken("transformers", f"Trainer.{compat.CHECKPOINT_LOADER}", "is gone")
+    assert params(method)[:2] == ["self", "resume_from_checkpoint"], broken(
+        "transformers", f"Trainer.{compat.CHECKPOINT_LOADER}", f"takes {params(method)}"
+    )
+    ids = [[2, 5, 6, 7, 1]] * 4
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=2, report_to=[],
+        use_cpu=True, learning_rate=0.1, disable_tqdm=True, save_only_model=True,
+    )  # fmt: skip
+    trained = Trainer(model=tiny_model().train(), args=args, train_dataset=data)
+    trained.train()
+    fresh = Trainer(model=tiny_model().train(), args=args, train_dataset=data)
+    name, weight = next(iter(trained.model.state_dict().items()))
+    assert not torch.equal(fresh.model.state_dict()[name], weight)
+    compat.load_checkpoint_weights(fresh, str(tmp_path / "checkpoint-2"))
+    for key, value in trained.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[key], value), broken(
+            "transformers", f"Trainer.{compat.CHECKPOINT_LOADER}", f"no longer loads {key}"
+        )
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attn_implementation_reads_what_the_model_runs(attn):
     model = tiny_model(attn_implementation=attn)

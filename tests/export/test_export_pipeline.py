@@ -10,6 +10,7 @@ import pytest
 
 from mistral_tune import cli
 from mistral_tune.config.compose import compose
+from mistral_tune.core.run_lock import LOCK_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
@@ -66,7 +67,9 @@ def test_a_runs_merged_export_and_the_standalone_one_are_byte_identical(tmp_path
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= in_run.keys()
     recorded = json.loads((run_dir / "summary.json").read_text())["merged"]
     assert recorded["reference"] == "base + adapter (unmerged)" and recorded["max_abs_logit_diff"] < 1e-4
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "no temporary export left behind"
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME], (
+        "no temporary export left behind"
+    )
 
 
 def test_a_pissa_run_exports_its_converted_adapter_into_the_original_base(tmp_path):

@@ -15,6 +15,7 @@ import mistral_tune.export.pipeline as export
 import mistral_tune.export.stream_merge as merge
 from mistral_tune import cli
 from mistral_tune.core.errors import UserError
+from mistral_tune.core.files import OWNER_MARKER
 from mistral_tune.export.verify import ExportMismatch, reference_logits
 from tests.helpers import SMALL_CONFIG as SMALL
 from tests.helpers import small_base
@@ -119,11 +120,12 @@ def test_failed_verification_keeps_nothing_and_spares_the_previous_export(tmp_pa
     out = tmp_path / "merged"
     out.mkdir()
     (out / "marker").write_text("previous export")
+    (out / OWNER_MARKER).write_text("")  # an export mistral-tune wrote, so one it may replace
     with pytest.raises(ExportMismatch, match="does not reproduce"):
         # bf16 rounding makes the difference > 0, so a 1e-9 tolerance must fail after writing everything
         export.export_model(model, tokenizer, prompts=PROMPTS, dtype_name="bfloat16", merged_dir=out, tolerance=1e-9)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    assert [p.name for p in out.iterdir()] == ["marker"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([OWNER_MARKER, "marker"])
 
 
 def test_in_memory_export_records_diff_and_writes_both_formats(tmp_path, tokenizer):

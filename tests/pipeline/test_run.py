@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from mistral_tune.core.run_lock import LOCK_NAME
 from tests.helpers import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,9 @@ def test_run_directory_layout(run_dir):
         "tokenizer.model",
     } <= merged
     assert any(n.endswith(".safetensors") for n in merged)
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "no temporary export left behind"
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME], (
+        "no temporary export left behind"
+    )
 
 
 def test_metrics_records_and_loss_falls_below_half(run_dir):
