@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from mistral_tune.core.logs import log_warning, setup_logging, teardown_logging
 from mistral_tune.core.process import default_output_dir
+from mistral_tune.config.registry import EXPORT_FORMATS
 from mistral_tune.export.preset import provenance
 from mistral_tune.pipeline.summary import build_summary, finish_run, peak_memory
 
@@ -267,7 +268,7 @@ def save_outputs(
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 
     exported: dict[str, Any] = {}
-    outs = {f: run_dir / f for f in ("merged", "preset") if getattr(cfg.export, f)}
+    outs = {f: run_dir / f for f in EXPORT_FORMATS if getattr(cfg.export, f)}
     if outs:
         # The same pipeline as `mistral-tune export run_dir=...`: streamed from the base's files and adapter/.
         exported = export_trained(
@@ -283,11 +284,15 @@ def save_outputs(
             tolerance=cfg.export.tolerance,
             base_preset=cfg.model.name,
             provenance=redact(provenance(cfg)),
+            gguf_types=list(cfg.export.gguf_types),
+            gguf_tolerance=cfg.export.gguf_tolerance,
+            gguf_name=run_dir.name,
         )
     return {
         "adapter": str(adapter_dir) if adapter_dir else None,
         "merged": exported.get("merged"),
         "preset": exported.get("preset"),
+        **({"gguf": exported["gguf"]} if "gguf" in exported else {}),
     }
 
 
