@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from mistral_tune.config.registry import EXPORT_FORMATS
 from mistral_tune.core.logs import log_warning, setup_logging, teardown_logging
 from mistral_tune.core.process import default_output_dir
-from mistral_tune.config.registry import EXPORT_FORMATS
 from mistral_tune.export.preset import provenance
 from mistral_tune.pipeline.summary import build_summary, finish_run, peak_memory
 

@@ -179,3 +179,32 @@ def test_without_xllamacpp_the_export_is_written_and_marked_unverified(
     assert result["files"][0]["verification"] is None
     assert (tmp_path / "gguf" / "tiny-q8_0.gguf").stat().st_size == result["files"][0]["bytes"]
     json.dumps(result)  # summary.json-ready
+
+
+@pytest.mark.slow
+def test_a_run_with_export_gguf_and_the_standalone_command_record_verified_files(tmp_path):
+    from mistral_tune import cli
+    from mistral_tune.config.compose import compose
+    from mistral_tune.pipeline.run import run
+
+    from .test_export_pipeline import SHORT
+
+    run_dir = tmp_path / "run"
+    summary = run(compose("sft_lora", [*SHORT, "export=gguf", f"output_dir={run_dir}"]))
+    gguf_summary = summary["gguf"]
+    assert gguf_summary["verified"] and gguf_summary["sliding_window_honoured"] is False
+    (entry,) = gguf_summary["files"]
+    assert entry["path"] == str(run_dir / "gguf" / "run-q8_0.gguf") and (run_dir / "gguf" / "run-q8_0.gguf").is_file()
+    assert entry["verification"]["max_abs_logprob_diff"] <= entry["verification"]["tolerance"]
+    assert json.loads((run_dir / "summary.json").read_text())["gguf"] == gguf_summary
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert "## GGUF (llama.cpp)" in card and "sliding-window attention (32 tokens)" in card
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "no temporary export left behind"
+    # later, another type from the run's adapter alone (no merged/ written: a hidden one is used and removed)
+    assert cli.main(["export", f"run_dir={run_dir}", "formats=[gguf]", "gguf_types=[f32]"]) == 0
+    recorded = json.loads((run_dir / "summary.json").read_text())["gguf"]
+    assert [f["type"] for f in recorded["files"]] == ["f32"] and recorded["files"][0]["verification"][
+        "tolerance"
+    ] == 1e-4
+    assert sorted(p.name for p in (run_dir / "gguf").iterdir()) == ["run-f32.gguf"]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
