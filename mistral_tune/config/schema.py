@@ -163,6 +163,13 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: List[str] = field(default_factory=list)  # lm-eval tasks run at the end of training (mistral-tune eval)
+    limit: Optional[int] = None  # at most this many documents per task
+    batch_size: int = 8
+
+
+@dataclass
 class TrainConfig:
     """Hugging Face ``TrainingArguments`` names, passed through as they are."""
 
@@ -206,6 +213,7 @@ class RunConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

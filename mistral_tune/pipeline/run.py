@@ -39,6 +39,12 @@ def preflight(cfg: Any) -> None:
     preset = PRESETS.get(cfg.model.name)
     if preset is not None and not cfg.model.path:
         models.check_max_length(cfg.trainer.max_length, preset.config.get("max_position_embeddings"))
+    if cfg.eval.tasks:  # lm-eval installed, every task known, the hub reachable for lm-eval's own tasks
+        from mistral_tune.evaluation.harness import check_installed
+        from mistral_tune.evaluation.tasks import resolve_tasks
+
+        check_installed()
+        resolve_tasks(list(cfg.eval.tasks))
 
 
 def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -207,6 +213,12 @@ def train_and_export(
         if outputs["adapter"]:
             write_model_card(Path(outputs["adapter"]), cfg, redact(summary))
         finish_run(run_dir, summary)
+        if cfg.eval.tasks:  # lm-evaluation-harness on what the run wrote (adds "eval" to summary.json)
+            from mistral_tune.evaluation.harness import evaluate
+
+            summary["eval"] = evaluate(
+                str(run_dir), list(cfg.eval.tasks), limit=cfg.eval.limit, batch_size=cfg.eval.batch_size
+            )
         tracking.log_summary(redact(summary))
     except BaseException:
         if tracking:
