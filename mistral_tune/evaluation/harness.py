@@ -138,6 +138,7 @@ def evaluate(preset: str, task_names: list[str], *, limit: Optional[int] = None,
     }
     if target["run_dir"] is not None:
         run_dir = Path(target["run_dir"])
+        (run_dir / "eval").mkdir(exist_ok=True)
         save_json(run_dir / "eval" / "results.json", {**entry, "lm_eval": _jsonable(raw)})
         entry["path"] = str(run_dir / "eval" / "results.json")
         summary_path = run_dir / "summary.json"
