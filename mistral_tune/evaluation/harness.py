@@ -127,19 +127,19 @@ def evaluate(preset: str, task_names: list[str], *, limit: Optional[int] = None,
             timings["perplexity" if not add_bos else "other"] = round(time.time() - t0, 1)
             for key in raw:
                 raw[key].update(out.get(key) or {})
-    results = {name: _metrics(raw["results"].get(name, {})) for name, _, _ in resolved}
+    results = {name: task_metrics(raw["results"].get(name, {})) for name, _, _ in resolved}
     entry = {
         "model": target["label"],
         "tasks": results,
         "limit": limit,
         "seconds": round(time.time() - started, 1),
         "call_seconds": timings,
-        "lm_eval_version": _version(),
+        "lm_eval_version": lm_eval_version(),
     }
     if target["run_dir"] is not None:
         run_dir = Path(target["run_dir"])
         (run_dir / "eval").mkdir(exist_ok=True)
-        save_json(run_dir / "eval" / "results.json", {**entry, "lm_eval": _jsonable(raw)})
+        save_json(run_dir / "eval" / "results.json", {**entry, "lm_eval": jsonable(raw)})
         entry["path"] = str(run_dir / "eval" / "results.json")
         summary_path = run_dir / "summary.json"
         if summary_path.exists():
@@ -151,7 +151,7 @@ def evaluate(preset: str, task_names: list[str], *, limit: Optional[int] = None,
     return entry
 
 
-def _metrics(task_result: dict[str, Any]) -> dict[str, Any]:
+def task_metrics(task_result: dict[str, Any]) -> dict[str, Any]:
     """lm-eval's "acc,none" / "acc_stderr,none" keys as "acc" / "acc_stderr"."""
     out = {}
     for key, value in task_result.items():
@@ -161,11 +161,11 @@ def _metrics(task_result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _version() -> str:
+def lm_eval_version() -> str:
     from importlib.metadata import version
 
     return version("lm_eval")
