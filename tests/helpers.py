@@ -128,3 +128,45 @@ def read_metrics(run_dir) -> list[dict]:
 def read_summary(run_dir) -> dict:
     """A run's summary.json."""
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def tiny_tekken_file(path: Path, special_tokens: list[str] | None = None, version: str = "v3") -> Path:
+    """A small Tekken tokenizer file in mistral-common's format: the 256 bytes, a few merges, and
+    24 special tokens (mistral-common's defaults when ``special_tokens`` is None, as in its shipped
+    files; else these, padded with fillers)."""
+    import base64
+
+    merges = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b" world", b"  ", b"\n\n"]
+    pieces = [bytes([i]) for i in range(256)] + merges
+    vocab = [
+        {"rank": i, "token_bytes": base64.b64encode(p).decode(), "token_str": p.decode("utf-8", "replace")}
+        for i, p in enumerate(pieces)
+    ]
+    # The split pattern of mistral-common's shipped Tekken files.
+    pattern = (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+        r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|"
+        r"\s+(?!\S)|\s+"
+    )
+    config = dict(pattern=pattern, num_vocab_tokens=len(vocab), default_vocab_size=24 + len(vocab))
+    config.update(default_num_special_tokens=24, version=version)
+    data: dict = {"config": config, "vocab": vocab}
+    if special_tokens is not None:
+        data["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(special_tokens)]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def mc_chat_ids(mc, messages: list[dict]) -> list[int]:
+    """mistral-common's ids for a conversation (``mc``: its ``MistralTokenizer``).  One ending on an
+    answer (training): the request up to the last user turn, then the answer as mistral-common
+    encodes answers mid-conversation (content + EOS)."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    if messages[-1]["role"] == "assistant":
+        answer = AssistantMessage(content=messages[-1]["content"])
+        return mc_chat_ids(mc, messages[:-1]) + mc.instruct_tokenizer.encode_assistant_message(answer, False)
+    roles = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[roles[m["role"]](content=m["content"]) for m in messages])
+    return mc.encode_chat_completion(request).tokens

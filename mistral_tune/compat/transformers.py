@@ -126,3 +126,18 @@ def repeat_cache(cache: Any, repeats: int) -> None:
 def select_cache(cache: Any, indices: Any) -> None:
     """Keep only the batch rows ``indices`` of a cache, in place (``Cache.batch_select_indices``)."""
     cache.batch_select_indices(indices)
+
+
+# --- tokenizers --------------------------------------------------------------------------------------
+
+
+def tekken_to_tokenizers(path: Any) -> Any:
+    """A Tekken tokenizer file as a ``tokenizers.Tokenizer``, by transformers' own converter.
+
+    ``transformers.integrations.mistral.MistralConverter`` (transformers 5.x) lays the ranks out as
+    mistral-common does (special tokens first) and derives the BPE merges from them. It lives in a
+    submodule, not transformers' top-level API, hence here.
+    """
+    from transformers.integrations.mistral import MistralConverter
+
+    return MistralConverter(vocab_file=str(path)).converted()

@@ -177,3 +177,25 @@ def test_a_cache_made_for_a_model_that_got_none_fills_and_extends():
     assert torch.allclose(step, full, atol=1e-5), broken(
         "transformers", "DynamicCache(config=...)", "differs from a full pass"
     )
+
+
+def test_tekken_converter(tmp_path):
+    """transformers' Tekken converter: mistral-common's id layout (specials first) and tiktoken's ids."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    from tests.helpers import tiny_tekken_file
+
+    path = tiny_tekken_file(tmp_path / "tekken_tiny.json")
+    try:
+        tok = compat.tekken_to_tokenizers(path)
+    except (ImportError, AttributeError, TypeError) as exc:
+        pytest.fail(broken("transformers", "integrations.mistral.MistralConverter", f"fails ({exc})"))
+    reference = Tekkenizer.from_file(path)
+    for piece in ("<unk>", "<s>", "</s>", "[INST]", "<pad>", "<SPECIAL_23>"):
+        assert reference.id_to_piece(tok.token_to_id(piece)) == piece, broken(
+            "transformers", "integrations.mistral.MistralConverter", f"puts {piece} elsewhere"
+        )
+    for text in ["hello world", "  hello\n\nworld wor", "héllo 🤖"]:
+        assert tok.encode(text, add_special_tokens=False).ids == reference.encode(text, bos=False, eos=False), broken(
+            "transformers", "integrations.mistral.MistralConverter", f"encodes {text!r} differently"
+        )

@@ -1,0 +1,256 @@
+"""`MistralTokenizer`: exact Mistral tokenization (SentencePiece or Tekken), the chat formats, and
+a Hugging Face export that gives the same ids.
+
+Plain-text ids come from `sentencepiece` or `tiktoken` on the file itself, as in mistral-common.
+`encode_chat` is the one definition of the chat formats (chat_formats.py), used for training and
+generation alike; `to_hf` exports an equivalent `transformers` tokenizer whose Jinja chat template
+renders to the same ids.  tests/models/test_tokenizer*.py check all of it against mistral-common.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from mistral_tune.models.presets import PRESETS
+from mistral_tune.models.sources import ModelSource, resolve_handle
+from mistral_tune.models.tokenizer import chat_formats
+from mistral_tune.models.tokenizer.chat_formats import CHAT_FORMATS, CHAT_TEMPLATES
+from mistral_tune.models.tokenizer.files import TEKKEN, TOKENIZER_FILES, tokenizer_file, tokenizer_kind
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FILE = "mistral_tune_tokenizer.json"
+AUTO = "auto"
+
+# Tekken files name the mistral-common instruct encoder they were made for; plain chats of these
+# versions are our formats (later versions add settings tokens and must be named explicitly).
+_TEKKEN_VERSION_FORMATS = {"v3": "tekken", "v7": "v7"}
+
+
+def _backend(model_file: Path) -> Any:
+    if tokenizer_kind(model_file) == TEKKEN:
+        from mistral_tune.models.tokenizer.tekken import TekkenBackend
+
+        return TekkenBackend(model_file)
+    from mistral_tune.models.tokenizer.sentencepiece import SentencePieceBackend
+
+    return SentencePieceBackend(model_file)
+
+
+def infer_chat_template(backend: Any) -> str:
+    """The chat format mistral-common uses with this file: by its version (Tekken) or control tokens."""
+    if backend.kind == TEKKEN:
+        if backend.version not in _TEKKEN_VERSION_FORMATS:
+            raise ValueError(
+                f"{backend.model_file} is a Tekken {backend.version} file; its chat format is not inferred "
+                f"(known: {sorted(_TEKKEN_VERSION_FORMATS)}): pass chat_template= explicitly"
+            )
+        return _TEKKEN_VERSION_FORMATS[backend.version]
+    if backend.control_id("[SYSTEM_PROMPT]") is not None:
+        return "v7"
+    return "v3" if backend.control_id("[INST]") is not None else "v1"
+
+
+class MistralTokenizer:
+    """Exact Mistral tokenizer for a SentencePiece model or a Tekken json, with its chat format.
+
+    Args:
+        model_file: a SentencePiece model (`tokenizer.model`, `tokenizer.model.v3`, ...) or a Tekken
+            file (any `*tekken*.json`, mistral-common's rule).
+        chat_template: "v1", "v3", "v7", "tekken" (see `chat_formats`), "auto" (the format
+            mistral-common uses with this file) or None (a base model: `encode_chat` still works,
+            in the file's own format).
+
+    Example:
+        >>> tok = MistralTokenizer.from_version("tekken_240911")   # Ministral 8B, chat format "tekken"
+        >>> tok.encode("Hello")                                      # [1, 22177]: BOS, then tiktoken's ids
+        >>> ids, mask = tok.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    """
+
+    def __init__(self, model_file: str | Path, chat_template: Optional[str] = AUTO) -> None:
+        if chat_template not in (None, AUTO, *CHAT_TEMPLATES):
+            raise ValueError(
+                f"unknown chat_template {chat_template!r}; expected one of {CHAT_TEMPLATES}, {AUTO!r} or None"
+            )
+        self.model_file = Path(model_file)
+        self._backend = backend = _backend(self.model_file)
+        if chat_template == AUTO:
+            chat_template = infer_chat_template(backend)
+        self.chat_template = chat_template
+        self._format = CHAT_FORMATS[chat_template or infer_chat_template(backend)]
+        chat_formats.check_format(self._format, backend, str(self.model_file))
+        self.kind: str = backend.kind  # "sentencepiece" or "tekken"
+        self.vocabulary_size: int = backend.vocabulary_size
+        self.bos_id: int = backend.bos_id
+        self.eos_id: int = backend.eos_id
+        self.unk_id: int = backend.unk_id
+        self.pad_id: int = backend.pad_id  # never EOS: <unk> for SentencePiece, <pad> for Tekken
+        self.special_ids: frozenset[int] = backend.special_ids
+
+    @classmethod
+    def from_version(cls, version: str, chat_template: Optional[str] = AUTO) -> MistralTokenizer:
+        """A tokenizer file shipped with mistral-common: "v1", "v2", "v3", "v7", "v7m1",
+        "tekken_240718" (Nemo) or "tekken_240911" (Ministral 8B).  "auto" takes the file's chat
+        format from `files.TOKENIZER_FILES` (the one mistral-common's instruct encoder uses)."""
+        if chat_template == AUTO and version in TOKENIZER_FILES:
+            chat_template = TOKENIZER_FILES[version].chat_template
+        return cls(tokenizer_file(version), chat_template=chat_template)
+
+    @classmethod
+    def from_preset(cls, preset: str, revision: str | None = None) -> MistralTokenizer:
+        """The tokenizer of a preset id, `hf://org/name`, `kaggle://...` or a local preset directory.
+
+        Built-in presets resolve offline from mistral-common's files.
+        """
+        return load_preset_tokenizer(preset, revision=revision)
+
+    def __repr__(self) -> str:
+        return f"MistralTokenizer({str(self.model_file)!r}, chat_template={self.chat_template!r})"
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        """Encode plain text exactly as mistral-common (sentencepiece / tiktoken), optionally with BOS/EOS.
+
+        Special-token strings written in the text ("<s>", "[INST]") are encoded as text."""
+        ids = self._backend.encode(text)
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Decode ids to text; with `skip_special_tokens=False` control tokens appear as their strings."""
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._backend.id_to_piece(int(token_id))
+
+    def control_id(self, piece: str) -> Optional[int]:
+        """The id of control token `piece` ("[INST]", "</s>", ...), or None if the vocabulary has none."""
+        return self._backend.control_id(piece)
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Encode a conversation into `(input_ids, assistant_mask)`.
+
+        The ids equal `mistral_common`'s `encode_chat_completion` for the same messages; a
+        conversation ending with an assistant turn (training) is encoded as mistral-common
+        encodes assistant turns mid-conversation (content + EOS).  The mask is 1 exactly on
+        the tokens the model must learn to produce: assistant content and its closing EOS.
+        Mistral formats have no assistant header, so `add_generation_prompt` adds nothing;
+        True only asserts that the conversation ends with a user turn.  Raises ValueError
+        when roles do not alternate user/assistant after an optional leading system message.
+        """
+        return chat_formats.encode_chat(self._format, self._backend, messages, add_generation_prompt)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Ids of `encode_chat` only (prompt for generation by default)."""
+        return self.encode_chat(messages, add_generation_prompt=add_generation_prompt)[0]
+
+    @property
+    def chat_format(self) -> str:
+        """The format `encode_chat` uses: `chat_template`, or the file's own one for a base model."""
+        return self._format.name
+
+    @property
+    def jinja_chat_template(self) -> str:
+        """The Jinja export of `encode_chat`, as shipped in `to_hf().chat_template`."""
+        return chat_formats.jinja_template(self._format, self.kind)
+
+    def to_hf(self) -> Any:
+        """Export as a `transformers.PreTrainedTokenizerFast` with identical encoding.
+
+        Plain text encodes as `encode` (BOS added by the tokenizer itself), pad is <unk>
+        (SentencePiece) or <pad> (Tekken), never EOS, and `chat_template` renders conversations
+        to the ids of `encode_chat`.  Known gap: HF matches special-token strings ("<s>",
+        "[INST]", ...) written literally in text as control tokens, where mistral-common
+        encodes them as text (pass `split_special_tokens=True` for plain text to get its ids).
+        """
+        from transformers import PreTrainedTokenizerFast
+
+        piece = self.id_to_piece
+        return PreTrainedTokenizerFast(
+            tokenizer_object=self._backend.hf_backend(),
+            bos_token=piece(self.bos_id),
+            eos_token=piece(self.eos_id),
+            unk_token=piece(self.unk_id),
+            pad_token=piece(self.pad_id),
+            add_bos_token=True,
+            add_eos_token=False,
+            clean_up_tokenization_spaces=False,
+            chat_template=self.jinja_chat_template,
+        )
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the HF tokenizer files, the tokenizer file itself and a sidecar naming it and the chat template.
+
+        The file keeps mistral-common's format: `tokenizer.model` (SentencePiece) or
+        `mistral_tune_tekken.json` (Tekken; not `tekken.json`, which would make transformers load
+        its mistral-common backend instead of the exported tokenizer.json).
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        # BOS lives in tokenizer.json's post-processor, which transformers v5 treats as
+        # authoritative (it drops add_bos_token from tokenizer_config.json on save and load).
+        self.to_hf().save_pretrained(str(out))
+        target = out / self._backend.saved_name
+        if not (target.exists() and target.samefile(self.model_file)):
+            shutil.copyfile(self.model_file, target)
+        sidecar = {"chat_template": self.chat_template, "tokenizer_file": target.name}
+        (out / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, chat_template: Optional[str] = AUTO) -> MistralTokenizer:
+        """Load from a directory written by `save_pretrained`, or a hub repo's files.
+
+        The tokenizer file is the one the sidecar names, else `tokenizer.model`, `tekken.json`, another
+        `*tekken*.json` or `tokenizer.model.v*`.  With `chat_template="auto"` the sidecar's chat
+        template is used, else the one inferred from the file (`infer_chat_template`).
+        """
+        directory = Path(directory)
+        sidecar = directory / SIDECAR_FILE
+        recorded = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        model_file = find_tokenizer_file(directory, recorded.get("tokenizer_file"))
+        if model_file is None:
+            raise FileNotFoundError(f"no tokenizer file (tokenizer.model or *tekken*.json) in {directory}")
+        if chat_template == AUTO and "chat_template" in recorded:
+            chat_template = recorded["chat_template"]
+        return cls(model_file, chat_template=chat_template)
+
+
+def find_tokenizer_file(directory: Path, recorded: Optional[str] = None) -> Optional[Path]:
+    """The tokenizer file of a directory (see `MistralTokenizer.from_pretrained`), or None."""
+    candidates = [recorded] if recorded else []
+    candidates += ["tokenizer.model", "tekken.json"]
+    candidates += sorted(p.name for p in directory.glob("*tekken*.json"))
+    candidates += sorted(p.name for p in directory.glob("tokenizer.model.v*"))
+    return next((directory / c for c in candidates if (directory / c).is_file()), None)
+
+
+def load_preset_tokenizer(preset: str, revision: str | None = None) -> MistralTokenizer:
+    """Only the tokenizer of a handle (built-in presets resolve offline from mistral-common's files)."""
+    return load_tokenizer(resolve_handle(preset, load_weights=False, revision=revision))
+
+
+def load_tokenizer(source: ModelSource) -> MistralTokenizer:
+    """The exact tokenizer: a saved or downloaded one, a keras-hub vocabulary, or the preset's file.
+
+    A directory's own tokenizer file wins; its chat template is the sidecar's, else the preset's,
+    else inferred from the file.
+    """
+    preset = source.preset
+    if source.local_dir is not None and find_tokenizer_file(source.local_dir) is not None:
+        if preset is not None and not (source.local_dir / SIDECAR_FILE).is_file():
+            return MistralTokenizer.from_pretrained(source.local_dir, chat_template=preset.chat_template)
+        return MistralTokenizer.from_pretrained(source.local_dir)
+    keras_spm = source.local_dir / "assets" / "tokenizer" / "vocabulary.spm" if source.local_dir else None
+    if keras_spm is not None and keras_spm.is_file():
+        return MistralTokenizer(keras_spm, chat_template=preset.chat_template if preset else "v1")
+    if preset is None:
+        log.warning("no tokenizer file in %s; using the Mistral v1 tokenizer", source.label)
+        preset = PRESETS["mistral_7b_en"]
+    return MistralTokenizer.from_version(preset.tokenizer, chat_template=preset.chat_template)
