@@ -7,8 +7,9 @@ checkpoints are plain Llama-architecture tensors, so the mapping is short:
 
 - metadata: ``llama.*`` hyperparameters from ``config.json`` (no sliding-window key: llama.cpp's
   ``llama`` architecture has none, so it attends to the whole context; see ``sliding_window_note``);
-- tokenizer: SentencePiece pieces, scores and token types (``tokenizer.ggml.model = llama``, BOS added,
-  EOS not), the BOS/EOS/UNK/pad ids, and the chat template;
+- tokenizer: SentencePiece pieces, scores and token types (``tokenizer.ggml.model = llama``), or a
+  Tekken file's byte-level tokens and merges (``gpt2`` with the ``tekken`` pre-tokenizer); BOS added,
+  EOS not; the BOS/EOS/UNK/pad ids, and the chat template;
 - tensors: renamed through gguf's ``TensorNameMap``; the query and key projections have their rows
   reordered, because Hugging Face's rotary embedding rotates the two halves of each head while
   llama.cpp's rotates adjacent pairs; 1-D tensors (norms) stay float32, 2-D ones take the file type.
@@ -179,14 +180,32 @@ def stored_shape(shape: tuple[int, ...], ggml_type: str) -> tuple[tuple[int, ...
 
 
 def tokenizer_metadata(writer: Any, tokenizer: Any) -> None:
-    """The SentencePiece vocabulary, special ids and chat template, as llama.cpp's ``llama`` tokenizer reads them."""
-    import gguf
-
-    sp = getattr(tokenizer, "_sp", None)
-    if sp is None:
+    """The vocabulary, special ids and chat template as llama.cpp reads them: SentencePiece files as its
+    ``llama`` tokenizer (pieces, scores, token types), Tekken files as its ``gpt2`` byte-level BPE with
+    the ``tekken`` pre-tokenizer (tokens and merges as the Hugging Face export spells them)."""
+    kind = getattr(tokenizer, "kind", None)
+    if kind == "sentencepiece":
+        sentencepiece_vocab(writer, tokenizer)
+    elif kind == "tekken":
+        tekken_vocab(writer, tokenizer)
+    else:
         raise UserError(
-            f"GGUF export supports SentencePiece tokenizers (Mistral v1/v3); {type(tokenizer).__name__} is not one yet."
+            f"GGUF export supports Mistral's SentencePiece and Tekken tokenizers; {type(tokenizer).__name__} is neither."
         )
+    writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_unk_token_id(tokenizer.unk_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(tokenizer.jinja_chat_template)
+
+
+def sentencepiece_vocab(writer: Any, tokenizer: Any) -> None:
+    import gguf
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer.model_file))
     tokens, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i))
@@ -207,13 +226,27 @@ def tokenizer_metadata(writer: Any, tokenizer: Any) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_bos_token_id(tokenizer.bos_id)
-    writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_unk_token_id(tokenizer.unk_id)
-    writer.add_pad_token_id(tokenizer.pad_id)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_chat_template(tokenizer.jinja_chat_template)
+
+
+def tekken_vocab(writer: Any, tokenizer: Any) -> None:
+    import gguf
+
+    exported = json.loads(tokenizer.to_hf().backend_tokenizer.to_str())
+    vocab = exported["model"]["vocab"]
+    tokens = [""] * tokenizer.vocabulary_size
+    for piece, i in vocab.items():
+        tokens[i] = piece
+    for added in exported.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+    if not all(tokens):
+        raise UserError(f"GGUF export: the Tekken vocabulary of {tokenizer.model_file} has unnamed ids.")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in exported["model"]["merges"]]
+    types = [gguf.TokenType[_CONTROL if i in tokenizer.special_ids else _NORMAL] for i in range(len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("tekken")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
 
 
 def model_metadata(writer: Any, config: dict[str, Any], name: str, gguf_type: str) -> None:

@@ -67,9 +67,8 @@ def test_the_f32_file_holds_the_models_metadata_tokenizer_and_exact_tensors(tmp_
     assert fields["llama.attention.head_count_kv"] == TINY_CONFIG["num_key_value_heads"]
     assert not any("sliding_window" in k for k in fields)  # llama.cpp's llama architecture has none
     assert info["sliding_window"] == TINY_CONFIG["sliding_window"]
-    sp = tiny_tokenizer._sp
     assert fields["tokenizer.ggml.model"] == "llama"
-    assert fields["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert fields["tokenizer.ggml.tokens"] == [tiny_tokenizer.id_to_piece(i) for i in range(32000)]
     assert fields["tokenizer.ggml.bos_token_id"] == tiny_tokenizer.bos_id
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
     assert fields["tokenizer.chat_template"] == tiny_tokenizer.jinja_chat_template
@@ -124,7 +123,7 @@ def test_a_non_sentencepiece_tokenizer_or_a_vocab_mismatch_is_refused(tmp_path, 
 
     with pytest.raises(UserError, match="vocab_size 32000 differs from the tokenizer's 32768"):
         gguf_file.write_gguf(merged_v1, tmp_path / "x.gguf", v3_tokenizer, "f32", name="x")
-    with pytest.raises(UserError, match="SentencePiece"):
+    with pytest.raises(UserError, match="SentencePiece and Tekken"):
         gguf_file.tokenizer_metadata(None, object())
 
 
@@ -158,6 +157,22 @@ def test_v3_tokenizer_exports_verify_with_equal_prompt_token_counts(tmp_path, v3
     check = result["files"][0]["verification"]
     assert result["sliding_window_honoured"] is True and "sliding_window_note" not in result
     assert check["prompt_tokens_equal"] and check["max_abs_logprob_diff"] <= check["tolerance"]
+
+
+@pytest.mark.slow
+def test_tekken_exports_verify_with_equal_prompt_token_counts(tmp_path):
+    """Mistral Nemo's Tekken file as llama.cpp's byte-level BPE (gpt2 + tekken pre-tokenizer)."""
+    from mistral_tune.models.tokenizer import MistralTokenizer
+
+    tokenizer = MistralTokenizer.from_version("tekken_240718")
+    merged = save_tiny(tmp_path / "merged-tekken", vocab_size=tokenizer.vocabulary_size, sliding_window=None,
+                       hidden_size=64, intermediate_size=128, head_dim=16,  # a 131k vocabulary: keep it small
+                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)  # fmt: skip
+    result = export_gguf(merged, tmp_path / "gguf", tokenizer, ["f32"], name="tekken")
+    _, fields = read(tmp_path / "gguf" / "tekken-f32.gguf")
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "tekken"
+    check = result["files"][0]["verification"]
+    assert check["prompt_tokens_equal"] and check["max_abs_logprob_diff"] <= check["tolerance"] == 1e-4
 
 
 def test_a_wrong_file_fails_verification(tmp_path, merged_v1, tiny_tokenizer, monkeypatch):
