@@ -20,7 +20,7 @@ else
 CONSTRAINTS := $(VENV)/lock-without-torch.txt
 endif
 
-.PHONY: install run test lint clean lock test-latest test-oldest
+.PHONY: install run test lint clean lock test-latest test-oldest keras-hub-venv
 
 install: $(BIN)/mistral-tune
 
@@ -34,8 +34,23 @@ $(BIN)/mistral-tune: pyproject.toml $(LOCK)
 run: install
 	$(BIN)/mistral-tune recipe=sft_lora $(OVERRIDES)
 
-test: install
-	$(BIN)/python -m pytest -q
+# The real keras-hub in a venv of its own (no TensorFlow; KERAS_BACKEND=torch), for the interop tests
+# (tests/interop/): exactly the pins of its lock, installed with --no-deps (keras-hub declares
+# tensorflow-text, which the torch backend never imports). About 1.1 GB; torch is the CPU wheel.
+KERAS_VENV := .venv-keras
+KERAS_LOCK := requirements/lock-keras-hub.txt
+keras-hub-venv: $(KERAS_VENV)/.installed
+
+$(KERAS_VENV)/.installed: $(KERAS_LOCK)
+	rm -rf $(KERAS_VENV)
+	$(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/$(PIP) -c $(KERAS_LOCK) "$(TORCH_CPU)"
+	$(KERAS_VENV)/bin/$(PIP) --no-deps -r $(KERAS_LOCK)
+	touch $@
+
+# KERAS_HUB_PYTHON switches the interop tests on (a bare `pytest` skips them).
+test: install keras-hub-venv
+	KERAS_HUB_PYTHON=$(CURDIR)/$(KERAS_VENV)/bin/python $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check mistral_tune tests scripts $(wildcard bench)
@@ -87,4 +102,4 @@ test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(OLDEST) $(LOCK_VENV) build dist *.egg-info
+	rm -rf $(VENV) $(LATEST) $(OLDEST) $(LOCK_VENV) $(KERAS_VENV) build dist *.egg-info

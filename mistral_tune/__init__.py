@@ -20,6 +20,8 @@ _LAZY = {
     "RandomSampler": "inference.samplers",
     "BeamSampler": "inference.samplers",
     "ContrastiveSampler": "inference.samplers",
+    "SpeculativeSampler": "inference.samplers",
+    "MistralCausalLMPreprocessor": "api.preprocessor",
     "UserError": "core.errors",
 }
 

@@ -133,3 +133,45 @@ def quantization_record(model: Any) -> Optional[dict[str, Any]]:
                 "modules": quantized_modules(model),
             }
     return None
+
+
+QUANTIZE_MODES = ("int8", "int4")
+
+
+def quantize_in_place(model: Any, mode: str = "int8", skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Swap every ``nn.Linear`` of a loaded model (except ``skip``) for its bitsandbytes form, in place:
+    "int8" = ``Linear8bitLt`` (LLM.int8() weights, per-row absmax), "int4" = ``Linear4bit`` (NF4).
+    Both run on CPU with bitsandbytes >= 0.49 and on CUDA. Returns the number of layers swapped.
+    (keras-hub's ``quantize("int8")`` is Keras' own int8; the weights differ in rounding, not in kind.)
+    """
+    if mode not in QUANTIZE_MODES:
+        raise UserError(f"quantize: mode {mode!r} is not one of {', '.join(QUANTIZE_MODES)}.")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise UserError("quantize() needs bitsandbytes: pip install 'mistral-tune[qlora]'.") from exc
+    import torch
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or name in skip:
+                continue
+            weight = child.weight.data
+            device, dtype = weight.device, weight.dtype
+            has_bias = child.bias is not None
+            if mode == "int8":
+                new = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0
+                )
+                new.weight = bnb.nn.Int8Params(weight.cpu().clone(), requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=has_bias, compute_dtype=dtype, quant_type="nf4"
+                )
+                new.weight = bnb.nn.Params4bit(weight.cpu().clone(), requires_grad=False, quant_type="nf4")
+            if has_bias:
+                new.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(parent, name, new.to(device))  # moving the weight quantizes it
+            swapped += 1
+    return swapped

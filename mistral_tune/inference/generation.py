@@ -53,10 +53,56 @@ def normalize_inputs(inputs: Any) -> tuple[list[Any], bool]:
         return [inputs], True
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) or is_conversation(p) for p in inputs):
         return list(inputs), False
+    if type(inputs).__module__.startswith("tensorflow"):
+        raise UserError(
+            "generate() does not take a tf.data.Dataset: mistral-tune runs on PyTorch without TensorFlow. Pass "
+            "the strings as a list (e.g. [x.decode() for x in ds.as_numpy_iterator()])."
+        )
     raise UserError(
-        "generate() takes a string, a conversation (a list of {'role', 'content'} dicts), or a non-empty list "
-        f"of those; got {type(inputs).__name__}."
+        "generate() takes a string, a conversation (a list of {'role', 'content'} dicts), a non-empty list "
+        f"of those, or a dict of token ids ({{'token_ids', 'padding_mask'}}); got {type(inputs).__name__}."
     )
+
+
+def is_token_dict(inputs: Any) -> bool:
+    """keras-hub's preprocessed input: ``{"token_ids": [batch, seq], "padding_mask": [batch, seq]}``."""
+    return isinstance(inputs, Mapping) and "token_ids" in inputs
+
+
+def generate_token_dict(
+    model: Any,
+    tokenizer: Any,
+    inputs: Mapping,
+    *,
+    sampler: Any,
+    stop_ids: Optional[tuple[int, ...]],
+    strip_prompt: bool,
+) -> dict[str, Any]:
+    """keras-hub's ``generate`` on token ids: each row's prompt (its ``padding_mask``, right-padded)
+    is continued up to the width of ``token_ids``. Returns the same dict shape: ``padding_mask`` is
+    true on the prompt and the new tokens up to and including a stop id; with ``strip_prompt`` the
+    new tokens are moved to the front and only they are marked."""
+    import torch
+
+    ids = torch.as_tensor(inputs["token_ids"]).long()
+    single = ids.dim() == 1
+    ids = ids[None] if single else ids
+    mask = inputs.get("padding_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    mask = mask[None] if mask.dim() == 1 else mask
+    width = ids.shape[1]
+    prompts = [row[m].tolist() for row, m in zip(ids, mask)]
+    new = generate_ids(model, tokenizer, prompts, sampler=sampler, max_length=width, stop_ids=stop_ids)
+    if len(new) != len(prompts):
+        raise UserError("generate() on token ids returns one sequence per row; use a sampler without several beams.")
+    out_ids = torch.full_like(ids, tokenizer.pad_id)
+    out_mask = torch.zeros_like(mask)
+    for i, (prompt, gen) in enumerate(zip(prompts, new)):
+        row = gen if strip_prompt else prompt + gen
+        out_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        out_mask[i, : len(row)] = True  # past a stop: padding (keras-hub leaves masked-out tokens there)
+    result = {"token_ids": out_ids, "padding_mask": out_mask}
+    return {k: v[0] for k, v in result.items()} if single else result
 
 
 def encode_inputs(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
@@ -121,26 +167,34 @@ def generate_ids(
     max_length: int,
     stop_ids: Optional[tuple[int, ...]],
 ) -> list[list[int]]:
-    """New token ids per prompt, batched with left padding, cut before the first stop id.
+    """New token ids per prompt, batched with left padding, cut after the first stop id (kept).
 
-    ``max_length`` counts the longest prompt plus the new tokens (keras-hub's meaning).
+    A sampler returning several sequences per prompt (all beams) gives them consecutively.
+
+    ``max_length`` is each row's own limit, prompt plus new tokens, as in keras-hub: in a batch a
+    short prompt gets more new tokens than a long one. The batch runs until its shortest prompt can
+    reach ``max_length``; longer rows are cut to their own limit (rows never see each other, so the
+    extra steps change nothing in them). The stop token closing a row is returned; callers that
+    hide EOS (``"auto"``) drop it when decoding, as keras-hub's postprocessing does.
     """
     import torch
 
     longest = max(len(p) for p in prompt_ids)
+    shortest = min(len(p) for p in prompt_ids)
     if longest >= max_length:
         raise UserError(f"The longest prompt has {longest} tokens, which leaves no room below max_length={max_length}.")
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_id, device)
-    kwargs = sampler.generate_kwargs()
+    kwargs = sampler.transformers_kwargs()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), sampler.rng(), _clean_generation_config(model, tokenizer):
-            out = model.generate(
+            out = sampler.run(
+                model,
                 input_ids=input_ids,
                 attention_mask=attention_mask,  # generate() derives padding-aware position ids from it
-                max_length=max_length,
+                max_new_tokens=max_length - shortest,
                 eos_token_id=list(stop_ids) if stop_ids else None,
                 pad_token_id=tokenizer.pad_id,
                 use_cache=True,
@@ -149,9 +203,12 @@ def generate_ids(
     finally:
         model.train(was_training)
     results = []
-    for row in out[:, input_ids.shape[1] :].tolist():
+    per_prompt = out.shape[0] // len(prompt_ids)  # BeamSampler(return_all_beams=True): num_beams rows each
+    for i, row in enumerate(out[:, input_ids.shape[1] :].tolist()):
+        prompt = prompt_ids[i // per_prompt]
+        row = row[: max_length - len(prompt)]
         if stop_ids:
-            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-            row = row[:cut]
+            cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
+            row = row if cut is None else row[: cut + 1]
         results.append(row)
     return results

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from mistral_tune.core.errors import UserError
@@ -45,7 +46,16 @@ def token_log_likelihoods(logits: Any, ids: Any, mask: Any):
     return out, torch.cat([valid.new_zeros(ids.shape[0], 1), valid], dim=1)
 
 
-def score(model: Any, tokenizer: Any, inputs: Any, padding_mask: Any, scoring_mode: str):
+def score(
+    model: Any,
+    tokenizer: Any,
+    inputs: Any,
+    padding_mask: Any,
+    scoring_mode: str,
+    *,
+    layer_intercept_fn: Any = None,
+    target_ids: Any = None,
+):
     """See ``MistralCausalLM.score``."""
     import torch
 
@@ -57,14 +67,50 @@ def score(model: Any, tokenizer: Any, inputs: Any, padding_mask: Any, scoring_mo
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # keras-hub computes score under the caller's gradient tape; an intercept fn is how a caller
+        # reaches activations, so autograd stays on with one.
+        with torch.set_grad_enabled(layer_intercept_fn is not None), _intercepted(model, layer_intercept_fn):
             logits, ids, mask = batch_logits(model, inputs, padding_mask)
     finally:
         model.train(was_training)
     if scoring_mode == "logits":
         return logits
+    if target_ids is not None:
+        targets = torch.as_tensor(target_ids, device=logits.device).long()
+        if targets.shape != ids.shape:
+            raise UserError(
+                f"target_ids must have the shape of token_ids {tuple(ids.shape)}; got {tuple(targets.shape)}."
+            )
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        ll = logprobs.gather(-1, targets[..., None]).squeeze(-1)
+        return ll if scoring_mode == "log_likelihood" else -ll
     ll, _ = token_log_likelihoods(logits, ids, mask)
     return ll if scoring_mode == "log_likelihood" else -ll
+
+
+@contextlib.contextmanager
+def _intercepted(model: Any, fn: Any) -> Iterator[None]:
+    """Run ``fn(x, -1)`` on the token embeddings and ``fn(x, i)`` on decoder layer i's output, in place of them."""
+    if fn is None:
+        yield
+        return
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+    def hook(index: int):
+        def replace(module: Any, args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (fn(output[0], index), *output[1:])
+            return fn(output, index)
+
+        return replace
+
+    handles = [decoder.embed_tokens.register_forward_hook(hook(-1))]
+    handles += [layer.register_forward_hook(hook(i)) for i, layer in enumerate(decoder.layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _texts(data: Any, text_field: str) -> Iterable[str]:

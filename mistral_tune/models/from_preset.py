@@ -19,11 +19,17 @@ def preset_label(preset: Any, source: Any) -> str:
     return source.preset.id if source.preset is not None else str(preset)
 
 
+def dtype_name(dtype: Any) -> Any:
+    """``torch.bfloat16`` -> "bfloat16" (keras-hub takes dtype objects too); names pass through."""
+    text = str(dtype)
+    return text.removeprefix("torch.") if text.startswith("torch.") else dtype
+
+
 def load_preset_model(
     preset: str,
     load_weights: bool = True,
     *,
-    dtype: str = "auto",
+    dtype: Any = "auto",
     attn_implementation: str = "auto",
     revision: str | None = None,
     allow_pickle: bool = False,
@@ -35,6 +41,7 @@ def load_preset_model(
     from mistral_tune.config.schema import ModelConfig
     from mistral_tune.models.tokenizer import load_tokenizer
 
+    dtype = dtype_name(dtype)
     if dtype not in DTYPE_CHOICES:
         raise UserError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_CHOICES)}.")
     source = resolve_handle(preset, load_weights=load_weights, revision=revision)
@@ -54,23 +61,21 @@ def load_preset_model(
             f"{model.config.vocab_size} embeddings; they do not belong together."
         )
     metadata = read_metadata(source.local_dir)
+    sequence_length = keras_sequence_length(source.local_dir)
+    if sequence_length is not None:
+        metadata = {**metadata, "sequence_length": sequence_length}
     return model, tokenizer, metadata, metadata.get("base_preset") or preset_label(preset, source)
 
 
-def preset_table() -> dict[str, dict[str, Any]]:
-    """keras-hub's ``presets`` shape: id -> {"metadata": {description, params, ...}, handle}."""
-    from mistral_tune.models.presets import PRESETS, format_params
+def keras_sequence_length(directory: Any) -> int | None:
+    """The ``sequence_length`` of a keras-hub preset's ``preprocessor.json``, if it has one."""
+    import json
 
-    return {
-        p.id: {
-            "metadata": {
-                "description": p.description,
-                "params": p.parameter_count,
-                "params_human": format_params(p.parameter_count),
-                "official_name": "Mistral",
-                "path": "mistral",
-            },
-            "handle": f"hf://{p.hf_repo}" if p.hf_repo else "embedded",
-        }
-        for p in PRESETS.values()
-    }
+    path = directory / "preprocessor.json" if directory is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))["config"]["sequence_length"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return int(value) if isinstance(value, int) else None

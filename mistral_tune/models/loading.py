@@ -87,13 +87,25 @@ def load_model(
     attn = pick_attn_implementation(model_cfg.attn_implementation)
     dtype = resolve_dtype(model_cfg.dtype)
     weightless = source.local_dir is None and source.hub_repo is None  # embedded preset
-    if weightless or not model_cfg.load_weights:
+    directory = None
+    if not weightless and model_cfg.load_weights:
+        directory = source.local_dir or download_source(source, model_cfg).local_dir
+    keras = directory is not None and keras_layout(directory) is not None
+    if weightless or not model_cfg.load_weights or keras:
         torch.manual_seed(seed)  # a random-init model is the same model for the same seed
-        config = load_config(source, model_cfg.revision, **head)
+        config = load_config(
+            ModelSource(source.preset, directory, None) if keras else source, model_cfg.revision, **head
+        )
         model = auto_class.from_config(config, attn_implementation=attn).to(dtype)
+        if keras:
+            from mistral_tune.models.keras_weights import load_keras_weights
+
+            if task == "SEQ_CLS":
+                raise UserError(f"{directory} is a keras-hub causal LM preset; a reward model needs a HF checkpoint.")
+            load_keras_weights(model, directory)  # keras-hub's model.weights.h5, converted in memory
         if quantization_config is None:
             return model
-        # bitsandbytes quantizes while loading, so a random-init base goes through a temporary save.
+        # bitsandbytes quantizes while loading, so the base goes through a temporary save.
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="mistral-tune-base-") as tmp:
@@ -101,13 +113,6 @@ def load_model(
             return auto_class.from_pretrained(
                 tmp, dtype=dtype, attn_implementation=attn, quantization_config=quantization_config
             )
-    directory = source.local_dir or download_source(source, model_cfg).local_dir
-    if keras_layout(directory) is not None:
-        raise UserError(
-            f"{directory} is a keras-hub preset; its model.weights.h5 is Keras-format and mistral-tune loads "
-            "Hugging Face safetensors only. Use load_weights=False for the architecture, or the Hugging Face "
-            "checkpoint (e.g. hf://mistralai/Mistral-7B-v0.1 or a Kaggle PyTorch/HF variation)."
-        )
     check_weight_files(directory, model_cfg.allow_pickle)
     return auto_class.from_pretrained(
         directory,

@@ -161,6 +161,7 @@ KERAS_TO_HF = {
     "layer_norm_epsilon": "rms_norm_eps",
     "sliding_window": "sliding_window",
     "dropout": "attention_dropout",
+    "head_dim": "head_dim",
 }
 
 # Keys keras-hub writes into a backbone config that have no architectural meaning here.
@@ -171,13 +172,14 @@ def config_from_keras(args: dict[str, Any]) -> dict[str, Any]:
     """MistralConfig kwargs for keras-hub MistralBackbone arguments (as in a keras-hub config.json).
 
     keras-hub's ``rope_scaling_factor`` divides positions, which is transformers' "linear" RoPE type;
-    the head size is ``hidden_dim // num_query_heads`` in keras-hub, so it is written out here.
+    ``head_dim`` (keras-hub 0.32 writes it, None meaning ``hidden_dim // num_query_heads``) is
+    written out either way.
     """
     unknown = set(args) - set(KERAS_TO_HF) - _KERAS_IGNORED
     if unknown:
         raise ValueError(f"unknown MistralBackbone arguments: {sorted(unknown)}; known: {sorted(KERAS_TO_HF)}")
     out = {KERAS_TO_HF[k]: v for k, v in args.items() if k in KERAS_TO_HF}
-    out["head_dim"] = args["hidden_dim"] // args["num_query_heads"]
+    out["head_dim"] = args.get("head_dim") or args["hidden_dim"] // args["num_query_heads"]
     out["tie_word_embeddings"] = False  # keras-hub Mistral has a separate output projection
     theta = float(out.pop("rope_theta", 10000.0))
     factor = float(args.get("rope_scaling_factor", 1.0))
@@ -187,3 +189,20 @@ def config_from_keras(args: dict[str, Any]) -> dict[str, Any]:
         else {"rope_type": "linear", "factor": factor, "rope_theta": theta}
     )
     return out
+
+
+def preset_table() -> dict[str, dict[str, Any]]:
+    """keras-hub's ``presets`` shape: id -> {"metadata": {description, params, ...}, handle}."""
+    return {
+        p.id: {
+            "metadata": {
+                "description": p.description,
+                "params": p.parameter_count,
+                "params_human": format_params(p.parameter_count),
+                "official_name": "Mistral",
+                "path": "mistral",
+            },
+            "handle": f"hf://{p.hf_repo}" if p.hf_repo else "embedded",
+        }
+        for p in PRESETS.values()
+    }

@@ -136,3 +136,61 @@ def test_perplexity_over_a_dataset(lm):
     assert math.isclose(result["perplexity"], math.exp(nll / tokens), rel_tol=1e-4)
     with pytest.raises(UserError, match="no text"):
         lm.perplexity([{"body": "x"}])
+
+
+def test_score_with_target_ids_is_keras_hubs_loss(lm):
+    ids = torch.tensor([[1, 415, 5565, 302, 4843, 349]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    logits = lm.score(ids, mask, scoring_mode="logits")
+    target = torch.roll(ids, -1, dims=1)
+    loss = lm.score(token_ids=ids, padding_mask=mask, scoring_mode="loss", target_ids=target)
+    expected = torch.nn.functional.cross_entropy(logits[0].float(), target[0], reduction="none")
+    assert torch.allclose(loss[0], expected, atol=1e-5)
+    # Ours without target_ids: the same numbers, one position later (log p(token_t | tokens before t)).
+    ll = lm.score(ids, mask)
+    assert torch.allclose(-ll[0, 1:], loss[0, :-1], atol=1e-5) and ll[0, 0] == 0
+    with pytest.raises(UserError, match="target_ids must have the shape"):
+        lm.score(ids, scoring_mode="loss", target_ids=target[:, :3])
+
+
+def test_score_layer_intercept_fn_sees_and_replaces_activations(lm):
+    ids = torch.tensor([[1, 415, 5565, 302]])
+    seen = {}
+
+    def capture(x, i):
+        seen[i] = x
+        return x
+
+    logits = lm.score(ids, scoring_mode="logits", layer_intercept_fn=capture)
+    assert sorted(seen) == [-1, 0, 1] and seen[-1].shape == (1, 4, 256)
+    assert torch.allclose(logits, lm.score(ids, scoring_mode="logits"), atol=1e-6)
+    target = torch.roll(ids, -1, dims=1)
+    loss = lm.score(ids, scoring_mode="loss", layer_intercept_fn=capture, target_ids=target)
+    (grad,) = torch.autograd.grad(loss.sum(), seen[-1])  # keras-hub's example: gradients w.r.t. embeddings
+    assert grad.shape == (1, 4, 256) and grad.abs().sum() > 0
+    zeroed = lm.score(ids, scoring_mode="logits", layer_intercept_fn=lambda x, i: x * 0 if i == 1 else x)
+    assert not torch.allclose(zeroed, logits)
+
+
+def test_from_preset_takes_torch_dtype_and_sequence_length():
+    half = MistralCausalLM.from_preset("mistral_tiny", dtype=torch.bfloat16, sequence_length=64)
+    assert half.hf_model.dtype == torch.bfloat16 and half.preprocessor.sequence_length == 64
+    assert half.backbone.head_dim == 64
+
+
+def test_a_model_without_tokenizer_generates_on_token_ids():
+    from mistral_tune import MistralBackbone
+
+    torch.manual_seed(0)
+    backbone = MistralBackbone(
+        vocabulary_size=50, num_layers=1, num_query_heads=2, hidden_dim=16, intermediate_dim=32, num_key_value_heads=1
+    )
+    model = MistralCausalLM(backbone)
+    model.compile(sampler="greedy")
+    x = {"token_ids": [[1, 7, 9, 0, 0, 0]], "padding_mask": [[1, 1, 1, 0, 0, 0]]}
+    out = model.generate(x, stop_token_ids=None)
+    assert out["padding_mask"].all() and out["token_ids"][0, :3].tolist() == [1, 7, 9]
+    logits = model(token_ids=out["token_ids"][:, :5]).detach()
+    assert out["token_ids"][0, 5].item() == logits[0, 4].argmax().item()  # greedy: the argmax of the last step
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        model.generate(x)

@@ -99,7 +99,8 @@ def test_contrastive_search_matches_a_naive_reference(lm):
     lm.compile(sampler=ContrastiveSampler(k=4, alpha=0.6))
     width = len(lm.tokenizer.encode(longer))
     batch = lm.generate([PROMPTS[0], longer], max_length=width + steps, stop_token_ids=None)
-    assert width > len(prompt_ids) and batch[0] == got
+    alone = lm.generate(PROMPTS[0], max_length=width + steps, stop_token_ids=None)  # each row fills max_length
+    assert width > len(prompt_ids) and batch[0] == alone and alone.startswith(got)
 
 
 def test_generate_shapes_padding_and_strip_prompt(lm):
@@ -113,10 +114,12 @@ def test_generate_shapes_padding_and_strip_prompt(lm):
     batch = lm.generate([PROMPTS[0], long_prompt], max_length=56, stop_token_ids=None)
     width = len(lm.tokenizer.encode(long_prompt))
     assert batch[1] == lm.generate(long_prompt, max_length=56, stop_token_ids=None)
-    # The short prompt got max_length - longest prompt new tokens; alone, its continuation starts the same way.
-    short_len = len(lm.tokenizer.encode(PROMPTS[0]))
-    alone = lm.generate(PROMPTS[0], max_length=short_len + 56 - width, stop_token_ids=None)
+    # As in keras-hub, every row is filled to max_length: the short prompt gets more new tokens.
+    alone = lm.generate(PROMPTS[0], max_length=56, stop_token_ids=None)
     assert batch[0] == alone
+    short_len = len(lm.tokenizer.encode(PROMPTS[0]))
+    ids = lm.generate(lm.preprocessor.generate_preprocess([PROMPTS[0], long_prompt], 56), stop_token_ids=None)
+    assert ids["padding_mask"].sum(-1).tolist() == [56, 56] and short_len < width < 56
     with pytest.raises(UserError, match="no room below max_length"):
         lm.generate(long_prompt, max_length=10)
     with pytest.raises(UserError, match="takes a string"):
@@ -133,15 +136,15 @@ def test_stop_token_ids(lm):
     free = generate_ids(
         lm.hf_model, lm.tokenizer, ids, sampler=GreedySampler(), max_length=n_prompt + 10, stop_ids=None
     )
-    assert [len(r) for r in free] == [10, 10]  # None: run to max_length
+    assert [len(r) for r in free] == [n_prompt + 10 - len(i) for i in ids]  # None: each row to max_length
     stop = free[0][3]
     cut = generate_ids(
         lm.hf_model, lm.tokenizer, ids, sampler=GreedySampler(), max_length=n_prompt + 10, stop_ids=(stop,)
     )
-    assert cut[0] == free[0][: free[0].index(stop)]  # stopped there, stop token not returned
-    assert cut[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])  # the other row ran on
+    assert cut[0] == free[0][: free[0].index(stop) + 1]  # stopped there, the stop token kept (keras-hub)
+    assert cut[1] == (free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1])  # the other ran on
     text = lm.generate(prompts[0], max_length=n_prompt + 10, stop_token_ids=(stop,), strip_prompt=True)
-    assert text == lm.tokenizer.decode(cut[0])
+    assert text == lm.tokenizer.decode(cut[0]) and text != lm.tokenizer.decode(cut[0][:-1])
     assert resolve_stop_ids("auto", lm.tokenizer) == (lm.tokenizer.eos_id,)
     assert resolve_stop_ids(None, lm.tokenizer) is None
     with pytest.raises(UserError, match="stop_token_ids"):
@@ -170,7 +173,10 @@ def test_auto_stops_at_eos():
     )[0]
     assert eos in forced[:3]
     auto = model.generate(PROMPTS[0], max_length=length, strip_prompt=True)
-    assert auto == model.tokenizer.decode(forced[: forced.index(eos)])
+    assert auto == model.tokenizer.decode(forced[: forced.index(eos)])  # EOS itself never shows
+    ids = {"token_ids": [ids[0] + [0] * 10], "padding_mask": [[1] * len(ids[0]) + [0] * 10]}
+    out = model.generate(ids, stop_token_ids="auto", strip_prompt=True)
+    assert out["token_ids"][0, : out["padding_mask"].sum()].tolist() == forced[: forced.index(eos) + 1]
 
 
 def test_conversation_uses_the_chat_template(lm):
@@ -183,3 +189,26 @@ def test_conversation_uses_the_chat_template(lm):
     assert both[0] == lm.generate(conversation, max_length=28, strip_prompt=True)  # same in a padded batch
     with pytest.raises(UserError, match="Invalid conversation"):
         lm.generate([{"role": "assistant", "content": "I start?"}])
+
+
+def test_token_dict_inputs_keep_keras_hubs_shape(lm):
+    lm.compile(sampler="greedy")
+    x = lm.preprocessor.generate_preprocess(PROMPTS, sequence_length=16)
+    lengths = x["padding_mask"].sum(-1).tolist()
+    full = lm.generate(x, stop_token_ids=None)
+    assert full["token_ids"].shape == (2, 16) and full["padding_mask"].all()
+    assert torch.equal(full["token_ids"][x["padding_mask"]], x["token_ids"][x["padding_mask"]])  # prompts kept
+    texts = lm.generate(PROMPTS, max_length=16, stop_token_ids=None)
+    assert lm.preprocessor.generate_postprocess(full) == texts  # the text path, row by row
+    stripped = lm.generate(x, stop_token_ids=None, strip_prompt=True)
+    assert stripped["padding_mask"].sum(-1).tolist() == [16 - n for n in lengths]
+    for row, n in enumerate(lengths):
+        assert stripped["token_ids"][row, : 16 - n].tolist() == full["token_ids"][row, n:].tolist()
+    single = lm.generate({"token_ids": x["token_ids"][0], "padding_mask": x["padding_mask"][0]}, stop_token_ids=None)
+    assert torch.equal(single["token_ids"], full["token_ids"][0])
+
+
+def test_tf_data_is_refused_with_a_way_out(lm):
+    fake = type("DatasetV2", (), {"__module__": "tensorflow.python.data.ops.dataset_ops"})()
+    with pytest.raises(UserError, match="tf.data.Dataset.*without TensorFlow"):
+        lm.generate(fake)

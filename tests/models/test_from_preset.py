@@ -58,6 +58,7 @@ def test_keras_hub_layout_gives_architecture_and_tokenizer(tmp_path):
         rope_scaling_factor=1.0,
         layer_norm_epsilon=1e-6,
         sliding_window=16,
+        head_dim=None,  # keras-hub 0.32 writes it (None: hidden_dim // num_query_heads)
         dropout=0,
         name="mistral_backbone",
         trainable=True,
@@ -70,5 +71,8 @@ def test_keras_hub_layout_gives_architecture_and_tokenizer(tmp_path):
     c = model.hf_model.config
     assert (c.hidden_size, c.num_hidden_layers, c.sliding_window, c.head_dim) == (64, 1, 16, 16)
     assert model.tokenizer.encode("hello") == MistralTokenizer.from_version("v1").encode("hello")
-    with pytest.raises(UserError, match="Keras-format"):
+    with pytest.raises(UserError, match="without model.weights.h5"):
         MistralCausalLM.from_preset(str(tmp_path))
+    args["head_dim"] = 32  # set apart from hidden_dim // heads, as Mistral Nemo does
+    (tmp_path / "config.json").write_text(json.dumps({"class_name": "MistralBackbone", "config": args}))
+    assert MistralCausalLM.from_preset(str(tmp_path), load_weights=False).backbone.head_dim == 32

@@ -328,3 +328,35 @@ def test_from_pretrained(fmt, saved, tmp_path):
     assert MistralTokenizer.from_pretrained(tmp_path).chat_template == version
     with pytest.raises(FileNotFoundError):
         MistralTokenizer.from_pretrained(tmp_path / "missing")
+
+
+def test_keras_hub_tokenizer_api():
+    """keras-hub's MistralTokenizer methods, with sentencepiece as the reference."""
+    path = tokenizer_file("v1")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    tok = MistralTokenizer(proto=str(path))
+    from_bytes = MistralTokenizer(proto=path.read_bytes())
+    assert from_bytes.model_file.read_bytes() == path.read_bytes() and from_bytes.proto == path.read_bytes()
+    text = "The quick brown fox."
+    assert tok(text) == tok.tokenize(text) == sp.encode(text) == from_bytes(text)  # no BOS, as keras-hub
+    assert tok([text, "naïve"]) == [sp.encode(text), sp.encode("naïve")]
+    assert tok.detokenize(tok(text)) == text and tok.detokenize([tok(text), tok("x")]) == [text, "x"]
+    # vocabulary_size: keras-hub's method and our int, one value
+    assert tok.vocabulary_size() == tok.vocabulary_size == sp.get_piece_size() and tok.vocabulary_size + 1 == 32001
+    vocab = tok.get_vocabulary()
+    assert len(vocab) == sp.get_piece_size() and vocab[1] == "<s>" and vocab[28705] == sp.id_to_piece(28705)
+    assert tok.token_to_id("<s>") == 1 and tok.id_to_token(2) == "</s>" and tok.token_to_id("no such piece") == 0
+    with pytest.raises(ValueError, match="id must be in"):
+        tok.id_to_token(10**6)
+    assert (tok.start_token_id, tok.end_token_id, tok.pad_token_id) == (1, 2, 0)  # keras-hub pads with 0
+    assert sorted(tok.special_tokens) == ["</s>", "<s>"]
+    assert "mistral_7b_en" in MistralTokenizer.presets
+    with pytest.raises(ValueError, match="exactly one"):
+        MistralTokenizer()
+
+
+def test_tokenizer_from_bytes_saves_its_model(tmp_path):
+    tok = MistralTokenizer(proto=tokenizer_file("v1").read_bytes())
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.model").read_bytes() == tokenizer_file("v1").read_bytes()
+    assert MistralTokenizer.from_pretrained(tmp_path).encode("hi there") == tok.encode("hi there")

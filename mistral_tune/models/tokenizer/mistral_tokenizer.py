@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_tune.models.presets import PRESETS
+from mistral_tune.models.presets import PRESETS, preset_table
 from mistral_tune.models.sources import ModelSource, resolve_handle
 from mistral_tune.models.tokenizer import chat_formats
 from mistral_tune.models.tokenizer.chat_formats import CHAT_FORMATS, CHAT_TEMPLATES
@@ -72,12 +72,22 @@ class MistralTokenizer:
         >>> ids, mask = tok.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
     """
 
-    def __init__(self, model_file: str | Path, chat_template: Optional[str] = AUTO) -> None:
+    #: Built-in presets as keras-hub lists them on every class (task, backbone, tokenizer).
+    presets = preset_table()
+
+    def __init__(
+        self, model_file: str | Path | None = None, chat_template: Optional[str] = AUTO, *, proto: Any = None
+    ) -> None:
         if chat_template not in (None, AUTO, *CHAT_TEMPLATES):
             raise ValueError(
                 f"unknown chat_template {chat_template!r}; expected one of {CHAT_TEMPLATES}, {AUTO!r} or None"
             )
-        self.model_file = Path(model_file)
+        # keras-hub's constructor: MistralTokenizer(proto=path or the serialized SentencePiece model).
+        if (model_file is None) == (proto is None):
+            raise ValueError("give exactly one of model_file and proto (a path or the serialized model's bytes)")
+        if isinstance(proto, (bytes, bytearray)):
+            model_file = _bytes_file(bytes(proto), self)
+        self.model_file = Path(model_file if proto is None or model_file is not None else proto)
         self._backend = backend = _backend(self.model_file)
         if chat_template == AUTO:
             chat_template = infer_chat_template(backend)
@@ -85,7 +95,9 @@ class MistralTokenizer:
         self._format = CHAT_FORMATS[chat_template or infer_chat_template(backend)]
         chat_formats.check_format(self._format, backend, str(self.model_file))
         self.kind: str = backend.kind  # "sentencepiece" or "tekken"
-        self.vocabulary_size: int = backend.vocabulary_size
+        # An int that is also callable: ``tok.vocabulary_size`` (ours, before keras-hub parity) and
+        # ``tok.vocabulary_size()`` (keras-hub's method) both give the size.
+        self.vocabulary_size: int = _CallableInt(backend.vocabulary_size)
         self.bos_id: int = backend.bos_id
         self.eos_id: int = backend.eos_id
         self.unk_id: int = backend.unk_id
@@ -125,6 +137,76 @@ class MistralTokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self._backend.id_to_piece(int(token_id))
+
+    # keras-hub's tokenizer API (keras_hub.models.MistralTokenizer). Like keras-hub, ``tokenize`` adds
+    # no BOS/EOS (the preprocessor does); ``encode`` is ours and adds BOS. Lists, not tensors, come out.
+
+    start_token_id = property(lambda self: self.bos_id)
+    end_token_id = property(lambda self: self.eos_id)
+    pad_token_id = property(lambda self: self.pad_id)
+    start_token = property(lambda self: self.id_to_piece(self.bos_id))
+    end_token = property(lambda self: self.id_to_piece(self.eos_id))
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """keras-hub's list of the tokenizer's own special tokens: BOS and EOS."""
+        return [self.start_token, self.end_token]
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return [self.bos_id, self.eos_id]
+
+    def tokenize(self, inputs: Any) -> Any:
+        """Ids without BOS/EOS: a list of ids for a str, a list of lists for a list of str.
+
+        Example:
+            >>> tok = MistralTokenizer.from_preset("mistral_tiny")
+            >>> tok.tokenize("Hello")
+            [23325]
+        """
+        if isinstance(inputs, bytes):
+            inputs = inputs.decode("utf-8")
+        if isinstance(inputs, str):
+            return self._backend.encode(inputs)
+        if isinstance(inputs, (list, tuple)) and all(isinstance(t, (str, bytes)) for t in inputs):
+            return [self._backend.encode(t.decode("utf-8") if isinstance(t, bytes) else t) for t in inputs]
+        raise ValueError(f"tokenize() takes a str or a list of str; got {type(inputs).__name__}")
+
+    __call__ = tokenize
+
+    def detokenize(self, inputs: Any) -> Any:
+        """Text for ids (a list of ints or a 1-D tensor) or a batch of them (list of lists, 2-D tensor).
+
+        Special tokens (BOS, EOS, padding) are left out, as keras-hub's decoding does.
+        """
+        if hasattr(inputs, "tolist"):
+            inputs = inputs.tolist()
+        if isinstance(inputs, int):
+            inputs = [inputs]
+        inputs = list(inputs)
+        if inputs and not isinstance(inputs[0], int):
+            return [self.decode(row) for row in inputs]
+        return self.decode(inputs)
+
+    def get_vocabulary(self) -> list[str]:
+        """Every token's string, in id order."""
+        return [self.id_to_piece(i) for i in range(self.vocabulary_size)]
+
+    def id_to_token(self, id: int) -> str:
+        if not 0 <= int(id) < self.vocabulary_size:
+            raise ValueError(f"id must be in [0, {self.vocabulary_size}); got {id}")
+        return self.id_to_piece(int(id))
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a token string; one not in the vocabulary gives the <unk> id, as in keras-hub."""
+        if self.__dict__.get("_token_ids") is None:
+            self.__dict__["_token_ids"] = {piece: i for i, piece in reversed(list(enumerate(self.get_vocabulary())))}
+        return self._token_ids.get(token, self.unk_id)
+
+    @property
+    def proto(self) -> bytes:
+        """The tokenizer file's bytes (the serialized SentencePiece model)."""
+        return self.model_file.read_bytes()
 
     def control_id(self, piece: str) -> Optional[int]:
         """The id of control token `piece` ("[INST]", "</s>", ...), or None if the vocabulary has none."""
@@ -220,6 +302,26 @@ class MistralTokenizer:
         if chat_template == AUTO and "chat_template" in recorded:
             chat_template = recorded["chat_template"]
         return cls(model_file, chat_template=chat_template)
+
+
+class _CallableInt(int):
+    """An int that returns itself when called (``vocabulary_size`` is both an int and keras-hub's method)."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+
+def _bytes_file(data: bytes, owner: Any) -> Path:
+    """A SentencePiece model given as bytes, in a temporary file that lives as long as ``owner``."""
+    import os
+    import tempfile
+    import weakref
+
+    fd, name = tempfile.mkstemp(prefix="mistral-tune-proto-", suffix=".model")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    weakref.finalize(owner, os.unlink, name)
+    return Path(name)
 
 
 def find_tokenizer_file(directory: Path, recorded: Optional[str] = None) -> Optional[Path]:
