@@ -132,7 +132,6 @@ def test_a_non_sentencepiece_tokenizer_or_a_vocab_mismatch_is_refused(tmp_path, 
 xllamacpp = pytest.importorskip("xllamacpp")
 
 
-@pytest.mark.slow
 def test_f32_and_q8_0_exports_verify_in_llama_cpp_with_the_window_warning(tmp_path, merged_v1, tiny_tokenizer, caplog):
     with caplog.at_level(logging.WARNING):
         result = export_gguf(merged_v1, tmp_path / "gguf", tiny_tokenizer, ["f32", "q8_0"], name="tiny")
