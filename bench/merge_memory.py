@@ -65,13 +65,13 @@ def build(workdir: Path, layers: int, shard_size: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
-    from mistral_tune.models.loading import mistral_config
+    from mistral_tune.models.loading import preset_config
     from mistral_tune.models.presets import PRESETS
 
     torch.manual_seed(0)
     # What models.load_model does for model.load_weights=false, at fewer layers: the preset's
     # architecture with transformers' random init.
-    config = mistral_config(PRESETS["mistral_7b_en"], num_hidden_layers=layers)
+    config = preset_config(PRESETS["mistral_7b_en"], num_hidden_layers=layers)
     torch.set_default_dtype(torch.bfloat16)  # initialize in bf16 directly: half the memory of fp32 + cast
     try:
         model = MistralForCausalLM(config)

@@ -24,14 +24,45 @@ log = logging.getLogger(__name__)
 SIDECAR = "mistral_tune_adapter.json"
 
 
-def lora_config(adapter_cfg: Any, task_type: str = "CAUSAL_LM"):
+# Mixtral's experts in transformers 5: two 3D parameters per layer, not nn.Linear modules. Named in
+# adapter.target_modules, they become PEFT's target_parameters (LoRA on each expert's slice).
+EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def split_targets(targets: list[str], moe: bool = False) -> tuple[Any, list[str]]:
+    """(PEFT target_modules, target_parameters) for ``adapter.target_modules``.
+
+    On a mixture-of-experts model ``all-linear`` means the nn.Linear layers, i.e. attention: PEFT's
+    own all-linear would also put LoRA on the router and on every expert, which changes routing and
+    costs far more. The experts are opt-in by name (``experts.gate_up_proj``, ``experts.down_proj``).
+    """
+    params = [t for t in targets if t in EXPERT_PARAMETERS]
+    modules = [t for t in targets if t not in EXPERT_PARAMETERS]
+    if modules == ["all-linear"]:
+        return (ATTENTION_MODULES if moe else "all-linear"), params
+    if "all-linear" in modules:
+        raise UserError(
+            f"adapter.target_modules={targets}: all-linear already names every linear layer; list it alone "
+            "(experts.gate_up_proj / experts.down_proj may be added on a Mixtral model)."
+        )
+    return modules, params
+
+
+def lora_config(adapter_cfg: Any, task_type: str = "CAUSAL_LM", *, moe: bool = False):
     """The PEFT ``LoraConfig`` for the adapter group (DoRA is LoRA with ``use_dora``).
 
     ``task_type="SEQ_CLS"`` (reward models) also trains and saves the new ``score`` head in full.
+    ``moe``: the base is a mixture of experts (Mixtral), see :func:`split_targets`.
     """
     from peft import LoraConfig
 
-    targets = list(adapter_cfg.target_modules)
+    modules, params = split_targets(list(adapter_cfg.target_modules), moe)
+    if params and adapter_cfg.lora_dropout:
+        raise UserError(
+            f"adapter.target_modules names Mixtral's experts ({', '.join(params)}): PEFT's LoRA on parameters has "
+            f"no dropout, and adapter.lora_dropout={adapter_cfg.lora_dropout}. Set adapter.lora_dropout=0."
+        )
     init: Any = str(adapter_cfg.init_lora_weights)
     if init in ("default", "true", "True"):
         init = True
@@ -39,13 +70,19 @@ def lora_config(adapter_cfg: Any, task_type: str = "CAUSAL_LM"):
         r=adapter_cfg.r,
         lora_alpha=adapter_cfg.lora_alpha,
         lora_dropout=adapter_cfg.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=modules,
+        target_parameters=params or None,
         modules_to_save=list(adapter_cfg.modules_to_save) or None,
         use_rslora=adapter_cfg.use_rslora,
         use_dora=adapter_cfg.name == "dora",
         init_lora_weights=init,
         task_type=task_type,
     )
+
+
+def is_moe_model(model: Any) -> bool:
+    """A mixture-of-experts transformers model (Mixtral: ``num_local_experts`` in its config)."""
+    return bool(getattr(getattr(model, "config", None), "num_local_experts", None))
 
 
 def changes_base(adapter_cfg: Any) -> bool:
@@ -86,12 +123,15 @@ def apply_adapter(
             raise UserError(f"adapter.resume_from={path}: no adapter_config.json there.")
         log.info("continuing training of the adapter in %s (its own r/alpha/targets apply)", path)
         return PeftModel.from_pretrained(model, path, is_trainable=True)
-    peft_model = get_peft_model(model, lora_config(adapter_cfg, task_type))
+    moe = is_moe_model(model)
+    peft_model = get_peft_model(model, lora_config(adapter_cfg, task_type, moe=moe))
     if changes_base(adapter_cfg) and init_dir is not None:
         # PEFT's recipe: save the initial adapter with plain init, convert against it at save time.
         peft_model.peft_config["default"].init_lora_weights = True
         peft_model.save_pretrained(init_dir)
-        peft_model.peft_config["default"].init_lora_weights = lora_config(adapter_cfg, task_type).init_lora_weights
+        peft_model.peft_config["default"].init_lora_weights = lora_config(
+            adapter_cfg, task_type, moe=moe
+        ).init_lora_weights
     return peft_model
 
 

@@ -48,6 +48,9 @@ def matmul_parameters(config: Any) -> int:
     q_and_o = 2 * h * config.num_attention_heads * head_dim
     k_and_v = 2 * h * config.num_key_value_heads * head_dim
     mlp = 3 * h * inter  # gate, up, down
+    experts = getattr(config, "num_local_experts", None) or 0
+    if experts > 1:  # Mixtral: a token runs through num_experts_per_tok experts, plus the router
+        mlp = config.num_experts_per_tok * mlp + h * experts
     return layers * (q_and_o + k_and_v + mlp) + vocab * h
 
 

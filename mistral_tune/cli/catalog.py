@@ -18,7 +18,7 @@ def print_catalog(presets: bool = True) -> None:
 
         print("\npresets:")
         for p in PRESETS.values():
-            print(f"  {p.id:<28} {format_params(p.parameter_count):>8}  {p.description}")
+            print(f"  {p.id:<32} {format_params(p.parameter_count):>8}  {p.description}")
     print("\nconfig groups (group=option):")
     for group, options in group_options().items():
         print(f"  {group:<10} {', '.join(options)}")

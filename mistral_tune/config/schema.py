@@ -26,6 +26,9 @@ class ModelConfig:
     load_weights: bool = True  # false: architecture only, random init
     trust_remote_code: bool = False  # never on unless you set it
     allow_pickle: bool = False  # refuse .bin/.pt weights unless set
+    # Mixture-of-experts models (Mixtral) only; transformers' MixtralConfig names:
+    output_router_logits: bool = True  # add the router's load-balancing loss to the training loss (and log it)
+    router_aux_loss_coef: Optional[float] = None  # its weight; null = the checkpoint's (8x7B 0.02, 8x22B 0.001)
 
 
 @dataclass
@@ -195,6 +198,9 @@ class TrainConfig:
     fp16: bool = False
     dataloader_num_workers: int = 0
     ddp_backend: Optional[str] = None  # null = nccl on GPUs, gloo on CPU
+    # Seconds a process waits in a collective (and for the other machines at start) before it gives up:
+    # how long a job notices a hung or unreachable machine. torch's own default is 30 minutes.
+    ddp_timeout: int = 300
 
 
 @dataclass
@@ -234,15 +240,26 @@ PREFERENCE_DATA_FORMATS = ("preference", "preference_messages", "hh")
 
 
 def random_demo_base(model: Any) -> bool:
-    """True for the embedded ``mistral_tiny`` preset: random weights, so recipes need far higher learning rates."""
-    return model.name == "mistral_tiny" and not model.path
+    """True for the embedded random-weight presets (``mistral_tiny``, ``mixtral_tiny``, ...: every built-in id
+    ending in ``_tiny``, a rule tests/models/test_presets.py holds presets.py to), which need far higher
+    learning rates."""
+    name = str(model.name)
+    return name.endswith("_tiny") and "/" not in name and not model.path  # not a hub id like org/x_tiny
 
 
-def by_model(demo: Any, pretrained: Any, *, _root_: Any) -> Any:
-    """``${by_model:DEMO,PRETRAINED}`` in a recipe: DEMO on the random-weight ``mistral_tiny`` default,
-    PRETRAINED on real weights (a 7B preset, ``model.path``). A frozen random base learns nothing at a
-    7B learning rate, and a real 7B diverges at the demo's."""
-    return demo if random_demo_base(_root_.model) else pretrained
+def mixture_of_experts(model: Any) -> bool:
+    """True for a Mixtral model: a built-in ``mixtral_*`` preset or a hub/local name saying Mixtral."""
+    return "mixtral" in f"{model.name} {model.path or ''}".lower()
+
+
+def by_model(demo: Any, pretrained: Any, moe: Any = None, *, _root_: Any) -> Any:
+    """``${by_model:DEMO,PRETRAINED[,MOE]}`` in a recipe: DEMO on a random-weight ``*_tiny`` preset,
+    PRETRAINED on real weights (a 7B-24B preset, ``model.path``), MOE (default PRETRAINED) on a real
+    Mixtral. A frozen random base learns nothing at a 7B learning rate, and a real 7B diverges at the
+    demo's; sparse MoE fine-tunes usually run at about half the dense rate (the router is sensitive)."""
+    if random_demo_base(_root_.model):
+        return demo
+    return moe if moe is not None and mixture_of_experts(_root_.model) else pretrained
 
 
 def register_schemas() -> None:
@@ -318,6 +335,8 @@ def check_values(cfg: Any) -> list[str]:
         problems.append("train.bf16 and train.fp16 cannot both be true")
     if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
         problems.append(f"train.eval_steps={cfg.train.eval_steps} must be > 0")
+    if cfg.train.ddp_timeout <= 0:
+        problems.append(f"train.ddp_timeout={cfg.train.ddp_timeout} must be > 0 (seconds)")
     fraction = eval_fraction(cfg.data.eval_split)
     if fraction is not None and not 0 < fraction < 1:
         problems.append(f"data.eval_split={cfg.data.eval_split} must be a fraction between 0 and 1, or a file")

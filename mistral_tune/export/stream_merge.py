@@ -58,7 +58,7 @@ def base_shards(base_dir: Path) -> list[Path]:
 class LoraDeltas:
     """The adapter's tensors grouped by base weight name, with each module's scale."""
 
-    def __init__(self, adapter_dir: Path):
+    def __init__(self, adapter_dir: Path, base_config: Optional[dict[str, Any]] = None):
         from safetensors.torch import load_file
 
         from mistral_tune.compat.peft import (
@@ -103,6 +103,7 @@ class LoraDeltas:
                     )
                 self.replace[name] = value
         r, alpha = cfg["r"], cfg["lora_alpha"]
+        self.experts = ExpertDeltas.split_from(self.lora, cfg, base_config or {})
         for weight, parts in self.lora.items():
             if "A" not in parts or "B" not in parts or (self.use_dora and "m" not in parts):
                 raise UserError(f"Adapter in {adapter_dir} is incomplete for {weight}: has {sorted(parts)}.")
@@ -122,6 +123,9 @@ class LoraDeltas:
 
         if name in self.replace:
             return self.replace.pop(name).to(dtype)
+        expert_delta = self.experts.pop(name)
+        if expert_delta is not None:
+            return (view[:].float() + expert_delta).to(dtype)
         parts = self.lora.pop(name, None)
         if parts is None:
             return view[:].to(dtype)
@@ -140,7 +144,69 @@ class LoraDeltas:
         return out
 
     def leftovers(self) -> list[str]:
-        return sorted(self.lora) + sorted(self.replace)
+        return sorted(self.lora) + sorted(self.replace) + self.experts.leftovers()
+
+
+# Mixtral checkpoints (the hub's, and what transformers 5 saves) keep one 2D tensor per expert
+# projection: w1 = gate, w3 = up (the two halves of the in-memory experts.gate_up_proj), w2 = down.
+_EXPERT_TENSOR = re.compile(r"^(?P<layer>.+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<w>w[123])\.weight$")
+
+
+class ExpertDeltas:
+    """LoRA on Mixtral's experts (``target_parameters``), folded into the per-expert checkpoint tensors.
+
+    In memory transformers 5 fuses each layer's experts into ``experts.gate_up_proj`` (experts, 2 x
+    intermediate, hidden) and ``experts.down_proj`` (experts, hidden, intermediate); the adapter's
+    factors are for those. Which saved factor pair is which is read from its shapes (gate_up maps
+    hidden -> 2 x intermediate, down intermediate -> hidden), and expert e's delta goes to its w1 and
+    w3 (the first and second half of gate_up's rows) and to its w2.
+    """
+
+    def __init__(self, num_experts: int, intermediate: int):
+        self.num_experts, self.intermediate = num_experts, intermediate
+        self.parts: dict[tuple[str, str], dict[str, Any]] = {}  # (layer prefix, gate_up|down) -> A, B, scale
+        self.pending: set[str] = set()
+
+    @classmethod
+    def split_from(cls, lora: dict[str, dict[str, Any]], cfg: dict[str, Any], base_config: dict[str, Any]):
+        """Move the parameter-targeted entries of ``lora`` (base weight name -> factors) out into an ExpertDeltas."""
+        from mistral_tune.compat.peft import parameter_adapter_module
+
+        out = cls(int(base_config.get("num_local_experts") or 0), int(base_config.get("intermediate_size") or 0))
+        names = [w for w in lora if w.removesuffix(".weight").endswith((".experts", ".experts.base_layer"))]
+        if names and not out.num_experts:
+            raise UserError(f"The adapter has LoRA on experts ({names[0]}) but the base is not a mixture of experts.")
+        for weight in names:
+            factors = lora.pop(weight)
+            module = parameter_adapter_module(weight.removesuffix(".weight"))  # ...layers.3.mlp.experts
+            a, b = factors["A"], factors["B"]
+            rank = a.shape[0] // out.num_experts
+            kind = "gate_up" if b.shape[0] == 2 * out.intermediate else "down"
+            scale = cfg["lora_alpha"] / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+            layer = module.removesuffix(".mlp.experts")
+            out.parts[(layer, kind)] = {"A": a.float(), "B": b.float(), "scale": scale}
+            ws = ("w1", "w3") if kind == "gate_up" else ("w2",)
+            for e in range(out.num_experts):
+                out.pending.update(f"{layer}.block_sparse_moe.experts.{e}.{w}.weight" for w in ws)
+        return out
+
+    def pop(self, name: str):
+        """The float32 delta for checkpoint tensor ``name`` (an expert's w1/w2/w3), or None."""
+        from mistral_tune.compat.peft import expert_delta
+
+        if name not in self.pending:
+            return None
+        self.pending.discard(name)
+        m = _EXPERT_TENSOR.match(name)
+        layer, e, w = m["layer"], int(m["expert"]), m["w"]
+        parts = self.parts[(layer, "down" if w == "w2" else "gate_up")]
+        delta = expert_delta(parts["A"], parts["B"], self.num_experts, e) * parts["scale"]
+        if w == "w1":
+            return delta[: self.intermediate]
+        return delta[self.intermediate :] if w == "w3" else delta
+
+    def leftovers(self) -> list[str]:
+        return sorted(self.pending)
 
 
 def nf4_round_trip(weight: Any, quant: dict[str, Any]):
@@ -222,7 +288,7 @@ def stream_merge(
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    deltas = LoraDeltas(Path(adapter_dir)) if adapter_dir is not None else None
+    deltas = LoraDeltas(Path(adapter_dir), config) if adapter_dir is not None else None
     quantized = set(quantization["modules"]) if quantization else set()
     writer = ShardWriter(out_dir, parse_size(max_shard_size))
     dtype = None if dtype_name == "auto" else getattr(torch, dtype_name)
@@ -252,6 +318,9 @@ def stream_merge(
     shards = writer.finish()
     dtype_out = str(dtype).removeprefix("torch.")
     config.pop("quantization_config", None)
+    if config.get("num_local_experts"):
+        # Router logits (and their load-balancing loss) are for training; the export generates.
+        config["output_router_logits"] = False
     config["dtype"] = dtype_out
     config.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

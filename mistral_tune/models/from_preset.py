@@ -53,6 +53,10 @@ def load_preset_model(
         revision=revision,
         allow_pickle=allow_pickle,
     )
+    if source.preset is not None and source.preset.tokenizer == "hub":
+        from mistral_tune.models.sources import download_source
+
+        source = download_source(source, model_cfg)  # its tokenizer file is in the repo, with the weights
     model = models.load_model(model_cfg, source, seed=seed)
     tokenizer = load_tokenizer(source)
     if tokenizer.vocabulary_size > model.config.vocab_size:

@@ -32,10 +32,27 @@ def resolve_dtype(name: str):
     return getattr(torch, name)
 
 
-def mistral_config(preset: Preset, **overrides: Any):
-    from transformers import MistralConfig
+def preset_config(preset: Preset, **overrides: Any):
+    """The transformers config of a built-in preset: MistralConfig, MinistralConfig or MixtralConfig."""
+    from transformers import AutoConfig
 
-    return MistralConfig(**{**preset.config, **overrides})
+    return AutoConfig.for_model(preset.model_type, **{**preset.config, **overrides})
+
+
+def moe_overrides(model_cfg: Any, config: Any) -> dict[str, Any]:
+    """Router settings for a mixture-of-experts model (nothing for a dense one).
+
+    ``model.output_router_logits`` makes the forward pass return the router logits, from which
+    transformers adds ``router_aux_loss_coef`` x the load-balancing loss to the training loss;
+    ``model.router_aux_loss_coef`` null keeps the checkpoint's own coefficient.
+    """
+    if not getattr(config, "num_local_experts", None):
+        return {}
+    out = {"output_router_logits": bool(getattr(model_cfg, "output_router_logits", True))}
+    coef = getattr(model_cfg, "router_aux_loss_coef", None)
+    if coef is not None:
+        out["router_aux_loss_coef"] = float(coef)
+    return out
 
 
 def keras_layout(directory: Path) -> Optional[dict[str, Any]]:
@@ -64,7 +81,7 @@ def load_config(source: ModelSource, revision: Optional[str] = None, **overrides
         return AutoConfig.from_pretrained(source.local_dir, **overrides)
     if source.hub_repo is not None and (source.preset is None or source.hub_repo != source.preset.hf_repo):
         return AutoConfig.from_pretrained(fetch_hub_repo(source.hub_repo, revision, config_only=True), **overrides)
-    return mistral_config(source.preset, **overrides)
+    return preset_config(source.preset, **overrides)
 
 
 def load_model(
@@ -96,6 +113,8 @@ def load_model(
         config = load_config(
             ModelSource(source.preset, directory, None) if keras else source, model_cfg.revision, **head
         )
+        for key, value in moe_overrides(model_cfg, config).items():
+            setattr(config, key, value)
         model = auto_class.from_config(config, attn_implementation=attn).to(dtype)
         if keras:
             from mistral_tune.models.keras_weights import load_keras_weights
@@ -111,12 +130,20 @@ def load_model(
         with tempfile.TemporaryDirectory(prefix="mistral-tune-base-") as tmp:
             model.save_pretrained(tmp)
             return auto_class.from_pretrained(
-                tmp, dtype=dtype, attn_implementation=attn, quantization_config=quantization_config
+                tmp,
+                dtype=dtype,
+                attn_implementation=attn,
+                quantization_config=quantization_config,
+                **moe_overrides(model_cfg, config),
             )
     check_weight_files(directory, model_cfg.allow_pickle)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=model_cfg.trust_remote_code)
     return auto_class.from_pretrained(
         directory,
         **head,
+        **moe_overrides(model_cfg, config),
         dtype=dtype,
         attn_implementation=attn,
         quantization_config=quantization_config,

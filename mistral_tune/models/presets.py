@@ -1,8 +1,17 @@
 """Built-in model presets as plain data (no torch import).
 
-Architectures are copied from the ``config.json`` of the Hugging Face repo each preset names. The
-parameter counts are computed from these numbers (see ``parameter_count``) and checked on the meta
-device in the tests.
+Architectures live in ``architectures.py``, each copied from the ``config.json`` of the Hugging Face
+repo its preset names (the URL is in the comment above it). ``parameter_count`` computes the size from these numbers; the tests
+build every preset on the meta device and check it against both that arithmetic and
+``published_parameters``, the safetensors total the Hugging Face hub reports for the checkpoint.
+
+Three transformers architectures are covered, named by ``Preset.model_type``: ``mistral`` (dense),
+``ministral`` (dense, interleaved full and sliding-window layers, ``layer_types``) and ``mixtral``
+(sparse mixture of experts: ``num_local_experts`` SwiGLU experts per layer, ``num_experts_per_tok``
+of them run for each token).
+
+Ids ending in ``_tiny`` are random-weight test models (no hub repo): recipes give them their demo
+learning rates (``${by_model:...}`` in config/schema.py reads the suffix).
 """
 
 from __future__ import annotations
@@ -11,52 +20,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# Mistral 7B v0.1 (https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json).
-_MISTRAL_7B_V01 = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=32768,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=4096,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+from mistral_tune.models import architectures as arch
 
-# v0.2 dropped the sliding window and raised RoPE theta to 1e6 for its 32k context.
-_MISTRAL_7B_V02 = {**_MISTRAL_7B_V01, "rope_theta": 1000000.0, "sliding_window": None}
+# Mistral Small 3's tokenizer ("tokenizer: hub"): the tekken.json of the preset's own hub repo, since
+# mistral-common does not ship it. Every other preset names a file of models/tokenizer/files.py.
+HUB_TOKENIZER = ("tekken.json", "tekken")
 
-# v0.3 extended the vocabulary to 32768 pieces (control tokens for [INST], tools, ...).
-_MISTRAL_7B_V03 = {**_MISTRAL_7B_V02, "vocab_size": 32768}
-
-# The embedded default: the Mistral architecture (GQA with 4 query and 2 key/value heads, RoPE, RMSNorm,
-# SwiGLU) at a size that trains in well under a minute on 2 CPU cores, with the real 32000-piece
-# tokenizer. sliding_window=32 is shorter than the recipes' sequences, so the window is exercised.
-# initializer_range is 0.1 rather than Mistral's 0.02: a frozen *random* base needs logits with
-# enough range for a q/v LoRA adapter to make learning visible (at 0.02 the loss barely moves).
-_MISTRAL_TINY = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=2048,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    sliding_window=32,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# model_type -> the transformers causal-LM class it builds.
+ARCHITECTURES = {
+    "mistral": "MistralForCausalLM",
+    "ministral": "MinistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
 
 
 @dataclass(frozen=True)
@@ -66,13 +41,42 @@ class Preset:
     id: str
     description: str
     hf_repo: Optional[str]  # None: embedded, random init, nothing to download
-    config: dict[str, Any] = field(repr=False)
-    tokenizer: str = "v1"  # mistral-common tokenizer file version
+    config: dict[str, Any] = field(repr=False)  # transformers config kwargs of model_type's class
+    tokenizer: str = "v1"  # a version of models/tokenizer/files.py TOKENIZER_FILES, or "hub" (HUB_TOKENIZER)
     chat_template: Optional[str] = "v1"  # instruct format used for chat data and generation
+    model_type: str = "mistral"  # mistral | ministral | mixtral (ARCHITECTURES)
+    published_parameters: Optional[int] = None  # the hub's safetensors total for hf_repo
 
     @property
     def parameter_count(self) -> int:
         return parameter_count(self.config)
+
+    @property
+    def tokenizer_file(self) -> str:
+        """The tokenizer's file name: in mistral-common's package data, or (``hub``) in the hub repo."""
+        from mistral_tune.models.tokenizer.files import TOKENIZER_FILES
+
+        return HUB_TOKENIZER[0] if self.tokenizer == "hub" else TOKENIZER_FILES[self.tokenizer].filename
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """``sentencepiece`` or ``tekken``."""
+        from mistral_tune.models.tokenizer.files import TOKENIZER_FILES
+
+        return HUB_TOKENIZER[1] if self.tokenizer == "hub" else TOKENIZER_FILES[self.tokenizer].kind
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES[self.model_type]
+
+    @property
+    def is_moe(self) -> bool:
+        return is_moe(self.config)
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        """The config as a ``config.json`` holds it: ``model_type`` included."""
+        return {"model_type": self.model_type, **self.config}
 
 
 PRESETS: dict[str, Preset] = {
@@ -83,54 +87,214 @@ PRESETS: dict[str, Preset] = {
             "Tiny random-init Mistral (2 layers, hidden 256, sliding window 32) with the real "
             "Mistral 7B v0.1 tokenizer. Offline default for trying recipes and for tests.",
             None,
-            _MISTRAL_TINY,
+            arch.MISTRAL_TINY,
+        ),
+        Preset(
+            "mistral_0.3_tiny",
+            "Tiny random-init Mistral (2 layers, hidden 64) with the real v3 tokenizer (32768 pieces) and "
+            "chat format, for tests of the v3 family.",
+            None,
+            arch.MISTRAL_V3_TINY,
+            tokenizer="v3",
+            chat_template="v3",
+        ),
+        Preset(
+            "mistral_nemo_tiny",
+            "Tiny random-init model of Mistral NeMo's shape (head_dim 32 x 4 heads on hidden 64) with the "
+            "real Tekken tokenizer (131072 pieces), for tests of the Tekken family.",
+            None,
+            arch.NEMO_TINY,
+            tokenizer="tekken_240718",
+            chat_template="tekken",
+        ),
+        Preset(
+            "ministral_tiny",
+            "Tiny random-init Ministral (4 layers: full, sliding, sliding, sliding; window 16) with the "
+            "real Ministral Tekken tokenizer, for tests of interleaved attention.",
+            None,
+            arch.MINISTRAL_TINY,
+            tokenizer="tekken_240911",
+            chat_template="tekken",
+            model_type="ministral",
+        ),
+        Preset(
+            "mixtral_tiny",
+            "Tiny random-init Mixtral (2 layers, 4 experts, 2 active per token) with the real Mixtral "
+            "8x7B tokenizer (v1), for tests of mixture-of-experts training and export.",
+            None,
+            arch.MIXTRAL_TINY,
+            model_type="mixtral",
         ),
         Preset(
             "mistral_7b_en",
             "Mistral 7B v0.1 base model, 32 layers, sliding-window attention (4096).",
             "mistralai/Mistral-7B-v0.1",
-            _MISTRAL_7B_V01,
+            arch.MISTRAL_7B_V01,
+            published_parameters=7_241_732_096,
         ),
         Preset(
             "mistral_instruct_7b_en",
             "Mistral 7B Instruct v0.1, 32 layers, sliding-window attention (4096).",
             "mistralai/Mistral-7B-Instruct-v0.1",
-            _MISTRAL_7B_V01,
+            arch.MISTRAL_7B_V01,
+            published_parameters=7_241_732_096,
         ),
         Preset(
             "mistral_0.2_instruct_7b_en",
             "Mistral 7B Instruct v0.2, 32 layers, 32k context without sliding window.",
             "mistralai/Mistral-7B-Instruct-v0.2",
-            _MISTRAL_7B_V02,
+            arch.MISTRAL_7B_V02,
+            published_parameters=7_241_732_096,
         ),
         Preset(
             "mistral_0.3_7b_en",
             "Mistral 7B v0.3 base model, 32768-piece vocabulary, 32k context.",
             "mistralai/Mistral-7B-v0.3",
-            _MISTRAL_7B_V03,
+            arch.MISTRAL_7B_V03,
             tokenizer="v3",
             chat_template="v3",
+            published_parameters=7_248_023_552,
         ),
         Preset(
             "mistral_0.3_instruct_7b_en",
             "Mistral 7B Instruct v0.3, 32768-piece vocabulary, 32k context.",
             "mistralai/Mistral-7B-Instruct-v0.3",
-            _MISTRAL_7B_V03,
+            arch.MISTRAL_7B_V03,
             tokenizer="v3",
             chat_template="v3",
+            published_parameters=7_248_023_552,
+        ),
+        Preset(
+            "mathstral_7b_en",
+            "Mathstral 7B v0.1: Mistral 7B v0.3 trained further for math and reasoning, v3 chat format.",
+            "mistralai/Mathstral-7B-v0.1",
+            arch.MATHSTRAL_7B,
+            tokenizer="v3",
+            chat_template="v3",
+            published_parameters=7_248_023_552,
+        ),
+        Preset(
+            "ministral_instruct_8b_en",
+            "Ministral 8B Instruct 2410: 36 layers interleaving full and 32k sliding-window attention, Tekken.",
+            "mistralai/Ministral-8B-Instruct-2410",
+            arch.MINISTRAL_8B,
+            tokenizer="tekken_240911",
+            chat_template="tekken",
+            model_type="ministral",
+            published_parameters=8_019_808_256,
+        ),
+        Preset(
+            "mistral_nemo_12b_en",
+            "Mistral NeMo 12B base 2407 (with NVIDIA): 40 layers, head_dim 128 on hidden 5120, Tekken.",
+            "mistralai/Mistral-Nemo-Base-2407",
+            arch.NEMO_12B,
+            tokenizer="tekken_240718",
+            chat_template="tekken",
+            published_parameters=12_247_782_400,
+        ),
+        Preset(
+            "mistral_nemo_instruct_12b_en",
+            "Mistral NeMo 12B Instruct 2407: 128k context, Tekken tokenizer and chat format.",
+            "mistralai/Mistral-Nemo-Instruct-2407",
+            arch.NEMO_12B_INSTRUCT,
+            tokenizer="tekken_240718",
+            chat_template="tekken",
+            published_parameters=12_247_782_400,
+        ),
+        Preset(
+            "mistral_small_instruct_22b_en",
+            "Mistral Small Instruct 2409 (22B): 56 layers, hidden 6144, v3 tokenizer, 32k context.",
+            "mistralai/Mistral-Small-Instruct-2409",
+            arch.SMALL_22B,
+            tokenizer="v3",
+            chat_template="v3",
+            published_parameters=22_247_282_688,
+        ),
+        Preset(
+            "codestral_22b_en",
+            "Codestral 22B v0.1: Mistral's code model (80+ languages, fill-in-the-middle), v3 tokenizer.",
+            "mistralai/Codestral-22B-v0.1",
+            arch.CODESTRAL_22B,
+            tokenizer="v3",
+            chat_template="v3",
+            published_parameters=22_247_282_688,
+        ),
+        Preset(
+            "mistral_small_3_24b_en",
+            "Mistral Small 3 base 2501 (24B): 40 layers, MLP 32768, Tekken v7 tokenizer from the hub repo.",
+            "mistralai/Mistral-Small-24B-Base-2501",
+            arch.SMALL_24B,
+            tokenizer="hub",
+            chat_template="v7",
+            published_parameters=23_572_403_200,
+        ),
+        Preset(
+            "mistral_small_3_instruct_24b_en",
+            "Mistral Small 3 Instruct 2501 (24B): v7 chat format (system prompt), Tekken tokenizer from the hub repo.",
+            "mistralai/Mistral-Small-24B-Instruct-2501",
+            arch.SMALL_24B,
+            tokenizer="hub",
+            chat_template="v7",
+            published_parameters=23_572_403_200,
+        ),
+        Preset(
+            "mixtral_8x7b_en",
+            "Mixtral 8x7B v0.1 base: sparse mixture of 8 experts, 2 active per token (12.9B active), v1 tokenizer.",
+            "mistralai/Mixtral-8x7B-v0.1",
+            arch.MIXTRAL_8X7B,
+            model_type="mixtral",
+            published_parameters=46_702_792_704,
+        ),
+        Preset(
+            "mixtral_instruct_8x7b_en",
+            "Mixtral 8x7B Instruct v0.1: 8 experts, 2 active per token, v1 chat format.",
+            "mistralai/Mixtral-8x7B-Instruct-v0.1",
+            arch.MIXTRAL_8X7B,
+            model_type="mixtral",
+            published_parameters=46_702_792_704,
+        ),
+        Preset(
+            "mixtral_8x22b_en",
+            "Mixtral 8x22B v0.1 base: 56 layers of 8 experts, 2 active per token (39B active), 64k context.",
+            "mistralai/Mixtral-8x22B-v0.1",
+            arch.MIXTRAL_8X22B,
+            model_type="mixtral",
+            published_parameters=140_620_634_112,
+        ),
+        Preset(
+            "mixtral_instruct_8x22b_en",
+            "Mixtral 8x22B Instruct v0.1: 8 experts, 2 active per token, v3 tokenizer and chat format.",
+            "mistralai/Mixtral-8x22B-Instruct-v0.1",
+            arch.MIXTRAL_8X22B_INSTRUCT,
+            tokenizer="v3",
+            chat_template="v3",
+            model_type="mixtral",
+            published_parameters=140_630_071_296,
         ),
     ]
 }
 
 
-def parameter_count(c: dict[str, Any]) -> int:
-    """Parameters of a Mistral causal LM, written out so a reader can check the arithmetic."""
+def is_moe(c: dict[str, Any]) -> bool:
+    """True for a mixture-of-experts config (Mixtral's ``num_local_experts``)."""
+    return bool(c.get("num_local_experts"))
+
+
+def parameter_count(c: dict[str, Any], *, active: bool = False) -> int:
+    """Parameters of a Mistral-family causal LM, written out so a reader can check the arithmetic.
+
+    ``active=True`` counts only the experts a token runs through (``num_experts_per_tok``), as
+    "12.9B active" is quoted for Mixtral 8x7B; dense models are all active.
+    """
     h, layers, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
     head_dim = c.get("head_dim") or h // c["num_attention_heads"]
     q = h * c["num_attention_heads"] * head_dim
     kv = 2 * h * c["num_key_value_heads"] * head_dim
     o = c["num_attention_heads"] * head_dim * h
     mlp = 3 * h * inter  # gate, up, down (SwiGLU)
+    if is_moe(c):
+        experts = c["num_experts_per_tok"] if active else c["num_local_experts"]
+        mlp = experts * mlp + h * c["num_local_experts"]  # + the router (hidden -> one logit per expert)
     norms = 2 * h
     embed_and_head = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
     return layers * (q + kv + o + mlp + norms) + h + embed_and_head  # + final norm
@@ -199,8 +363,11 @@ def preset_table() -> dict[str, dict[str, Any]]:
                 "description": p.description,
                 "params": p.parameter_count,
                 "params_human": format_params(p.parameter_count),
-                "official_name": "Mistral",
-                "path": "mistral",
+                "official_name": {"mixtral": "Mixtral", "ministral": "Ministral"}.get(p.model_type, "Mistral"),
+                "path": p.model_type,
+                "architecture": p.architecture,
+                "tokenizer": p.tokenizer_file,
+                "chat_template": p.chat_template,
             },
             "handle": f"hf://{p.hf_repo}" if p.hf_repo else "embedded",
         }

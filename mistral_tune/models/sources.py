@@ -35,6 +35,8 @@ def resolve_handle(preset: str, *, load_weights: bool = True, revision: str | No
         # hf://org/name: fetch once, then everything is read from disk.
         directory = fetch_hub_repo(source.hub_repo, revision, config_only=not load_weights)
         source = ModelSource(None, directory, None)
+    if not load_weights:
+        source = hub_tokenizer_source(source, revision)  # Mistral Small 3: its tekken.json, no weights
     if source.local_dir is not None and source.preset is None:
         base = read_metadata(source.local_dir).get("base_preset")
         if base in PRESETS:  # our preset layout remembers the built-in it came from
@@ -134,11 +136,24 @@ def fetch_hub_repo(repo: str, revision: Optional[str] = None, config_only: bool 
 def download_source(source: ModelSource, model_cfg: Any) -> ModelSource:
     """Fetch a hub source to the local cache (cheap imports only, so offline fails within a second).
 
-    Built-in presets with ``load_weights=false`` need nothing from the hub: their architecture is data.
+    Built-in presets with ``load_weights=false`` need nothing from the hub (their architecture is data),
+    except the tokenizer of a preset whose file only its repo has (Mistral Small 3): then the repo's
+    config and tokenizer files are fetched, no weights.
     """
-    if source.hub_repo is None or (source.preset is not None and not model_cfg.load_weights and not model_cfg.path):
+    if source.hub_repo is None:
         return source
+    if source.preset is not None and not model_cfg.load_weights and not model_cfg.path:
+        return hub_tokenizer_source(source, model_cfg.revision)
     return ModelSource(source.preset, fetch_hub_repo(source.hub_repo, model_cfg.revision), None)
+
+
+def hub_tokenizer_source(source: ModelSource, revision: Optional[str] = None) -> ModelSource:
+    """For a built-in preset whose tokenizer file ships only in its hub repo (``tokenizer: hub``), the
+    repo's config and tokenizer files as the local directory; any other source as it is."""
+    preset = source.preset
+    if source.local_dir is not None or preset is None or preset.tokenizer != "hub" or source.hub_repo is None:
+        return source
+    return ModelSource(preset, fetch_hub_repo(source.hub_repo, revision, config_only=True), None)
 
 
 def fetch_kaggle_model(handle: str) -> Path:

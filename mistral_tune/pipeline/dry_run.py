@@ -2,7 +2,7 @@
 
 Resolves the config, builds the model (and its adapter) on the meta device, where tensors have
 shapes but no storage, counts parameters, and prints the memory and speed estimates of
-``mistral_tune.estimate``. Built-in presets need no network: their architecture is in presets.py.
+``mistral_tune.estimate``. Built-in presets need no network: their architecture is data (models/architectures.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def model_config(cfg: Any) -> tuple[dict[str, Any], str]:
 
     source = resolve_source(cfg.model.name, cfg.model.path)
     if source.local_dir is None and source.preset is not None and not cfg.model.path:
-        return dict(source.preset.config), f"built-in preset {source.preset.id}"
+        return dict(source.preset.hf_config), f"built-in preset {source.preset.id}"
     directory = source.local_dir or fetch_hub_repo(source.hub_repo, cfg.model.revision, config_only=True)
     path = directory / "config.json"
     if not path.is_file():
@@ -31,20 +31,22 @@ def model_config(cfg: Any) -> tuple[dict[str, Any], str]:
 def build_on_meta(config: dict[str, Any], adapter_cfg: Any):
     """The causal LM with its adapter, on the meta device: shapes and parameter counts, no memory."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mistral_tune.adapters.build import lora_config
+    from mistral_tune.adapters.build import is_moe_model, lora_config
 
-    known = MistralConfig().to_dict()
+    model_type = config.get("model_type", "mistral")  # keras-hub and older configs: Mistral
+    known = AutoConfig.for_model(model_type).to_dict()
+    arch = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k in known and k != "model_type"})
     with torch.device("meta"):
-        model = MistralForCausalLM(MistralConfig(**{k: v for k, v in config.items() if k in known}))
+        model = AutoModelForCausalLM.from_config(arch)
         if adapter_cfg.name == "none":
             model.requires_grad_(True)
             return model
         from peft import get_peft_model
 
         # QLoRA's adapter has the same shapes as LoRA's; the 4-bit base is costed by the estimator.
-        return get_peft_model(model, lora_config(adapter_cfg))
+        return get_peft_model(model, lora_config(adapter_cfg, moe=is_moe_model(model)))
 
 
 def run_shape(cfg: Any) -> estimate.RunShape:
@@ -81,7 +83,7 @@ def dry_run(cfg: Any) -> dict[str, Any]:
     shape = run_shape(cfg)
     memory = estimate.estimate_memory(config, shape, trainable=trainable, total=total)
     speed = estimate.estimate_speed(config, shape, trainable=trainable, gpu=cfg.dry_run_gpu, mfu=cfg.dry_run_mfu)
-    print(render(cfg, origin, trainable, total, shape, memory, speed))
+    print(render(cfg, origin, trainable, total, shape, memory, speed, moe=estimate.dims(config)["experts"] > 1))
     return {
         "parameters": {"trainable": trainable, "total": total},
         "tokens_per_step": shape.tokens_per_step,
@@ -93,7 +95,7 @@ def dry_run(cfg: Any) -> dict[str, Any]:
     }
 
 
-def render(cfg, origin, trainable, total, shape, memory, speed) -> str:
+def render(cfg, origin, trainable, total, shape, memory, speed, moe: bool = False) -> str:
     a = cfg.adapter
     adapter = "none (full fine-tuning)" if a.name == "none" else f"{a.name} r={a.r} on {', '.join(a.target_modules)}"
     gc = "on" if shape.gradient_checkpointing else "off"
@@ -126,6 +128,11 @@ def render(cfg, origin, trainable, total, shape, memory, speed) -> str:
         f"  {speed.step_seconds:.3g} s per optimizer step, {speed.tokens_per_second:,.0f} tokens/s"
         f"{' over all devices' if shape.num_devices > 1 else ''}",
     ]
+    if moe and shape.adapter == "qlora":
+        lines.append(
+            "  note: bitsandbytes stores only nn.Linear layers in 4-bit; the experts (3D tensors in transformers 5) "
+            "stay unquantized, in fp32 after PEFT's k-bit preparation (docs/memory.md#mixture-of-experts)"
+        )
     if cfg.trainer.name != "sft":
         lines.append(f"  note: estimated as one SFT sequence per example; trainer={cfg.trainer.name} may differ")
     return "\n".join(lines)

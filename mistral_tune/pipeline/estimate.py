@@ -22,6 +22,8 @@ from mistral_tune.core.hardware import GPUS, Gpu
 GiB = 1024**3
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = LINEAR_MODULES[:4]
+MLP_MODULES = LINEAR_MODULES[4:]
 
 # bitsandbytes NF4 with double quantization: 4 bits per weight, one 8-bit absmax per block of 64
 # weights, and one fp32 absmax per 256 of those blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits.
@@ -84,7 +86,16 @@ def dims(c: dict[str, Any]) -> dict[str, int]:
         "kv": c["num_key_value_heads"] * head_dim,  # key/value width (GQA: h / 4 for Mistral 7B)
         "heads": c["num_attention_heads"],
         "window": c.get("sliding_window") or 0,
+        "experts": c.get("num_local_experts") or 1,  # Mixtral: SwiGLU experts per layer
+        "active": c.get("num_experts_per_tok") or 1,  # ... of which each token runs through this many
     }
+
+
+def linear_modules(c: dict[str, Any]) -> tuple:
+    """The ``nn.Linear`` modules of one decoder layer: what LoRA can target by module name and what
+    bitsandbytes stores in 4-bit. Mixtral's experts are not among them: transformers 5 keeps each
+    layer's experts as two 3D parameters (``experts.gate_up_proj``, ``experts.down_proj``)."""
+    return ATTENTION_MODULES if (c.get("num_local_experts") or 0) > 1 else LINEAR_MODULES
 
 
 def module_shapes(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -105,6 +116,7 @@ def module_shapes(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
 def lora_parameter_count(c: dict[str, Any], targets: tuple, r: int, dora: bool = False) -> int:
     """Trainable LoRA parameters: r * (in + out) per adapted module (+ out for DoRA's magnitude)."""
     shapes = module_shapes(c)
+    targets = tuple(m for m in targets if m in linear_modules(c))
     per_layer = sum(r * (shapes[m][0] + shapes[m][1]) + (shapes[m][1] if dora else 0) for m in targets)
     return per_layer * c["num_hidden_layers"]
 
@@ -131,7 +143,7 @@ def layer_activation_terms(c: dict[str, Any], s: RunShape) -> dict[str, float]:
     d = dims(c)
     a = activation_bytes(s)
     shapes = module_shapes(c)
-    targets = s.targets if s.adapter != "none" else ()
+    targets = tuple(m for m in s.targets if m in linear_modules(c)) if s.adapter != "none" else ()
     full = s.adapter == "none"
     terms: dict[str, float] = {}
     terms["norms (fp32 inputs)"] = 2 * 4 * (d["h"] + 1) + (2 * a * d["h"] if full else 0)  # x and 1/rms
@@ -143,12 +155,21 @@ def layer_activation_terms(c: dict[str, Any], s: RunShape) -> dict[str, float]:
         # Padding or a biting sliding window makes transformers pass a mask, which sdpa turns into
         # an additive bias per call: one seq x seq tensor per layer.
         terms["attention mask"] = s.seq_len * a
-    terms["swiglu (gate, silu, up)"] = 3 * d["i"] * a
+    if d["experts"] > 1:
+        # Each token runs through `active` experts: SwiGLU's three tensors per expert, the expert's
+        # output (scaled by its routing weight) and the fp32 router logits and softmax. Approximate:
+        # the tests check dense layers to the byte, not this.
+        terms["experts (swiglu + output per active expert)"] = d["active"] * (3 * d["i"] + d["h"]) * a
+        terms["router (fp32 logits, softmax)"] = 2 * 4 * d["experts"]
+    else:
+        terms["swiglu (gate, silu, up)"] = 3 * d["i"] * a
     # Inputs shared by modules: q/k/v read the same normed x, gate/up too. o_proj reads the attention
     # output, which sdpa and flash-attn already keep in (batch, seq, heads, dim) layout: same storage.
     groups = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "mlp", "up_proj": "mlp"}
     already = set() if s.attn == "eager" else {"o"}
     firsts = {"qkv": "q_proj", "o": "o_proj", "mlp": "gate_proj", "down_proj": "down_proj"}
+    if full and d["experts"] > 1:
+        firsts = {"qkv": "q_proj", "o": "o_proj"}  # each expert's input is counted with the experts above
     if full:
         kept = [g for g in firsts if g not in already]
         terms["linear inputs"] = sum(shapes[firsts[g]][0] for g in kept) * a
@@ -201,14 +222,17 @@ def estimate_memory(c: dict[str, Any], s: RunShape, *, trainable: int, total: in
     est = MemoryEstimate()
     a = s.compute_bytes
     if s.adapter == "qlora":
-        # Every decoder-layer linear is NF4; embeddings, norms and lm_head stay, and PEFT's
-        # prepare_model_for_kbit_training upcasts them to fp32.
-        quantized = sum(i * o for i, o in module_shapes(c).values()) * d["layers"]
+        # Every decoder-layer nn.Linear is NF4; embeddings, norms and lm_head stay, and PEFT's
+        # prepare_model_for_kbit_training upcasts them to fp32. bitsandbytes quantizes nn.Linear only,
+        # so Mixtral's experts (3D parameters in transformers 5) stay unquantized and are upcast too.
+        shapes = module_shapes(c)
+        quantized = sum(shapes[m][0] * shapes[m][1] for m in linear_modules(c)) * d["layers"]
         rest = total - trainable - quantized
+        what = "experts, router, embeddings, norms, lm_head" if d["experts"] > 1 else "embeddings, norms, lm_head"
         est.add(
             "weights",
             quantized * NF4_BITS_PER_PARAM / 8 + rest * 4,
-            f"{quantized / 1e9:.2f}B params in NF4 ({NF4_BITS_PER_PARAM:.3f} bits) + {rest / 1e6:.0f}M in fp32 (embeddings, norms, lm_head)",
+            f"{quantized / 1e9:.2f}B params in NF4 ({NF4_BITS_PER_PARAM:.3f} bits) + {format_count(rest)} in fp32 ({what})",
         )
     else:
         frozen = total - trainable
@@ -263,6 +287,17 @@ def estimate_memory(c: dict[str, Any], s: RunShape, *, trainable: int, total: in
     return est
 
 
+def format_count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def layer_windows(c: dict[str, Any]) -> list[int]:
+    """Each layer's sliding window (0: full attention). Ministral interleaves them (``layer_types``)."""
+    window = c.get("sliding_window") or 0
+    types = c.get("layer_types") or ["sliding_attention"] * c["num_hidden_layers"]
+    return [window if t == "sliding_attention" else 0 for t in types]
+
+
 def mean_context(seq_len: int, window: int) -> float:
     """Average number of keys a causal query attends to (capped by the sliding window)."""
     if not window or window >= seq_len:
@@ -273,9 +308,14 @@ def mean_context(seq_len: int, window: int) -> float:
 def flops_per_token(c: dict[str, Any], s: RunShape, trainable: int) -> float:
     """Training FLOPs per token the hardware executes, recomputation included."""
     d = dims(c)
-    layer_mm = sum(i * o for i, o in module_shapes(c).values()) * d["layers"]
+    shapes = module_shapes(c)
+    # Only the experts a token is routed to do work (2 of Mixtral's 8), plus the router's matmul.
+    attention = sum(shapes[m][0] * shapes[m][1] for m in ATTENTION_MODULES)
+    mlp = sum(shapes[m][0] * shapes[m][1] for m in MLP_MODULES) * d["active"]
+    router = d["h"] * d["experts"] if d["experts"] > 1 else 0
+    layer_mm = (attention + mlp + router) * d["layers"]
     head_mm = d["vocab"] * d["h"]
-    attn_fwd = 4 * d["layers"] * d["q"] * mean_context(s.seq_len, d["window"])  # QK^T and AV
+    attn_fwd = 4 * d["q"] * sum(mean_context(s.seq_len, w) for w in layer_windows(c))  # QK^T and AV
     fwd = 2 * (layer_mm + head_mm) + attn_fwd
     if s.adapter == "none":
         bwd = 4 * (layer_mm + head_mm) + 2 * attn_fwd  # input and weight gradients

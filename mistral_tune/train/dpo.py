@@ -168,6 +168,8 @@ def dpo_config(cfg: Any, run_dir: Path, has_eval: bool = False) -> DPOConfig:
         max_length=t.max_length,
         truncation_mode="keep_start",
         precompute_ref_log_probs=t.precompute_ref_log_probs,
+        # Mixtral: TRL adds (and logs as aux_loss) the router's load-balancing loss; 0 turns it off.
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef if cfg.model.output_router_logits else 0.0,
     )
 
 

@@ -38,13 +38,18 @@ class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         # auto -> liger or chunked, once (an impossible liger fails here, before the first step)
         self.loss_impl = loss_impl if loss_impl == "plain" else losses.resolve_impl(loss_impl, self.args.device)
         self._head_capture = None  # installed on the first chunked/liger step
+        self._router_aux: list[float] = []  # Mixtral: load-balancing losses since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self.count_tokens(model, inputs, batch_token_count(inputs))
         inputs["use_cache"] = False  # also required for packed batches: a cache hides their layout
         if self.loss_impl == "plain" or return_outputs or "labels" not in inputs:
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            # The model's own loss; a Mixtral with output_router_logits has already added
+            # router_aux_loss_coef x its load-balancing loss to it (and returns aux_loss to log).
+            loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+            self.record_router_aux_loss(model, getattr(outputs, "aux_loss", None))
+            return (loss, outputs) if return_outputs else loss
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self._head_capture is None:
             if losses.head_is_sharded(losses.output_head(model)):
@@ -55,7 +60,7 @@ class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             self._head_capture = losses.HeadInputCapture(model)
         with self._head_capture.active_for_one_call() as captured:
-            model(**model_inputs)
+            outputs = model(**model_inputs)
         hidden, captured.hidden = captured.hidden, None
         loss = losses.causal_lm_loss(
             hidden,
@@ -64,15 +69,40 @@ class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
             num_items_in_batch=num_items_in_batch,
             impl=self.loss_impl,
         )
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None:
+            # Without labels the model returns the router's load-balancing loss unweighted; add it as
+            # MixtralForCausalLM does when it computes the loss itself.
+            loss = loss + router_aux_loss_coef(model) * aux.to(loss.device)
+            self.record_router_aux_loss(model, aux)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
         return loss
 
+    def record_router_aux_loss(self, model: Any, aux: Any) -> None:
+        """Keep a training step's router load-balancing loss (unweighted) for the next log line."""
+        if aux is not None and model.training:
+            self._router_aux.append(float(aux.detach()))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._router_aux and "loss" in logs:
+            # The mean unweighted load-balancing loss over the logging window: num_experts_per_tok (2 for
+            # Mixtral) when tokens spread evenly over the experts, more as the router favours a few.
+            logs["aux_loss"] = sum(self._router_aux) / len(self._router_aux)
+            self._router_aux = []
         if isinstance(logs.get("eval_loss"), float):
             # Perplexity of the eval split: exp of the mean token NLL (inf past float range).
             logs["eval_perplexity"] = math.exp(logs["eval_loss"]) if logs["eval_loss"] < 700 else float("inf")
         super().log(logs, start_time)
+
+
+def router_aux_loss_coef(model: Any) -> float:
+    """The weight of a mixture-of-experts model's load-balancing loss (its config's router_aux_loss_coef)."""
+    config = getattr(model, "config", None)
+    while config is None and hasattr(model, "module"):  # DDP/DeepSpeed wrappers
+        model = model.module
+        config = getattr(model, "config", None)
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def sft_config(cfg: Any, run_dir: Path, has_eval: bool = False, *, flat_packing: bool = False) -> SFTConfig:

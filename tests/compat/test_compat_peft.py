@@ -89,3 +89,55 @@ def test_base_module_names_are_the_plain_models(saved_adapter):
     assert wrapped and set(wrapped) <= plain, broken(
         "peft", f"PeftModel module names (base_model.model., {compat.BASE_LAYER})", f"map to {sorted(wrapped)[:3]}"
     )
+
+
+@pytest.fixture(scope="module")
+def expert_adapter(tmp_path_factory):
+    """LoRA on a tiny Mixtral's 3D expert parameters (target_parameters), saved."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2, max_position_embeddings=64,
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        lora_dropout=0.0, init_lora_weights=False,
+    )  # fmt: skip
+    model = get_peft_model(MixtralForCausalLM(config), lora)
+    out = tmp_path_factory.mktemp("experts")
+    model.save_pretrained(out)
+    return model, out
+
+
+def test_expert_lora_saves_under_the_experts_module_with_stacked_factors(expert_adapter):
+    from safetensors.torch import load_file
+
+    model, out = expert_adapter
+    saved = {compat.adapter_key_to_base(k): v for k, v in load_file(str(out / "adapter_model.safetensors")).items()}
+    expert_keys = sorted(k for k in saved if ".experts." in k)
+    modules = {compat.parameter_adapter_module(k.rsplit(".lora_", 1)[0]) for k in expert_keys}
+    assert modules == {f"model.layers.{i}.mlp.experts" for i in range(2)}, broken(
+        "peft", "target_parameters adapter keys", f"are {expert_keys}"
+    )
+    # Each expert's delta from the saved factors equals PEFT's own ParamWrapper.get_delta_weight.
+    checked = 0
+    for name, module in model.named_modules():
+        if type(module).__name__ != "ParamWrapper":
+            continue
+        prefix = compat.base_module_name(name)  # model.layers.0.mlp.experts(.base_layer)
+        key = next(k for k in saved if k.startswith(name.removeprefix(compat.ADAPTER_KEY_PREFIX) + ".lora_A"))
+        a, b = saved[key], saved[key.replace("lora_A", "lora_B")]
+        theirs = module.get_delta_weight("default")  # (experts, out, in) as Mixtral stores its parameters
+        assert theirs.shape == module.get_param().shape, broken(
+            "peft", "ParamWrapper.get_delta_weight", f"has shape {tuple(theirs.shape)} for {prefix}"
+        )
+        for e in range(3):
+            ours = compat.expert_delta(a, b, 3, e) * module.scaling["default"]
+            assert torch.allclose(ours, theirs[e], atol=1e-6), broken(
+                "peft", "target_parameters lora_A/lora_B layout", f"gives another delta for expert {e} of {prefix}"
+            )
+        checked += 1
+    assert checked == 4, broken("peft", "ParamWrapper", f"wraps {checked} expert parameters, expected 4")

@@ -85,3 +85,19 @@ def test_key_origin_names_the_config_file():
 def test_group_options_are_ids_not_paths(override):
     with pytest.raises(UserError, match="Unknown .* option"):
         compose("sft_lora", [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sft_lora", "sft_full"),
+    [
+        ([], 5e-3, 5e-4),  # the random-weight demo
+        (["model=mixtral_tiny"], 5e-3, 5e-4),  # every *_tiny preset is random
+        (["model=mistral_nemo_12b_en"], 2e-4, 1e-5),  # pretrained dense
+        (["model=mixtral_8x7b_en"], 1e-4, 5e-6),  # pretrained MoE: about half
+        (["model.name=mistralai/Mixtral-8x22B-v0.1"], 1e-4, 5e-6),  # a hub id naming Mixtral
+        (["model.name=org/model_tiny"], 2e-4, 1e-5),  # a hub id is never the demo
+    ],
+)
+def test_learning_rates_follow_the_base(compose, overrides, sft_lora, sft_full):
+    assert compose("sft_lora", overrides).train.learning_rate == pytest.approx(sft_lora)
+    assert compose("sft_full", overrides).train.learning_rate == pytest.approx(sft_full)

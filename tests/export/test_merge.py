@@ -240,3 +240,49 @@ def test_parse_size():
     assert merge.parse_size("2GB") == 2 * 10**9 and merge.parse_size("500MiB") == 500 * 2**20
     with pytest.raises(UserError):
         merge.parse_size("lots")
+
+
+def small_mixtral(seed=0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        **{k: v for k, v in SMALL.items() if k != "sliding_window"}, num_local_experts=3, num_experts_per_tok=2
+    )
+    return MixtralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("targets", [["experts.gate_up_proj"], ["q_proj", "experts.gate_up_proj", "experts.down_proj"]])
+def test_streamed_merge_folds_lora_on_mixtral_experts_into_each_expert(targets, tmp_path, tokenizer):
+    """LoRA on Mixtral's fused 3D experts (PEFT target_parameters) lands in the checkpoint's per-expert
+    w1/w3/w2 tensors; the merged model reloads in transformers with the adapted model's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mistral_tune.adapters.build import split_targets
+
+    small_mixtral().save_pretrained(tmp_path / "base")
+    assert any(".block_sparse_moe.experts.0.w1." in k for k in load_file(tmp_path / "base" / "model.safetensors"))
+    modules, params = split_targets(targets, moe=True)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=modules, target_parameters=params, lora_dropout=0.0,
+                      init_lora_weights=False)  # fmt: skip
+    adapted = get_peft_model(small_mixtral(), lora).eval()
+    adapted.save_pretrained(tmp_path / "adapter")
+    merge.stream_merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert merged.config.output_router_logits is False
+    expected = reference_logits(adapted, tokenizer, PROMPTS)
+    base = reference_logits(small_mixtral(), tokenizer, PROMPTS)
+    got = reference_logits(merged, tokenizer, PROMPTS)
+    assert (got - expected).abs().max() < 1e-4
+    assert (expected - base).abs().max() > 100 * (got - expected).abs().max()  # the experts' delta was there
+
+
+def test_expert_lora_needs_a_mixture_of_experts_base(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts.down_proj"], lora_dropout=0.0)
+    get_peft_model(small_mixtral(), lora).save_pretrained(tmp_path / "adapter")
+    small_base().save_pretrained(tmp_path / "dense")
+    with pytest.raises(UserError, match="not a mixture of experts"):
+        merge.stream_merge(tmp_path / "dense", tmp_path / "adapter", tmp_path / "out")

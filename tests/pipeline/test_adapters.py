@@ -285,3 +285,47 @@ def test_resume_from_continues_the_adapter_and_export_none_publishes_a_card(runs
     for needle in ("base_model: mistral_tiny", "recipe `sft_lora`", "data/sft_sample.jsonl", "loss: first"):
         assert needle in card
     assert "base=mistral_tiny out=merged seed=42" in card  # the random base's seed goes with the merge command
+
+
+def test_mixtral_adapter_targets():
+    """all-linear on a MoE model is attention only; the experts are opt-in by name, without dropout."""
+    from mistral_tune.adapters.build import lora_config, split_targets
+    from mistral_tune.config.schema import AdapterConfig
+    from mistral_tune.core.errors import UserError
+
+    assert split_targets(["all-linear"]) == ("all-linear", [])
+    assert split_targets(["all-linear"], moe=True) == (["q_proj", "k_proj", "v_proj", "o_proj"], [])
+    assert split_targets(["q_proj", "v_proj", "experts.down_proj"], moe=True) == (
+        ["q_proj", "v_proj"],
+        ["experts.down_proj"],
+    )
+    with pytest.raises(UserError, match="list it alone"):
+        split_targets(["all-linear", "q_proj"])
+    experts = AdapterConfig(target_modules=["q_proj", "experts.gate_up_proj"], lora_dropout=0.05)
+    with pytest.raises(UserError, match="adapter.lora_dropout=0"):
+        lora_config(experts, moe=True)
+    experts.lora_dropout = 0.0
+    config = lora_config(experts, moe=True)
+    assert set(config.target_modules) == {"q_proj"} and config.target_parameters == ["experts.gate_up_proj"]
+
+
+def test_lora_on_mixtral_experts_trains_only_the_adapter():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mistral_tune.adapters.build import apply_adapter, count_parameters
+    from mistral_tune.config.schema import AdapterConfig
+    from mistral_tune.models.loading import preset_config
+    from mistral_tune.models.presets import PRESETS
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(preset_config(PRESETS["mixtral_tiny"]))
+    targets = ["q_proj", "v_proj", "experts.gate_up_proj", "experts.down_proj"]
+    peft_model = apply_adapter(model, AdapterConfig(r=4, target_modules=targets, lora_dropout=0.0))
+    trainable, total = count_parameters(peft_model)
+    c = PRESETS["mixtral_tiny"].config
+    h, i, experts, layers = c["hidden_size"], c["intermediate_size"], c["num_local_experts"], c["num_hidden_layers"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    per_layer = 4 * ((h + q) + (h + kv)) + 4 * experts * ((h + 2 * i) + (i + h))  # r * (in + out), per expert
+    assert trainable == layers * per_layer
+    assert total == PRESETS["mixtral_tiny"].parameter_count + trainable

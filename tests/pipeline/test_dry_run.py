@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from mistral_tune import cli
 from mistral_tune.models.presets import PRESETS
 
@@ -29,6 +31,7 @@ def test_dry_run_7b_qlora_prints_sizes_and_estimates(capsys, tmp_path, monkeypat
     peak = float(re.search(r"^  peak\s+(\d+\.\d+) GiB", out, re.M).group(1))
     assert 4.5 <= peak <= 7.5
     assert "A100 SXM 80GB at 40% FLOPs utilization" in out
+    assert "note: bitsandbytes" not in out  # dense: every linear layer is 4-bit
     assert re.search(r"s per optimizer step, [\d,]+ tokens/s", out)
     assert not list(tmp_path.iterdir()), "a dry run writes nothing"
 
@@ -54,3 +57,37 @@ def test_dry_run_rejects_a_max_length_beyond_the_model(capsys):
 def test_dry_run_gpu_must_be_known(capsys):
     assert cli.main(["recipe=sft_lora", "dry_run=true", "dry_run_gpu=V100"]) == 2
     assert "dry_run_gpu='V100' is not one of H100, H200, A100, L4" in capsys.readouterr().err
+
+
+QLORA_2048 = [
+    "recipe=sft_qlora",
+    "trainer.max_length=2048",
+    "train.per_device_train_batch_size=1",
+    "train.gradient_checkpointing=true",
+    "dry_run=true",
+]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_dry_runs_offline(preset, compose):
+    """Each built-in preset sizes up (QLoRA, seq 2048, H100) from its data alone: no hub, no weights."""
+    from mistral_tune.pipeline.dry_run import dry_run
+
+    p = PRESETS[preset]
+    cfg = compose("sft_qlora", [f"model={preset}", *QLORA_2048[1:-1], "dry_run=true", "dry_run_gpu=H100"])
+    result = dry_run(cfg)
+    trainable, total = result["parameters"]["trainable"], result["parameters"]["total"]
+    assert total == p.parameter_count + trainable and trainable > 0
+    assert result["peak_memory_bytes"] > result["memory_bytes"]["weights"] > 0
+    assert result["step_seconds"] > 0
+
+
+def test_mixtral_qlora_dry_run_names_what_stays_unquantized(capsys):
+    assert cli.main([*QLORA_2048, "model=mixtral_8x7b_en", "dry_run_gpu=H100"]) == 0
+    out = capsys.readouterr().out
+    # all-linear on a MoE model is the attention projections: 4 modules x 32 layers, r=16
+    lora = 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096))
+    assert f"{46_702_792_704 + lora:,} total, {lora:,} trainable" in out
+    assert "in fp32 (experts, router, embeddings, norms, lm_head)" in out
+    assert "fits one H100 SXM 80GB: no" in out
+    assert "note: bitsandbytes stores only nn.Linear layers in 4-bit" in out

@@ -157,3 +157,51 @@ def test_speed_scales_with_gpu_peak_and_tokens():
     assert 40e9 < h100.flops_per_token < 50e9
     assert h100.tokens_per_second == pytest.approx(2048 / h100.step_seconds)
     assert E.mean_context(2048, 4096) == pytest.approx(1024.5) and E.mean_context(8192, 4096) < 4096
+
+
+MIXTRAL = PRESETS["mixtral_8x7b_en"].config
+
+
+def test_moe_memory_counts_every_expert_and_flops_only_the_active_ones():
+    from mistral_tune.models.presets import parameter_count
+
+    shape = E.RunShape(batch_size=1, seq_len=2048, adapter="lora", gradient_checkpointing=True)
+    more_experts = {**MIXTRAL, "num_local_experts": 16}
+    more_active = {**MIXTRAL, "num_experts_per_tok": 4}
+    one_expert = 3 * 4096 * 14336 * 32  # gate, up, down of one expert in each of the 32 layers
+
+    def weights(c):
+        n = parameter_count(c)
+        return E.estimate_memory(c, shape, trainable=0, total=n).terms["weights"][0]
+
+    # weights: all 8 (or 16) experts are resident, in bf16 here
+    assert weights(more_experts) - weights(MIXTRAL) == 2 * (8 * one_expert + 8 * 4096 * 32)
+    assert weights(more_active) == weights(MIXTRAL)
+    # FLOPs: only the 2 routed experts compute; more experts on the shelf only widen the router
+    f = E.flops_per_token(MIXTRAL, shape, trainable=0)
+    assert E.flops_per_token(more_experts, shape, trainable=0) - f == pytest.approx(6 * 8 * 4096 * 32)
+    assert E.flops_per_token(more_active, shape, trainable=0) - f == pytest.approx(6 * 2 * one_expert)
+    # forward 2 + input-grad backward 2 + recompute 2 FLOPs per active matmul weight: ~12.9B active
+    active = parameter_count(MIXTRAL, active=True) - 2 * 32000 * 4096 + 32000 * 4096  # no embedding matmul
+    assert f == pytest.approx(6 * active, rel=0.05)
+
+
+def test_moe_qlora_quantizes_only_linear_layers():
+    """bitsandbytes replaces nn.Linear; Mixtral's experts (3D parameters) stay and are upcast to fp32."""
+    shape = E.RunShape(batch_size=1, seq_len=2048, adapter="qlora", target_modules=("all-linear",), lora_r=16)
+    n = PRESETS["mixtral_8x7b_en"].parameter_count
+    quantized = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2)  # q, o, k, v
+    weights = E.estimate_memory(MIXTRAL, shape, trainable=0, total=n).terms["weights"][0]
+    assert weights == int(quantized * E.NF4_BITS_PER_PARAM / 8 + (n - quantized) * 4)
+    assert E.lora_parameter_count(MIXTRAL, shape.targets, 16) == 32 * 16 * (8192 + 5120 * 2 + 8192)
+
+
+def test_ministral_attention_flops_follow_its_layer_pattern():
+    c = PRESETS["ministral_instruct_8b_en"].config
+    assert E.layer_windows(c)[:4] == [0, 32768, 32768, 32768]
+    short = {**c, "sliding_window": 1024}
+    s = E.RunShape(seq_len=8192)
+    # 9 full-attention layers keep their full context, 27 sliding ones are capped at the window
+    assert E.flops_per_token(short, s, 0) < E.flops_per_token(c, s, 0)
+    all_sliding = {**short, "layer_types": ["sliding_attention"] * 36}
+    assert E.flops_per_token(all_sliding, s, 0) < E.flops_per_token(short, s, 0)
