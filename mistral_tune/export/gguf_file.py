@@ -305,7 +305,9 @@ def write_gguf(model_dir: Path, out_file: Path, tokenizer: Any, gguf_type: str, 
         a.endswith("ForSequenceClassification") for a in config.get("architectures") or []
     ):
         raise UserError(
-            f"GGUF export writes Mistral causal LMs; {model_dir} holds {config.get('architectures') or config.get('model_type')}."
+            f"GGUF export writes Mistral causal LMs; {model_dir} holds "
+            f"{config.get('architectures') or config.get('model_type')} (Mixtral's experts and Ministral's "
+            "interleaved sliding window are not written to GGUF yet)."
         )
     if int(config["vocab_size"]) != tokenizer.vocabulary_size:
         raise UserError(

@@ -149,29 +149,32 @@ def test_f32_and_q8_0_exports_verify_in_llama_cpp_with_the_window_warning(tmp_pa
     assert q8["rounding_max_abs_logprob_shift"] > 0  # the rounded reference differs from the exact one
 
 
-@pytest.mark.slow
-def test_v3_tokenizer_exports_verify_with_equal_prompt_token_counts(tmp_path, v3_tokenizer):
-    merged = save_tiny(tmp_path / "merged-v3", vocab_size=32768, sliding_window=None)
-    result = export_gguf(merged, tmp_path / "gguf", v3_tokenizer, ["f16"], name="v3")
-    check = result["files"][0]["verification"]
+@pytest.mark.parametrize("preset", ["mistral_0.3_tiny", "mistral_nemo_tiny"])
+def test_the_tiny_presets_of_the_other_families_verify_in_llama_cpp(tmp_path, preset):
+    """v3 SentencePiece (mistral_0.3_tiny) and Tekken with head_dim != hidden/heads (mistral_nemo_tiny),
+    as a run builds them (random init from the seed); f32 verifies to 1e-4, prompt counts included."""
+    from mistral_tune.export.pipeline import materialize_base
+    from mistral_tune.models.tokenizer import load_tokenizer
+
+    base, source = materialize_base({"name": preset, "path": None, "seed": 0}, tmp_path / "base")
+    tokenizer = load_tokenizer(source)
+    result = export_gguf(base, tmp_path / "gguf", tokenizer, ["f32"], name=preset)
+    _, fields = read(tmp_path / "gguf" / f"{preset}-f32.gguf")
+    assert fields["tokenizer.ggml.model"] == ("gpt2" if tokenizer.kind == "tekken" else "llama")
+    assert fields["tokenizer.ggml.pre"] == ("tekken" if tokenizer.kind == "tekken" else "default")
     assert result["sliding_window_honoured"] is True and "sliding_window_note" not in result
-    assert check["prompt_tokens_equal"] and check["max_abs_logprob_diff"] <= check["tolerance"]
-
-
-@pytest.mark.slow
-def test_tekken_exports_verify_with_equal_prompt_token_counts(tmp_path):
-    """Mistral Nemo's Tekken file as llama.cpp's byte-level BPE (gpt2 + tekken pre-tokenizer)."""
-    from mistral_tune.models.tokenizer import MistralTokenizer
-
-    tokenizer = MistralTokenizer.from_version("tekken_240718")
-    merged = save_tiny(tmp_path / "merged-tekken", vocab_size=tokenizer.vocabulary_size, sliding_window=None,
-                       hidden_size=64, intermediate_size=128, head_dim=16,  # a 131k vocabulary: keep it small
-                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)  # fmt: skip
-    result = export_gguf(merged, tmp_path / "gguf", tokenizer, ["f32"], name="tekken")
-    _, fields = read(tmp_path / "gguf" / "tekken-f32.gguf")
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "tekken"
     check = result["files"][0]["verification"]
     assert check["prompt_tokens_equal"] and check["max_abs_logprob_diff"] <= check["tolerance"] == 1e-4
+    assert check["greedy_tokens"] == check["greedy_tokens_expected"] >= 55
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "ministral"])
+def test_architectures_llama_cpp_would_run_differently_are_refused(tmp_path, tiny_tokenizer, model_type):
+    from mistral_tune.core.errors import UserError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 32000}))
+    with pytest.raises(UserError, match="GGUF export writes Mistral causal LMs"):
+        gguf_file.write_gguf(tmp_path, tmp_path / "x.gguf", tiny_tokenizer, "f32", name="x")
 
 
 def test_a_wrong_file_fails_verification(tmp_path, merged_v1, tiny_tokenizer, monkeypatch):
