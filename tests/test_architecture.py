@@ -21,10 +21,11 @@ LAYERS = {
     "launch": 4,
     "train": 5,
     "export": 6,
-    "pipeline": 7,
-    "api": 8,
-    "benchmark": 8,
-    "cli": 9,
+    "evaluation": 7,
+    "pipeline": 8,
+    "api": 9,
+    "benchmark": 9,
+    "cli": 10,
 }
 
 

@@ -19,8 +19,9 @@ usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
        mistral-tune generate preset=ID_OR_PATH prompt="..." [sampler=greedy max_length=64 ...]
        mistral-tune chat preset=ID_OR_PATH
        mistral-tune bench recipe=NAME [key=value ...] [--steps N] [--warmup N]   (see `mistral-tune bench --help`)
-       mistral-tune export run_dir=PATH formats=[merged,preset]   (or adapter=PATH base=PRESET out=DIR)
+       mistral-tune export run_dir=PATH formats=[merged,preset,gguf]   (or adapter=PATH base=PRESET out=DIR)
        mistral-tune score preset=RUN/merged text=TEXT   (rewards from a reward model; score --help)
+       mistral-tune eval preset=RUN tasks=[mistral_tune_mc,mistral_tune_ppl]   (lm-evaluation-harness; eval --help)
        mistral-tune --help
 
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
@@ -50,6 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("mistral_tune.cli.generate", "cmd_chat"),
     "bench": ("mistral_tune.cli.bench", "cmd_bench"),
     "export": ("mistral_tune.cli.export", "main"),
+    "eval": ("mistral_tune.cli.eval", "main"),
     "score": ("mistral_tune.cli.score", "cmd_score"),
 }
 TRAIN = ("mistral_tune.cli.train", "cmd_train")

@@ -1,5 +1,5 @@
 """``mistral-tune export``: merge an adapter (a run's, or any adapter onto a base) shard by shard and
-write verified merged/ and preset/ directories, or a run's model card.
+write verified merged/, preset/ and gguf/ (llama.cpp) directories, or a run's model card.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import sys
 from typing import Any
 
 from mistral_tune.cli.args import Command, Key, run_help
-from mistral_tune.config.registry import DTYPE_CHOICES
+from mistral_tune.config.registry import DTYPE_CHOICES, GGUF_TYPES
 from mistral_tune.export.from_adapter import FORMATS, export_formats, plan
 
 EXPORT = Command(
     "export",
     """\
-usage: mistral-tune export run_dir=PATH [formats=[merged,preset,adapter]] [dtype=auto] [max_shard_size=2GB]
-                           [verify=true] [tolerance=X]
+usage: mistral-tune export run_dir=PATH [formats=[merged,preset,gguf,adapter]] [dtype=auto] [max_shard_size=2GB]
+                           [verify=true] [tolerance=X] [gguf_types=[q8_0]] [gguf_tolerance=X]
        mistral-tune export adapter=PATH base=PRESET_OR_DIR out=DIR [formats=[merged]] [dtype=auto] [seed=42] ...""",
     keys=(
         Key("run_dir", help="a finished run; writes RUN/merged, RUN/preset and/or RUN/adapter/README.md (model card)"),
@@ -25,7 +25,10 @@ usage: mistral-tune export run_dir=PATH [formats=[merged,preset,adapter]] [dtype
             "out is the export directory (with several formats: one subdirectory per format)"),
         Key("base", help="with adapter=: the base model, a preset id or a Hugging Face directory"),
         Key("out", help="with adapter=: the export directory"),
-        Key("formats", list, help="[merged,preset,adapter] (default [merged])", choices=FORMATS),
+        Key("formats", list, help="[merged,preset,gguf,adapter] (default [merged])", choices=FORMATS),
+        Key("gguf_types", list, help="with gguf: the GGUF types, one file each (default [q8_0])",
+            choices=GGUF_TYPES),
+        Key("gguf_tolerance", float, help="with gguf: the largest top-k log-prob difference llama.cpp may show"),
         Key("dtype", default="auto", help="auto (the base's dtype) | float32 | bfloat16 | float16",
             choices=DTYPE_CHOICES),
         Key("max_shard_size", default="2GB", help="the merged checkpoint's shard size (default 2GB)"),

@@ -15,9 +15,14 @@ from typing import Any, Optional
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPES)
 
-# Weight formats an export writes (export/pipeline.py): merged/ (Hugging Face layout) and preset/
-# (the same files hard-linked, plus metadata.json). `mistral-tune export formats=` adds "adapter" (a model card).
-EXPORT_FORMATS = ("merged", "preset")
+# Weight formats an export writes (export/pipeline.py): merged/ (Hugging Face layout), preset/
+# (the same files hard-linked, plus metadata.json) and gguf/ (llama.cpp files written from the verified
+# merged weights, export/gguf_file.py). `mistral-tune export formats=` adds "adapter" (a model card).
+EXPORT_FORMATS = ("merged", "preset", "gguf")
+
+# export.gguf_types: the GGUF tensor types written (gguf/<name>-<type>.gguf), f32/f16/bf16 and two of
+# llama.cpp's block quantizations (8-bit and 4-bit, 32 weights per block with one fp16 scale).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 # trainer.name -> the trainer module (mistral_tune/train/<name>.py: build/train/... one interface).
 TRAINERS = {

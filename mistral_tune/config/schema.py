@@ -159,8 +159,18 @@ class ExportConfig:
     verify: bool = True  # reload merged/ and compare logits with the in-memory model
     tolerance: Optional[float] = None  # max |logit diff| accepted; None = per-dtype default (export.TOLERANCE)
     preset: bool = False  # also write preset/ (Hugging Face layout + metadata.json with provenance)
+    gguf: bool = False  # also write gguf/<name>-<type>.gguf for llama.cpp, verified in llama.cpp (xllamacpp)
+    gguf_types: List[str] = field(default_factory=lambda: ["q8_0"])  # f32 | f16 | bf16 | q8_0 | q4_0
+    gguf_tolerance: Optional[float] = None  # max |top-k log-prob diff| accepted; None = per-type default
     num_samples: int = 4  # greedy generations written to samples.jsonl
     sample_max_new_tokens: int = 32
+
+
+@dataclass
+class EvalConfig:
+    tasks: List[str] = field(default_factory=list)  # lm-eval tasks run at the end of training (mistral-tune eval)
+    limit: Optional[int] = None  # at most this many documents per task
+    batch_size: int = 8
 
 
 @dataclass
@@ -210,6 +220,7 @@ class RunConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -293,12 +304,16 @@ def check_values(cfg: Any) -> list[str]:
         problems.extend(check_preference(cfg.trainer))
     if cfg.trainer.name == "reward" and cfg.export.preset:
         problems.append("export.preset=true writes a causal-LM preset; a reward model exports as merged/ only")
+    if cfg.trainer.name == "reward" and cfg.export.gguf:
+        problems.append("export.gguf=true writes a causal LM for llama.cpp; a reward model exports as merged/ only")
     one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
     one_of("on_nan", cfg.on_nan, ("stop", "skip"))
     one_of("launcher.name", cfg.launcher.name, LAUNCHERS)
     one_of("tracking.name", cfg.tracking.name, tuple(registry.TRACKERS))
     one_of("tracking.mode", cfg.tracking.mode, ("auto", "online", "offline"))
     one_of("export.dtype", cfg.export.dtype, registry.DTYPE_CHOICES)
+    for gguf_type in cfg.export.gguf_types:
+        one_of("export.gguf_types", gguf_type, registry.GGUF_TYPES)
     positive = {
         "adapter.r": cfg.adapter.r,
         "trainer.max_length": cfg.trainer.max_length,
@@ -487,6 +502,10 @@ def export_problems(e: Any, a: Any) -> list[str]:
     problems = []
     if e.tolerance is not None and not e.tolerance > 0:
         problems.append(f"export.tolerance={e.tolerance} must be > 0")
+    if e.gguf_tolerance is not None and not e.gguf_tolerance > 0:
+        problems.append(f"export.gguf_tolerance={e.gguf_tolerance} must be > 0")
+    if e.gguf and not e.gguf_types:
+        problems.append("export.gguf=true needs at least one type in export.gguf_types")
     return problems
 
 

@@ -93,7 +93,7 @@ def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     from mistral_tune.models.tokenizer import load_tokenizer
 
     results: dict[str, Any] = {}
-    weights = {f: o for f, o in p["outs"].items() if f in ("merged", "preset")}
+    weights = {f: o for f, o in p["outs"].items() if f in EXPORT_FORMATS}
     if weights:
         with tempfile.TemporaryDirectory(prefix="mistral-tune-export-") as tmp:
             sidecar = adapters.read_sidecar(p["adapter"]) if p["adapter"] is not None else {}
@@ -112,6 +112,9 @@ def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
                     quantization=sidecar.get("quantization"),
                     base_preset=p["model"]["name"] or p["model"]["path"],
                     provenance=preset_provenance(p),
+                    gguf_types=opts.get("gguf_types") or ["q8_0"],
+                    gguf_tolerance=opts.get("gguf_tolerance"),
+                    gguf_name=gguf_name(p),
                 )
             )
     if "adapter" in p["outs"]:
@@ -119,6 +122,14 @@ def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     if p["run_dir"] is not None:
         record_in_summary(p["run_dir"], results)
     return results
+
+
+def gguf_name(p: dict[str, Any]) -> str:
+    """The GGUF files' name: the run directory's, else the export directory's."""
+    if p["run_dir"] is not None:
+        return Path(p["run_dir"]).resolve().name
+    out = Path(p["outs"]["gguf"])
+    return (out.parent if out.name == "gguf" and len(p["outs"]) > 1 else out).resolve().name
 
 
 def preset_provenance(p: dict[str, Any]) -> dict[str, Any]:
@@ -149,5 +160,5 @@ def record_in_summary(run_dir: Path, results: dict[str, Any]) -> None:
     if not path.exists():
         return
     summary = json.loads(path.read_text(encoding="utf-8"))
-    summary.update({k: v for k, v in results.items() if k in ("merged", "preset")})
+    summary.update({k: v for k, v in results.items() if k in EXPORT_FORMATS})
     save_json(path, summary)

@@ -71,6 +71,7 @@ def model_card(cfg: Any, summary: dict[str, Any]) -> str:
             f"- merged export verified: max |logit diff| {_fmt(merged['max_abs_logit_diff'])} "
             f"({merged.get('dtype')}, against the {merged.get('reference')})"
         )
+    lines += gguf_lines(summary.get("gguf"))
     lines += [
         "",
         "## Use",
@@ -96,6 +97,25 @@ def model_card(cfg: Any, summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def gguf_lines(gguf: Optional[dict[str, Any]]) -> list[str]:
+    """The model card's GGUF section: the files, how each was verified, and the sliding-window caveat."""
+    if not gguf:
+        return []
+    lines = ["", "## GGUF (llama.cpp)"]
+    for f in gguf.get("files", []):
+        check = f.get("verification")
+        status = (
+            f"verified in llama.cpp: max |top-{check['top_k']} log-prob diff| {_fmt(check['max_abs_logprob_diff'])}, "
+            f"{check['greedy_tokens']}/{check['greedy_tokens_expected']} greedy tokens equal"
+            if check
+            else "not verified (" + str(gguf.get("unverified_reason") or "verify=false") + ")"
+        )
+        lines.append(f"- `{Path(f['path']).name}` ({f['type']}, {_fmt(f['bytes'])} bytes): {status}")
+    if gguf.get("sliding_window_honoured") is False:
+        lines.append(f"- Sliding window: {gguf['sliding_window_note']}.")
+    return lines
 
 
 def write_model_card(adapter_dir: Path, cfg: Any, summary: dict[str, Any]) -> Optional[Path]:

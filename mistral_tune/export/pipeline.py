@@ -8,7 +8,9 @@ Every export, whether a run writes it, ``mistral-tune export`` writes it later, 
 2. one streamed merge (``stream_merge``: shard by shard, about one shard of memory) into a hidden
    sibling of the first format's directory, plus the tokenizer files and the generation config;
 3. one verification (reload with plain transformers, compare logits), then the rename into place;
-4. the second format hard-links the first's files; preset/ adds ``metadata.json``.
+4. the second format hard-links the first's files; preset/ adds ``metadata.json``;
+5. gguf/ is written from that verified directory (a hidden temporary one when gguf is the only
+   format), one file per type, each verified in llama.cpp (``export_gguf``).
 
 A trained model with no adapter files to stream from (a full fine-tune, a reward model's adapter
 with its new score head, the Python API's in-place LoRA) goes through the same steps after
@@ -34,7 +36,8 @@ from mistral_tune.core.files import atomic_directory, save_json
 log = logging.getLogger(__name__)
 
 
-WEIGHT_FORMATS = EXPORT_FORMATS
+# Formats in Hugging Face layout, written by the streamed merge; gguf is written from the first of them.
+WEIGHT_FORMATS = tuple(f for f in EXPORT_FORMATS if f != "gguf")
 
 PRESET_METADATA = "metadata.json"
 
@@ -215,17 +218,19 @@ def export_checkpoint(
     quantization: Optional[dict[str, Any]] = None,
     base_preset: Any = None,
     provenance: Any = None,
+    gguf_types: Sequence[str] = ("q8_0",),
+    gguf_tolerance: Optional[float] = None,
+    gguf_name: str = "model",
 ) -> dict[str, dict[str, Any]]:
     """Merge ``adapter_dir`` into ``base_dir`` once (streamed), verify once, write ``outs``.
 
-    ``outs`` maps "merged"/"preset" to directories; each is written atomically (complete or absent).
+    ``outs`` maps "merged"/"preset"/"gguf" to directories; each is written atomically (complete or
+    absent). gguf/ holds ``<gguf_name>-<type>.gguf`` for each of ``gguf_types``.
     ``reference`` is ``{"logits", "info"}`` from ``in_memory_reference``/``reference_from_files``
     (computed from the files when None and ``verify``). ``quantization`` is the QLoRA record of the
     adapter's sidecar. Returns, per format, what summary.json records.
     """
-    import mistral_tune.export.stream_merge as merge
-    from mistral_tune.export.hf_files import write_tokenizer_files
-    from mistral_tune.export.verify import VERIFY_PROMPTS, verify_export, warn_if_indistinguishable
+    from mistral_tune.export.verify import VERIFY_PROMPTS
 
     prompts = VERIFY_PROMPTS if prompts is None else prompts
     if reference is None:
@@ -235,6 +240,56 @@ def export_checkpoint(
             else no_reference("dequantized 4-bit base + adapter" if quantization else "base + adapter (unmerged)")
         )
     results: dict[str, dict[str, Any]] = {}
+    hidden = None
+    hf_outs = {f: Path(o) for f, o in outs.items() if f in WEIGHT_FORMATS}
+    if "gguf" in outs and not hf_outs:  # GGUF alone: its merged source goes to a hidden directory
+        Path(outs["gguf"]).parent.mkdir(parents=True, exist_ok=True)
+        hidden = tempfile.TemporaryDirectory(
+            prefix=f".{Path(outs['gguf']).name}.merged-", dir=Path(outs["gguf"]).parent
+        )
+        hf_outs = {"merged": Path(hidden.name) / "merged"}
+    try:
+        _write_hf_formats(hf_outs, results, base_dir, adapter_dir, tokenizer, reference, verify, prompts,
+                          dtype_name, max_shard_size, tolerance, quantization, base_preset, provenance)  # fmt: skip
+        if "gguf" in outs:
+            source = next(Path(r["path"]) for r in results.values())
+            results["gguf"] = export_gguf(
+                source,
+                Path(outs["gguf"]),
+                tokenizer,
+                gguf_types,
+                name=gguf_name,
+                verify=verify,
+                tolerance=gguf_tolerance,
+            )
+    finally:
+        if hidden is not None:
+            hidden.cleanup()
+            results.pop("merged", None)
+    return results
+
+
+def _write_hf_formats(
+    outs: dict[str, Path],
+    results: dict[str, dict[str, Any]],
+    base_dir: Path,
+    adapter_dir: Optional[Path],
+    tokenizer: Any,
+    reference: dict[str, Any],
+    verify: bool,
+    prompts: Sequence[str],
+    dtype_name: str,
+    max_shard_size: str,
+    tolerance: Optional[float],
+    quantization: Optional[dict[str, Any]],
+    base_preset: Any,
+    provenance: Any,
+) -> None:
+    """merged/ and preset/: one streamed merge, one verification; the second links the first's files."""
+    import mistral_tune.export.stream_merge as merge
+    from mistral_tune.export.hf_files import write_tokenizer_files
+    from mistral_tune.export.verify import verify_export, warn_if_indistinguishable
+
     first: Optional[Path] = None
     for fmt in (f for f in WEIGHT_FORMATS if f in outs):
         out = Path(outs[fmt])
@@ -276,7 +331,71 @@ def export_checkpoint(
             "shards": len(info["shards"]),
         }
         log.info("export: %s model written to %s (%s, max |logit diff| %s)", fmt, out, info["dtype"], diff)
-    return results
+
+
+def export_gguf(
+    merged_dir: Path,
+    out_dir: Path,
+    tokenizer: Any,
+    gguf_types: Sequence[str],
+    *,
+    name: str,
+    verify: bool = True,
+    tolerance: Optional[float] = None,
+) -> dict[str, Any]:
+    """gguf/<name>-<type>.gguf from a verified merged checkpoint, each file verified in llama.cpp
+    (``gguf_verify``) before the directory is renamed into place. Without xllamacpp the files are
+    written and the summary says they are unverified.
+    """
+    import time
+
+    from mistral_tune.export.gguf_file import gguf_filename, sliding_window_note, write_gguf
+    from mistral_tune.export.gguf_verify import verify_gguf, xllamacpp_available
+
+    can_verify = verify and xllamacpp_available()
+    reason = None
+    if verify and not can_verify:
+        reason = "xllamacpp is not installed: pip install 'mistral-tune[gguf]'"
+        log.warning("export: GGUF files are written but NOT verified in llama.cpp (%s)", reason)
+    files = []
+    window = None
+    with atomic_directory(Path(out_dir)) as staging:
+        for gguf_type in dict.fromkeys(gguf_types):
+            started = time.time()
+            info = write_gguf(merged_dir, staging / gguf_filename(name, gguf_type), tokenizer, gguf_type, name=name)
+            info["seconds"] = round(time.time() - started, 2)
+            window = info.pop("sliding_window")
+            info["verification"] = (
+                verify_gguf(
+                    staging / gguf_filename(name, gguf_type), merged_dir, tokenizer, gguf_type, tolerance=tolerance
+                )
+                if can_verify
+                else None
+            )
+            info["path"] = str(Path(out_dir) / gguf_filename(name, gguf_type))
+            files.append(info)
+            check = info["verification"]
+            log.info(
+                "export: GGUF %s written (%s bytes, %.1f s)%s",
+                info["path"],
+                f"{info['bytes']:,}",
+                info["seconds"],
+                f", llama.cpp vs transformers max |top-k log-prob diff| {check['max_abs_logprob_diff']:.2e}"
+                if check
+                else "",
+            )
+    result: dict[str, Any] = {
+        "path": str(out_dir),
+        "files": files,
+        "verified": can_verify,
+        "unverified_reason": reason,
+        "sliding_window_honoured": window is None,
+    }
+    if window is not None:
+        result["sliding_window"] = window
+        result["sliding_window_note"] = sliding_window_note(window)
+        log.warning("export: GGUF: %s", result["sliding_window_note"])
+    return result
 
 
 def export_in_memory(
@@ -309,7 +428,7 @@ def export_in_memory(
             in_memory_reference(model, tokenizer, prompts) if verify else no_reference("in-memory fine-tuned model")
         )
     dtype_name = resolve_export_dtype(dtype_name, model)
-    first = Path(outs[next(f for f in WEIGHT_FORMATS if f in outs)])
+    first = Path(outs[next(f for f in EXPORT_FORMATS if f in outs)])
     first.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{first.name}.source-", dir=first.parent) as tmp:
         if any(is_4bit_linear(m) for m in model.modules()):  # never save (or merge into) 4-bit weights

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from mistral_tune.config.registry import EXPORT_FORMATS
 from mistral_tune.core.errors import UserError
 from mistral_tune.core.logs import log_warning, setup_logging, teardown_logging
 from mistral_tune.core.process import default_output_dir
@@ -39,6 +40,12 @@ def preflight(cfg: Any) -> None:
     preset = PRESETS.get(cfg.model.name)
     if preset is not None and not cfg.model.path:
         models.check_max_length(cfg.trainer.max_length, preset.config.get("max_position_embeddings"))
+    if cfg.eval.tasks:  # lm-eval installed, every task known, the hub reachable for lm-eval's own tasks
+        from mistral_tune.evaluation.harness import check_installed
+        from mistral_tune.evaluation.tasks import resolve_tasks
+
+        check_installed()
+        resolve_tasks(list(cfg.eval.tasks))
 
 
 def shared_directories(cfg: Any, run_dir: Path) -> dict[str, Path]:
@@ -319,6 +326,12 @@ def train_and_export(
         if outputs["adapter"]:
             write_model_card(Path(outputs["adapter"]), cfg, redact(summary))
         finish_run(run_dir, summary)
+        if cfg.eval.tasks:  # lm-evaluation-harness on what the run wrote (adds "eval" to summary.json)
+            from mistral_tune.evaluation.harness import evaluate
+
+            summary["eval"] = evaluate(
+                str(run_dir), list(cfg.eval.tasks), limit=cfg.eval.limit, batch_size=cfg.eval.batch_size
+            )
         tracking.log_summary(redact(summary))
     except BaseException:
         if tracking:
@@ -380,7 +393,7 @@ def save_outputs(
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 
     exported: dict[str, Any] = {}
-    outs = {f: run_dir / f for f in ("merged", "preset") if getattr(cfg.export, f)}
+    outs = {f: run_dir / f for f in EXPORT_FORMATS if getattr(cfg.export, f)}
     if outs:
         # The same pipeline as `mistral-tune export run_dir=...`: streamed from the base's files and adapter/.
         exported = export_trained(
@@ -396,11 +409,15 @@ def save_outputs(
             tolerance=cfg.export.tolerance,
             base_preset=cfg.model.name,
             provenance=redact({**provenance(cfg), "trainer": cfg.trainer.name, "data_format": prepared.format}),
+            gguf_types=list(cfg.export.gguf_types),
+            gguf_tolerance=cfg.export.gguf_tolerance,
+            gguf_name=run_dir.name,
         )
     return {
         "adapter": str(adapter_dir) if adapter_dir else None,
         "merged": exported.get("merged"),
         "preset": exported.get("preset"),
+        **({"gguf": exported["gguf"]} if "gguf" in exported else {}),
     }
 
 

@@ -21,7 +21,7 @@ def test_export_command_arguments_fail_clearly(capsys):
     assert cli.main(["export", "adapter=x"]) == 2
     assert "needs run_dir=PATH, or adapter=PATH base=PRESET_OR_DIR out=DIR" in capsys.readouterr().err
     assert cli.main(["export", "run_dir=/nonexistent", "formats=[zip]"]) == 2
-    assert "zip not one of merged, preset, adapter" in capsys.readouterr().err
+    assert "zip not one of merged, preset, gguf, adapter" in capsys.readouterr().err
     assert cli.main(["export", "adapter=/nonexistent", "base=mistral_tiny", "out=x"]) == 2
     assert "is not an adapter directory" in capsys.readouterr().err
     assert cli.main(["export", "run_dir=/nonexistent", "tolerance=small"]) == 2

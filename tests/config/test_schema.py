@@ -71,6 +71,12 @@ def test_sft_keeps_its_formats():
         (["adapter=qlora", "adapter.init_lora_weights=pissa"], "cannot be done on a 4-bit base"),
         (["adapter.lora_dropout=1.5"], "adapter.lora_dropout=1.5"),
         (["export.tolerance=0"], "export.tolerance=0"),
+        (
+            ["export=gguf", "export.gguf_types=[q8_0,q5_k]"],
+            "export.gguf_types='q5_k' is not one of f32, f16, bf16, q8_0, q4_0",
+        ),
+        (["export=gguf", "export.gguf_types=[]"], "export.gguf=true needs at least one type"),
+        (["export.gguf_tolerance=-1"], "export.gguf_tolerance=-1"),
     ],
 )
 def test_bad_adapter_and_export_settings_fail_at_compose(compose, overrides, message):
@@ -84,6 +90,8 @@ def test_export_groups_and_adapter_options_compose(compose):
     assert cfg.adapter.name == "dora" and cfg.export.preset and cfg.export.merged
     cfg = compose("sft_qlora", ["export=none", "adapter.use_rslora=true", "adapter.modules_to_save=[lm_head]"])
     assert not cfg.export.merged and not cfg.export.preset and cfg.adapter.modules_to_save == ["lm_head"]
+    cfg = compose("sft_lora", ["export=gguf", "export.gguf_types=[f16,q4_0]"])
+    assert cfg.export.gguf and cfg.export.merged and list(cfg.export.gguf_types) == ["f16", "q4_0"]
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)
