@@ -188,6 +188,9 @@ class TrainConfig:
     fp16: bool = False
     dataloader_num_workers: int = 0
     ddp_backend: Optional[str] = None  # null = nccl on GPUs, gloo on CPU
+    # Seconds a process waits in a collective (and for the other machines at start) before it gives up:
+    # how long a job notices a hung or unreachable machine. torch's own default is 30 minutes.
+    ddp_timeout: int = 300
 
 
 @dataclass
@@ -317,6 +320,8 @@ def check_values(cfg: Any) -> list[str]:
         problems.append("train.bf16 and train.fp16 cannot both be true")
     if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
         problems.append(f"train.eval_steps={cfg.train.eval_steps} must be > 0")
+    if cfg.train.ddp_timeout <= 0:
+        problems.append(f"train.ddp_timeout={cfg.train.ddp_timeout} must be > 0 (seconds)")
     fraction = eval_fraction(cfg.data.eval_split)
     if fraction is not None and not 0 < fraction < 1:
         problems.append(f"data.eval_split={cfg.data.eval_split} must be a fraction between 0 and 1, or a file")

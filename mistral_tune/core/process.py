@@ -13,6 +13,11 @@ from mistral_tune.core.errors import UserError
 # Fault drill: the process of this global rank raises at the end of optimizer step 1. Lets a user (and
 # the tests) check that one failing process ends the whole job and that its error is the one shown.
 FAIL_RANK_ENV = "MISTRAL_TUNE_FAIL_RANK"
+# The drill's step (default 1), and how the process fails: "raise" (an error, the default) or "hang"
+# (it stops itself with SIGSTOP, as a hung or unplugged machine stops answering without closing its
+# connections, so the others only learn of it through the collective timeout, train.ddp_timeout).
+FAIL_STEP_ENV = "MISTRAL_TUNE_FAIL_STEP"
+FAIL_HOW_ENV = "MISTRAL_TUNE_FAIL_HOW"
 
 
 def rank() -> int:
@@ -37,6 +42,11 @@ def in_launched_process() -> bool:
 def num_machines() -> int:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
     return max(1, world_size() // max(local, 1))
+
+
+def machine_rank() -> int:
+    """Index of this process's machine in the job (torchrun's GROUP_RANK; 0 outside a launch)."""
+    return int(os.environ.get("GROUP_RANK", "0"))
 
 
 def engine_from_env() -> str:

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from mistral_tune.core.errors import UserError
-from mistral_tune.core.process import FAIL_RANK_ENV, engine_from_env, num_machines, rank, world_size
+from mistral_tune.core.process import (
+    FAIL_HOW_ENV,
+    FAIL_RANK_ENV,
+    FAIL_STEP_ENV,
+    engine_from_env,
+    num_machines,
+    rank,
+    world_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,23 @@ def prepare_process(cfg: Any) -> None:
         cfg.train.ddp_backend = "gloo"
     if engine != "deepspeed":
         os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def start_cpu_process_group(cfg: Any) -> None:
+    """Form the gloo group of a CPU DDP launch now, with ``train.ddp_timeout``.
+
+    transformers hands the timeout to accelerate on GPUs and under DeepSpeed, but not in accelerate's CPU
+    mode, where gloo would wait 30 minutes for a lost process; accelerate keeps a group that already
+    exists. Call after :func:`prepare_process`; a no-op anywhere else.
+    """
+    if world_size() == 1 or os.environ.get("ACCELERATE_USE_CPU") != "true":
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from datetime import timedelta
+
+        dist.init_process_group(backend=cfg.train.ddp_backend, timeout=timedelta(seconds=cfg.train.ddp_timeout))
 
 
 def quantization_for_engine(quant: Any) -> Any:
@@ -174,14 +199,30 @@ def deepspeed_offload(engine: Any) -> dict[str, str]:
 
 
 def fault_drill_callbacks() -> list:
-    """A callback that fails this process on purpose when MISTRAL_TUNE_FAIL_RANK names its rank."""
+    """A callback that fails this process on purpose when MISTRAL_TUNE_FAIL_RANK names its rank.
+
+    It fires at the end of step MISTRAL_TUNE_FAIL_STEP (default 1), before that step's checkpoint is
+    saved; MISTRAL_TUNE_FAIL_HOW=hang stops the process (SIGSTOP) instead of raising.
+    """
     target = os.environ.get(FAIL_RANK_ENV)
     if target is None or int(target) != rank():
         return []
+    step = int(os.environ.get(FAIL_STEP_ENV, "1"))
+    how = os.environ.get(FAIL_HOW_ENV, "raise")
+    if how not in ("raise", "hang"):
+        raise UserError(f"{FAIL_HOW_ENV}={how}: use raise or hang.")
     from transformers import TrainerCallback
 
     class FailOnPurpose(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step < step:
+                return
+            if how == "hang":
+                import signal
+
+                log.warning("failure drill: rank %d stops (SIGSTOP) at step %d", rank(), state.global_step)
+                os.kill(os.getpid(), signal.SIGSTOP)
+                return
             raise RuntimeError(
                 f"failure drill: rank {rank()} fails on purpose at step {state.global_step} ({FAIL_RANK_ENV})"
             )

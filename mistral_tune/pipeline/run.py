@@ -40,6 +40,18 @@ def preflight(cfg: Any) -> None:
         models.check_max_length(cfg.trainer.max_length, preset.config.get("max_position_embeddings"))
 
 
+def shared_directories(cfg: Any, run_dir: Path) -> dict[str, Path]:
+    """The directories every machine of a job must see as one: the run directory, and the DPO
+    reference cache when it is used (rank 0 writes it, every process reads it)."""
+    dirs = {"output_dir": run_dir}
+    if cfg.trainer.get("precompute_ref_log_probs"):
+        from mistral_tune.train.dpo import default_cache_dir
+
+        given = cfg.trainer.get("ref_cache_dir")
+        dirs["trainer.ref_cache_dir"] = Path(given).expanduser() if given else default_cache_dir()
+    return dirs
+
+
 def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train and export as ``cfg`` says; returns the run summary (also written to summary.json).
 
@@ -48,6 +60,7 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     ``guards.NonFiniteLoss`` on a NaN/inf loss with ``on_nan=stop``.
     """
     import mistral_tune.launch.engine as distributed
+    import mistral_tune.launch.machines as machines
     from mistral_tune.core.files import check_writable
     from mistral_tune.core.process import is_main_process, shared_run_dir
 
@@ -57,10 +70,14 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     run_dir = shared_run_dir(cfg.output_dir, lambda when: default_output_dir(cfg.recipe, when))
     if main_process:
         check_writable(run_dir)
+    # Several machines: each says where it runs, and all must see rank 0's run directory (before any loading).
+    machines.register(cfg.train.ddp_timeout)
+    machines.check_shared_directories(shared_directories(cfg, run_dir), cfg.train.ddp_timeout)
     preflight(cfg)
     cfg.output_dir = str(run_dir)
     setup_logging(run_dir, main_process)
     distributed.prepare_process(cfg)
+    distributed.start_cpu_process_group(cfg)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -85,6 +102,7 @@ def train_and_export(
     cfg: Any, run_dir: Path, output_dir_given: bool, callbacks: Sequence[Any], main_process: bool
 ) -> dict[str, Any]:
     import mistral_tune.launch.engine as distributed
+    import mistral_tune.launch.machines as machines
     from mistral_tune.core.files import save_json
     from mistral_tune.core.process import world_size
     from mistral_tune.core.redaction import redact, redact_config
@@ -184,6 +202,9 @@ def train_and_export(
             saved = resume.check_compatible(resume_from, trainer.data_fingerprint, resume.batch_geometry(trainer.args))
             trainer.nan_skipped_steps.extend(saved.get("nan_skipped_steps", []))
             log.info("resuming from %s (step %d)", resume_from, saved["step"])
+        if main_process:
+            log.info("topology: %s", machines.topology(trainer.args.per_device_train_batch_size,
+                                                        trainer.args.gradient_accumulation_steps))  # fmt: skip
         try:
             result = train_guarded(trainer, stop, resume_from)
         except (NonFiniteLoss, TrainingInterrupted) as exc:
@@ -191,6 +212,16 @@ def train_and_export(
                 summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
                 save_json(run_dir / "summary.json", redact(summary))
             raise
+        except Exception as exc:
+            if world_size() == 1 or not machines.is_collective_failure(exc):
+                raise
+            named = machines.name_lost_ranks(exc, trainer.state.global_step, cfg.train.ddp_timeout)
+            if named is exc:
+                raise
+            raise named from exc
+        per_machine = machines.machine_throughput(  # over each rank's train_runtime, as summary.json's total
+            trainer.local_tokens_seen, result.metrics.get("train_runtime", 0.0), cfg.train.ddp_timeout
+        )
         extras = method.finish(trainer, prepared)
         outputs = save_outputs(
             cfg, run_dir, trainer, tokenizer, prepared, source, quant, main_process, init_dir, method
@@ -201,6 +232,7 @@ def train_and_export(
         summary.update(outputs)
         summary.update(extras)
         summary["parameters"] = {"trainable": trainable, "total": total}
+        summary["machines"] = per_machine  # each machine's tokens and tokens/s, this session's training only
         summary["peak_memory_bytes"], summary["peak_memory_kind"] = peak_memory(torch)
         summary["tracking"] = tracking.info
         if outputs["adapter"]:

@@ -70,6 +70,7 @@ class RunStateMixin:
     """
 
     data_fingerprint: str | None = None  # set by the pipeline; stored in checkpoints, checked on resume
+    local_tokens_seen: int = 0  # this process's tokens in this session (not kept across a resume)
 
     @property
     def tokens_seen(self) -> int:
@@ -87,6 +88,7 @@ class RunStateMixin:
         import torch
 
         count = int(inputs["attention_mask"].sum()) if local is None else local
+        self.local_tokens_seen += count  # this process's share, for each machine's throughput
         if self.accelerator.num_processes > 1:
             count = int(self.accelerator.gather(torch.tensor([count], device=self.accelerator.device)).sum())
         self.state.num_input_tokens_seen += count

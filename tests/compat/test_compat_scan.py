@@ -39,6 +39,7 @@ PRIVATE_IMPORTS = {
     "accelerate.commands.launch.launch_command_parser",
     "accelerate.commands.launch._validate_launch_command",
     "deepspeed.runtime.zero.partition_parameters",
+    "transformers.integrations.mistral.MistralConverter",
 }
 
 # Library classes recognised by their name somewhere (the public way is isinstance, in compat).
@@ -161,6 +162,7 @@ def test_compat_imports_nothing_of_ours_but_core():
         ("c: known private", "from peft.utils.other import get_pattern_key\n"),
         ("c: known private", "from accelerate.commands.launch import launch_command\n"),
         ("c: known private", "import deepspeed.runtime.zero.partition_parameters\n"),
+        ("c: known private", "from transformers.integrations.mistral import MistralConverter\n"),
         ("d: class name", "def f(m):\n    return type(m).__name__ == 'Linear4bit'\n"),
         ("d: class name", "def f(p):\n    return p.__class__.__name__ in ('Params4bit', 'X')\n"),
     ],

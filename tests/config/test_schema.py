@@ -104,6 +104,7 @@ def test_every_launcher_composes(name):
         (["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2",
           "launcher.main_process_ip=10.0.0.1"], "output_dir"),
         (["launcher.name=horovod"], "launcher.name='horovod'"),
+        (["train.ddp_timeout=0"], "train.ddp_timeout=0 must be > 0"),
     ],
 )  # fmt: skip
 def test_launcher_values_are_checked(overrides, key):

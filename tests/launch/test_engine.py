@@ -127,3 +127,54 @@ def test_fsdp_on_cpu_is_refused_instead_of_quietly_running_ddp(monkeypatch, caps
         monkeypatch.setenv(key, value)
     with pytest.raises(UserError, match="FSDP needs GPUs"):
         distributed.prepare_process(compose("sft_lora", []))
+
+
+GROUP_CHILD = """
+import sys, time
+import torch, torch.distributed as dist
+import mistral_tune.launch.engine as distributed
+from mistral_tune.config.compose import compose
+
+cfg = compose("sft_lora", ["train.ddp_timeout=3"])
+distributed.prepare_process(cfg)
+rank = int(sys.argv[1])
+open(f"ready-{rank}", "w").close()  # both processes imported: the 3 s are not spent waiting for an import
+while not __import__("os").path.exists(f"ready-{1 - rank}"):
+    time.sleep(0.05)
+distributed.start_cpu_process_group(cfg)
+if dist.get_rank() == 1:
+    time.sleep(60)  # joined the group, then never answers: a hung peer
+started = time.monotonic()
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as exc:
+    print(f"gave up after {time.monotonic() - started:.1f} s: {type(exc).__name__}")
+    sys.exit(3)
+"""
+
+
+def test_a_cpu_group_waits_for_a_hung_peer_only_train_ddp_timeout(tmp_path):
+    """Gloo's own default is 30 minutes; accelerate's CPU mode passes no timeout, so mistral-tune forms the group."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(repo), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
+        env.pop("ACCELERATE_USE_CPU", None)
+        procs.append(subprocess.Popen([sys.executable, "-c", GROUP_CHILD, str(rank)], env=env, cwd=tmp_path, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    try:
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode == 3, out + err[-3000:]
+    waited = float(out.split("gave up after ")[1].split(" s")[0])
+    assert 2.5 < waited < 20

@@ -330,6 +330,23 @@ def test_from_pretrained(fmt, saved, tmp_path):
         MistralTokenizer.from_pretrained(tmp_path / "missing")
 
 
+def test_every_preset_tokenizer_fits():
+    """Each built-in preset names a shipped tokenizer file, a chat format defined on it, and a model
+    vocabulary that holds every id."""
+    from mistral_tune.models.presets import PRESETS
+    from mistral_tune.models.tokenizer import TOKENIZER_FILES
+
+    checked = {}
+    for preset in PRESETS.values():
+        if preset.tokenizer not in TOKENIZER_FILES:
+            continue  # a tokenizer from the preset's hub repo (not shipped by mistral-common)
+        key = (preset.tokenizer, preset.chat_template)
+        if key not in checked:
+            checked[key] = MistralTokenizer.from_version(*key)
+        assert checked[key].vocabulary_size <= preset.config["vocab_size"], preset.id
+    assert ("v1", "v1") in checked and ("v3", "v3") in checked
+
+
 def test_keras_hub_tokenizer_api():
     """keras-hub's MistralTokenizer methods, with sentencepiece as the reference."""
     path = tokenizer_file("v1")

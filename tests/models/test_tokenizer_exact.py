@@ -3,7 +3,7 @@ chat, through `MistralTokenizer` and through its exported Hugging Face tokenizer
 with plain `AutoTokenizer`).
 
 Each file is checked on a few hundred strings (hand-picked edge cases, seeded random strings built
-from the hard parts: space runs, newlines, tabs, CJK, emoji, combining marks, code, digits; and the
+from the hard parts: space runs, newlines, tabs, CJK, emoji, combining marks, other scripts, code, digits; and the
 real Alpaca rows when /work/shared/data/alpaca_5000.json is present) and a few hundred
 conversations (system prompt or not, one to three turns, ending on a user turn for generation or on
 an answer for training).  Loaded tokenizers are shared per file (module-scoped fixtures).
@@ -19,7 +19,13 @@ import pytest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 
-from mistral_tune.models.tokenizer import TOKENIZER_FILES, MistralTokenizer, shipped_tokenizer_files, tokenizer_file
+from mistral_tune.models.tokenizer import (
+    TOKENIZER_FILES,
+    MistralTokenizer,
+    infer_chat_template,
+    shipped_tokenizer_files,
+    tokenizer_file,
+)
 from tests.helpers import mc_chat_ids
 
 ALPACA = Path("/work/shared/data/alpaca_5000.json")
@@ -35,7 +41,8 @@ EDGE = [
 
 _PARTS = list(" -ab\n=é日🤖0.\tA'\r") + [
     "the", "ing", "  ", "----", "    ", "\r\n", "ion", "Hello", "世界", "👍🏽", "\u0301", "123456", "'s", "'LL",
-    "def ", "():", "\n    ", "{}", "😀", "ü", "Ω", "—", "...", "https://x.org/a?b=1",
+    "def ", "():", "\n    ", "{}", "😀", "ü", "Ω", "—", "...", "https://x.org/a?b=1", "\u00a0", "\u3000", "ﬁ",
+    "١٢٣", "שלום", "Привет", "नमस्ते",
 ]  # fmt: skip
 
 
@@ -47,7 +54,8 @@ def _random_strings(n: int, seed: int) -> list[str]:
 def _alpaca_rows() -> list[dict]:
     if not ALPACA.is_file():
         return []
-    return json.loads(ALPACA.read_text(encoding="utf-8"))[::25]  # 200 rows spread over the file
+    rows = json.loads(ALPACA.read_text(encoding="utf-8"))[::25]  # 200 rows spread over the file
+    return [r for r in rows if r["output"].strip()]  # mistral-common refuses empty answers
 
 
 ROWS = _alpaca_rows()
@@ -146,10 +154,21 @@ def test_decode_keeps_special_tokens_as_mistral_common(loaded):
         assert ours.decode(ids, skip_special_tokens=False).startswith("<s>héllo 世界</s>")
 
 
+def test_decode_of_partial_characters(loaded):
+    """Prefixes that cut a character's bytes (as streaming generation does) decode as mistral-common's."""
+    _, ours, mc, _ = loaded
+    reference = mc.instruct_tokenizer.tokenizer
+    ids = ours.encode("日本語 🤖👍🏽 ﬁ", add_bos=False)
+    for k in range(1, len(ids) + 1):
+        assert ours.decode(ids[:k]) == reference.decode(ids[:k], SpecialTokenPolicy.IGNORE), k
+    assert ours.decode(ids[1:]) == reference.decode(ids[1:], SpecialTokenPolicy.IGNORE)
+
+
 def test_chat_exact(loaded):
     version, ours, mc, hf = loaded
     assert hf.chat_template == ours.jinja_chat_template
-    assert ours.chat_format == TOKENIZER_FILES[version].chat_template
+    # The file's format as the table gives it, and as inferred from the file alone (its version or control tokens).
+    assert ours.chat_format == TOKENIZER_FILES[version].chat_template == infer_chat_template(ours._backend)
     mismatches = []
     for messages in CONVERSATIONS:
         ids, mask = ours.encode_chat(messages)

@@ -108,7 +108,7 @@ def test_format_must_fit_the_file(version, template, match):
 
 
 def test_save_and_load(tmp_path):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
     source = tiny_tekken_file(tmp_path / "tekken_tiny.json")
     tok = MistralTokenizer(source, chat_template="tekken")
@@ -118,7 +118,9 @@ def test_save_and_load(tmp_path):
     assert not (out / "tekken.json").exists() and not (out / "tokenizer.model").exists()
     sidecar = json.loads((out / SIDECAR_FILE).read_text())
     assert sidecar == {"chat_template": "tekken", "tokenizer_file": "mistral_tune_tekken.json"}
-    # Plain transformers loads the exported tokenizer.json (not its mistral-common backend).
+    # Plain transformers loads the exported tokenizer.json, also beside a Mistral config.json (as in a
+    # merged export), where a file named tekken.json would select its mistral-common backend instead.
+    MistralConfig().save_pretrained(out)
     hf = AutoTokenizer.from_pretrained(str(out))
     assert isinstance(hf, PreTrainedTokenizerFast)
     assert hf.pad_token == "<pad>" and hf.pad_token_id == 11 != hf.eos_token_id

@@ -6,6 +6,7 @@ equivalent `tokenizers.Tokenizer` for the Hugging Face export.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +14,10 @@ from typing import Any, Optional
 from mistral_tune.models.tokenizer.files import SENTENCEPIECE
 
 _SPACE = "\u2581"  # SentencePiece's visible-space symbol
+
+# Converted Hugging Face tokenizers by the model file's digest: tests and a run build many tokenizers
+# from the same few files, and deriving the merges takes a second or two each time.
+_HF_JSON: dict[str, str] = {}
 
 
 class SentencePieceBackend:
@@ -35,7 +40,7 @@ class SentencePieceBackend:
         # would never learn to stop.  <unk> never occurs in real text (byte fallback).
         self.pad_id: int = self.unk_id
         self.special_ids = frozenset(i for i in range(self.vocabulary_size) if sp.is_control(i) or sp.is_unknown(i))
-        self._hf_json: Optional[str] = None
+        self._digest = hashlib.sha256(self.model_file.read_bytes()).hexdigest()
 
     def control_id(self, piece: str) -> Optional[int]:
         i = self._sp.piece_to_id(piece)
@@ -64,8 +69,8 @@ class SentencePieceBackend:
         """Build (once) the `tokenizers.Tokenizer` equivalent to the SentencePiece model."""
         from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-        if self._hf_json is not None:
-            return Tokenizer.from_str(self._hf_json)
+        if self._digest in _HF_JSON:
+            return Tokenizer.from_str(_HF_JSON[self._digest])
         sp, n = self._sp, self.vocabulary_size
         vocab = {sp.id_to_piece(i): i for i in range(n)}
         normal = {
@@ -109,5 +114,5 @@ class SentencePieceBackend:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
         )
-        self._hf_json = tok.to_str()
+        _HF_JSON[self._digest] = tok.to_str()
         return tok
