@@ -41,6 +41,12 @@ GENERATE = Command(
         SAMPLER_KEYS[0],
         Key("max_length", int, help="prompt + new tokens (default 1024)"),
         Key("strip_prompt", bool, False, help="true: print only the new text"),
+        Key(
+            "chat",
+            default="auto",
+            help="auto (default: the chat template for a run's SFT/DPO model or an instruct "
+            "preset) | true | false (raw completion)",
+        ),
         Key("stop_token_ids", default="auto", help="auto (EOS, default) | none | comma-separated ids"),
         *SAMPLER_KEYS[1:],
         *MODEL_KEYS,
@@ -109,13 +115,62 @@ def cmd_generate(args: list[str]) -> int:
         "strip_prompt": opts.pop("strip_prompt"),
         "stop_token_ids": parse_stop(opts.pop("stop_token_ids")),
     }
+    chat = parse_chat(opts.pop("chat"))
+    preset = opts["preset"]
     lm = load(opts)
-    outputs = lm.generate(prompts, **gen)
-    for i, text in enumerate(outputs):
+    if chat is None:
+        from pathlib import Path
+
+        from mistral_tune.inference.generation import chat_model_reason
+
+        reason = chat_model_reason(Path(preset) if Path(preset).is_dir() else None, lm.metadata, lm.base_preset)
+        chat = reason is not None
+        if chat:
+            print(
+                f"generate: prompts go through the chat template ({reason}); chat=false for raw text", file=sys.stderr
+            )
+    return print_generations(lm, prompts, chat=chat, **gen)
+
+
+def parse_chat(raw: str) -> Any:
+    """chat=auto -> None (decided from the model), true/false -> bool."""
+    value = str(raw).lower()
+    if value not in ("auto", "true", "false"):
+        raise UserError(f"chat={raw!r} must be auto, true or false.")
+    return None if value == "auto" else value == "true"
+
+
+def print_generations(lm: Any, prompts: list[str], *, chat: bool, max_length, strip_prompt, stop_token_ids) -> int:
+    """Generate for every prompt (one left-padded batch) and print each; an empty answer is reported on stderr
+    with its reason instead of printed as a blank. Exit status 1 when every answer was empty."""
+    from mistral_tune.api.causal_lm import DEFAULT_MAX_LENGTH
+    from mistral_tune.inference.generation import empty_answer, encode_inputs, generate_ids, resolve_stop_ids
+
+    tokenizer = lm.tokenizer
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if chat else list(prompts)
+    prompt_ids = encode_inputs(tokenizer, inputs)
+    if max_length is None:
+        default = lm.preprocessor.sequence_length if lm.preprocessor is not None else DEFAULT_MAX_LENGTH
+        max_length = min(default, lm.hf_model.config.max_position_embeddings)
+    stop_ids = resolve_stop_ids(stop_token_ids, tokenizer)
+    new_ids = generate_ids(
+        lm.hf_model, tokenizer, prompt_ids, sampler=lm.sampler, max_length=int(max_length), stop_ids=stop_ids
+    )
+    per_prompt = len(new_ids) // len(prompt_ids)  # several with BeamSampler(return_all_beams=True)
+    empty = 0
+    for i, new in enumerate(new_ids):
+        n = i // per_prompt
         if i:
             print("-" * 40)
-        print(text)
-    return 0
+        reason = empty_answer(new, tokenizer, stop_ids)
+        if reason:
+            empty += 1
+            hint = "" if chat else "; for a chat model try chat=true"
+            print(f"generate: empty answer to prompt {n + 1} ({prompts[n][:40]!r}): {reason}{hint}", file=sys.stderr)
+            if strip_prompt:
+                continue
+        print(tokenizer.decode(new if strip_prompt else prompt_ids[n] + new))
+    return 1 if empty == len(new_ids) else 0
 
 
 def cmd_chat(args: list[str]) -> int:
@@ -129,7 +184,9 @@ def cmd_chat(args: list[str]) -> int:
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:
         try:
-            line = input("> ")
+            if sys.stdin.isatty():  # the prompt goes to stderr, so stdout holds only the answers
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = input()
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -149,4 +206,4 @@ def cmd_chat(args: list[str]) -> int:
             messages = [*turn, {"role": "assistant", "content": reply}]
         else:
             # The Mistral formats have no empty assistant turn, so this exchange cannot stay in the history.
-            print("(empty reply; this exchange is not kept in the history)")
+            print("(empty reply; this exchange is not kept in the history)", file=sys.stderr)

@@ -33,6 +33,10 @@ def cmd_train(args: list[str]) -> int:
     from mistral_tune.launch.accelerate import launch, should_launch
 
     if should_launch(cfg):  # launcher=ddp|fsdp|deepspeed_*: start the processes, each of which runs below
+        from mistral_tune.config.registry import PREFERENCE_TRAINERS
+        from mistral_tune.data.preflight import check_data
+
+        check_data(cfg.data, preference=cfg.trainer.name in PREFERENCE_TRAINERS)  # before any process starts
         return launch(cfg, recipe, overrides)
     from mistral_tune.pipeline.run import run
 

@@ -109,7 +109,7 @@ TRAINER_SCHEMAS = {"sft": SFTTrainerConfig, "dpo": DPOTrainerConfig, "reward": R
 @dataclass
 class DataConfig:
     path: str = "data/sft_sample.jsonl"  # .jsonl/.json/.parquet file, or a hub dataset name
-    format: str = "auto"  # auto | sft: messages | alpaca | text; dpo/reward: preference | preference_messages | hh
+    format: str = "auto"  # auto; sft: messages|sharegpt|alpaca|text; dpo/reward: preference|preference_messages|hh
     split: str = "train"  # split of a hub dataset
     max_samples: Optional[int] = None  # cap on training examples (after holdout)
     holdout: int = 4  # examples kept out of training; their prompts feed samples.jsonl
@@ -223,7 +223,7 @@ GROUPS = {
 
 SCHEMA_NAME = "mistral_tune"
 
-SFT_DATA_FORMATS = ("messages", "alpaca", "text")
+SFT_DATA_FORMATS = ("messages", "sharegpt", "alpaca", "text")
 
 PREFERENCE_DATA_FORMATS = ("preference", "preference_messages", "hh")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mistral_tune.core.errors import UserError
+from mistral_tune.data.messages import BadRow, read_messages
 from mistral_tune.data.report import DataReport, PreparedData
 from mistral_tune.data.sources import load_records
 from mistral_tune.data.splits import find_duplicates, load_eval_file, split_eval_and_train
@@ -41,19 +42,14 @@ REASONS = (
     "chosen_equals_rejected",  # nothing to prefer
     "no_shared_prompt",  # chosen and rejected share no prompt (no common prefix ending in a user turn)
     "bad_roles",  # roles do not alternate user/assistant, or an answer is not one assistant turn
-    "prompt_too_long",  # the prompt alone fills trainer.max_length
-    "too_long",  # over trainer.max_length with trainer.truncation=drop
+    "too_long",  # over trainer.max_length or trainer.max_prompt_length with trainer.truncation=drop
 )
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 
-class BadPair(ValueError):
-    """A row that cannot become a preference pair; ``reason`` is one of ``REASONS``."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+class BadPair(BadRow):
+    """A row that cannot become a preference pair; ``reason`` is one of ``REASONS``, ``detail`` names the field."""
 
 
 @dataclass
@@ -87,40 +83,40 @@ def detect_preference_format(rows: list[dict[str, Any]], requested: str = "auto"
     )
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, name: str) -> str:
+    if value is None:
+        raise BadPair("missing_field", f"no '{name}'")
     if not isinstance(value, str):
-        raise BadPair("missing_field")
+        raise BadPair("missing_field", f"'{name}' is a {type(value).__name__}, not a string")
     if not value.strip():
-        raise BadPair("empty_field")
+        raise BadPair("empty_field", f"'{name}' is empty")
     return value
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-        raise BadPair("missing_field")
-    out = []
-    for m in value:
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise BadPair("missing_field")
-        if not content.strip():
-            raise BadPair("empty_field")
-        out.append({"role": role, "content": content})
-    return out
+def _messages(value: Any, name: str) -> list[dict[str, str]]:
+    try:
+        return read_messages(value, name)
+    except BadRow as exc:
+        raise BadPair(exc.reason, exc.detail) from None
 
 
 def _check_prompt(prompt: list[dict[str, str]]) -> None:
     """The prompt must be [system] user (assistant user)*: the answers then continue with the assistant."""
     turns = prompt[1:] if prompt and prompt[0]["role"] == "system" else prompt
     if not turns:
-        raise BadPair("no_shared_prompt")
+        raise BadPair("no_shared_prompt", "the prompt has no user turn")
     if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(turns)) or turns[-1]["role"] != "user":
-        raise BadPair("bad_roles")
+        raise BadPair(
+            "bad_roles", "prompt roles are not [system] user (assistant user)*: " + ", ".join(m["role"] for m in prompt)
+        )
 
 
 def _single_answer(completion: list[dict[str, str]]) -> str:
     if len(completion) != 1 or completion[0]["role"] != "assistant":
-        raise BadPair("bad_roles")
+        raise BadPair(
+            "bad_roles",
+            f"the answer is {len(completion)} turn(s) ({', '.join(m['role'] for m in completion)}), not one assistant turn",
+        )
     return completion[0]["content"]
 
 
@@ -130,11 +126,11 @@ def split_messages(chosen: list[dict[str, str]], rejected: list[dict[str, str]])
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
         k += 1
     if k == len(chosen) == len(rejected):
-        raise BadPair("chosen_equals_rejected")
+        raise BadPair("chosen_equals_rejected", "'chosen' and 'rejected' are the same")
     while k > 0 and chosen[k - 1]["role"] != "user":
         k -= 1
     if k == 0:
-        raise BadPair("no_shared_prompt")
+        raise BadPair("no_shared_prompt", "'chosen' and 'rejected' share no prefix ending in a user turn")
     return chosen[:k], chosen[k:], rejected[k:]
 
 
@@ -142,7 +138,7 @@ def parse_hh(transcript: str) -> list[dict[str, str]]:
     """``\\n\\nHuman: a\\n\\nAssistant: b`` -> user/assistant messages (text before the first marker must be blank)."""
     parts = _HH_TURN.split(transcript)
     if parts[0].strip():
-        raise BadPair("bad_roles")
+        raise BadPair("bad_roles", "text before the first 'Human:' or 'Assistant:' marker")
     roles = {"Human": "user", "Assistant": "assistant"}
     return [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[1::2], parts[2::2])]
 
@@ -150,23 +146,23 @@ def parse_hh(transcript: str) -> list[dict[str, str]]:
 def split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
     """Cut the shared prompt off two HH transcripts: it ends at the last ``Assistant:`` of their common prefix."""
     if chosen == rejected:
-        raise BadPair("chosen_equals_rejected")
+        raise BadPair("chosen_equals_rejected", "'chosen' and 'rejected' are the same")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     markers = [m for m in _HH_TURN.finditer(chosen[:n]) if m.group(1) == "Assistant" and m.end() <= n]
     if not markers:
-        raise BadPair("no_shared_prompt")
+        raise BadPair("no_shared_prompt", "'chosen' and 'rejected' share no prefix ending in 'Assistant:'")
     cut = markers[-1]
     prompt = parse_hh(chosen[: cut.start()])
     if not any(m["role"] == "user" for m in prompt):
-        raise BadPair("no_shared_prompt")
+        raise BadPair("no_shared_prompt", "the shared prefix has no 'Human:' turn")
     answers = []
     for text in (chosen[cut.end() :], rejected[cut.end() :]):
         if _HH_TURN.search(text):
-            raise BadPair("bad_roles")  # the answer runs on into further turns
+            raise BadPair("bad_roles", "an answer runs on into further Human:/Assistant: turns")
         if not text.strip():
-            raise BadPair("empty_field")
+            raise BadPair("empty_field", "an answer after the last 'Assistant:' is empty")
         answers.append(text.strip())
     return prompt, answers[0], answers[1]
 
@@ -174,13 +170,13 @@ def split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str
 def to_pair(row: dict[str, Any], fmt: str, system_prompt: str | None = None) -> PreferencePair:
     """Convert one row; raises ``BadPair`` with the reason when it cannot be used."""
     if fmt == "preference":
-        prompt = [{"role": "user", "content": _text(row.get("prompt"))}]
-        chosen, rejected = _text(row.get("chosen")), _text(row.get("rejected"))
+        prompt = [{"role": "user", "content": _text(row.get("prompt"), "prompt")}]
+        chosen, rejected = _text(row.get("chosen"), "chosen"), _text(row.get("rejected"), "rejected")
     elif fmt == "preference_messages":
-        chosen_msgs, rejected_msgs = _messages(row.get("chosen")), _messages(row.get("rejected"))
+        chosen_msgs, rejected_msgs = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
         given = row.get("prompt")
         if isinstance(given, list):  # explicit prompt; answers may repeat it (then it is cut off)
-            prompt = _messages(given)
+            prompt = _messages(given, "prompt")
             n = len(prompt)
             if chosen_msgs[:n] == prompt and rejected_msgs[:n] == prompt:
                 chosen_msgs, rejected_msgs = chosen_msgs[n:], rejected_msgs[n:]
@@ -192,12 +188,13 @@ def to_pair(row: dict[str, Any], fmt: str, system_prompt: str | None = None) -> 
     elif fmt == "hh":
         head = row.get("prompt") or ""
         if not isinstance(head, str):
-            raise BadPair("missing_field")
-        prompt, chosen, rejected = split_hh(head + _text(row.get("chosen")), head + _text(row.get("rejected")))
+            raise BadPair("missing_field", f"'prompt' is a {type(head).__name__}, not a string")
+        chosen, rejected = _text(row.get("chosen"), "chosen"), _text(row.get("rejected"), "rejected")
+        prompt, chosen, rejected = split_hh(head + chosen, head + rejected)
     else:
         raise UserError(f"data.format={fmt} is not a preference format ({', '.join(PREFERENCE_FORMATS)}).")
     if chosen.strip() == rejected.strip():
-        raise BadPair("chosen_equals_rejected")
+        raise BadPair("chosen_equals_rejected", "the chosen and rejected answers are the same")
     if system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
     _check_prompt(prompt)
@@ -225,47 +222,69 @@ def fit_pair(
     max_prompt_length: int | None,
     truncation: str,
     truncation_mode: str,
-) -> tuple[tuple[list[int], list[int], list[int]], bool]:
-    """Apply the length limits; returns ((prompt, chosen, rejected), truncated). Raises BadPair when it cannot fit.
+) -> tuple[tuple[list[int], list[int], list[int]], set[str]]:
+    """Apply the length limits; returns ((prompt, chosen, rejected), the parts cut: "prompt" and/or "answers").
 
-    A long prompt keeps BOS and its end (the turns nearest the answer). Over ``max_length``, ``keep_start`` cuts
-    the answers' ends and ``keep_end`` cuts the prompt's start instead, so the answers stay whole.
+    ``truncation=truncate`` never drops a pair for its length. A prompt is cut from the left (BOS and the turns
+    nearest the answer stay): first to ``max_prompt_length``, then as far as the answers need. ``keep_start``
+    gives the answers at least half of ``max_length`` (or all they need, when less) and cuts their ends past
+    that; ``keep_end`` cuts the prompt down to BOS plus one token before it cuts the answers' ends.
+    ``truncation=drop`` raises ``BadPair("too_long")`` for a pair over either limit instead.
     """
-    truncated = False
-    if max_prompt_length and len(prompt) > max_prompt_length:
-        prompt, truncated = prompt[:1] + prompt[len(prompt) - max_prompt_length + 1 :], True
-    longest = len(prompt) + max(len(chosen), len(rejected))
-    if longest <= max_length:
-        return (prompt, chosen, rejected), truncated
+    longest = max(len(chosen), len(rejected))
+    over_prompt = bool(max_prompt_length) and len(prompt) > max_prompt_length
     if truncation == "drop":
-        raise BadPair("too_long")
-    if truncation_mode == "keep_end":
-        keep = max_length - max(len(chosen), len(rejected))
-        if keep < 2:  # BOS plus at least one prompt token
-            raise BadPair("too_long")
-        return (prompt[:1] + prompt[len(prompt) - keep + 1 :], chosen, rejected), True
-    room = max_length - len(prompt)
-    if room < 1:
-        raise BadPair("prompt_too_long")
-    return (prompt, chosen[:room], rejected[:room]), True
+        if over_prompt or len(prompt) + longest > max_length:
+            raise BadPair("too_long", f"{len(prompt)} prompt + {longest} answer tokens, over the limits")
+        return (prompt, chosen, rejected), set()
+    if max_length < 3:  # BOS, one prompt token and one answer token
+        raise BadPair("too_long", f"trainer.max_length={max_length} leaves no room for a prompt and an answer")
+    cut: set[str] = set()
+    if over_prompt:
+        prompt, cut = _keep_prompt_end(prompt, max_prompt_length), {"prompt"}
+    if len(prompt) + longest <= max_length:
+        return (prompt, chosen, rejected), cut
+    # The answers' share: what is left beside the prompt, but at least all they need (keep_end) or half of
+    # max_length (keep_start), and never so much that the prompt loses its BOS and last token.
+    share = max_length if truncation_mode == "keep_end" else max_length // 2
+    answer_room = max(max_length - len(prompt), min(longest, share))
+    answer_room = min(answer_room, max_length - min(len(prompt), 2))
+    if len(prompt) > max_length - answer_room:
+        prompt = _keep_prompt_end(prompt, max_length - answer_room)
+        cut.add("prompt")
+    if longest > answer_room:
+        chosen, rejected = chosen[:answer_room], rejected[:answer_room]
+        cut.add("answers")
+    return (prompt, chosen, rejected), cut
+
+
+def _keep_prompt_end(prompt: list[int], limit: int) -> list[int]:
+    """BOS and the last ``limit - 1`` tokens: the start of a long conversation goes, the question stays."""
+    return prompt[:1] + prompt[len(prompt) - limit + 1 :]
 
 
 def tokenize_pairs(pairs: list[PreferencePair], tokenizer: Any, trainer_cfg: Any, report: DataReport) -> list[dict]:
-    """Tokenize and fit every pair; rows that cannot fit are counted in ``report``."""
+    """Tokenize and fit every pair; what was cut, and pairs that cannot fit, are counted in ``report``."""
     out = []
     for pair in pairs:
+        prompt, chosen, rejected = tokenize_pair(pair, tokenizer)
+        report.lengths.append(len(prompt) + max(len(chosen), len(rejected)))
+        report.prompt_lengths.append(len(prompt))
         try:
-            ids, truncated = fit_pair(
-                *tokenize_pair(pair, tokenizer),
+            ids, cut = fit_pair(
+                prompt,
+                chosen,
+                rejected,
                 max_length=trainer_cfg.max_length,
                 max_prompt_length=trainer_cfg.max_prompt_length,
                 truncation=trainer_cfg.truncation,
                 truncation_mode=trainer_cfg.truncation_mode,
             )
         except BadPair as exc:
-            report.dropped[exc.reason] += 1
+            report.drop(exc.reason, exc.detail)
             continue
-        report.truncated += truncated
+        report.truncated += bool(cut)
+        report.truncated_parts.update(cut)
         out.append({"prompt_ids": ids[0], "chosen_ids": ids[1], "rejected_ids": ids[2]})
     return out
 
@@ -285,14 +304,19 @@ def prepare_preference_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> 
     if not rows:
         raise UserError(f"data.path={data_cfg.path} holds no examples ({dict(report.dropped) or 'empty file'}).")
     fmt = detect_preference_format(rows, data_cfg.format)
+    # Row numbers in drop examples are file rows, unless data.dedup removed rows before them.
     pairs = to_pairs(find_duplicates(rows, data_cfg.dedup, report), fmt, data_cfg.system_prompt, report)
     order = list(range(len(pairs)))
     random.Random(data_cfg.seed).shuffle(order)
-    holdout_n = min(data_cfg.holdout, max(len(pairs) - 1, 0))
-    holdout, rest = [pairs[i] for i in order[:holdout_n]], order[holdout_n:]
-    # A held-out pair that cannot fit max_length is dropped and counted like a training pair.
-    holdout = [p for p in holdout if tokenize_pairs([p], tokenizer, trainer_cfg, report)]
-    report.truncated = 0  # counted for training pairs only
+    wanted = min(data_cfg.holdout, max(len(pairs) - 1, 0))
+    # Held-out pairs are drawn from those that fit the length limits, so data.holdout=N holds out N; one that
+    # cannot fit (truncation=drop) stays with the training pairs and is counted there, once.
+    holdout, rest = [], []
+    for i in order:
+        if len(holdout) < wanted and tokenize_pairs([pairs[i]], tokenizer, trainer_cfg, DataReport()):
+            holdout.append(pairs[i])
+        else:
+            rest.append(i)
     report.held_out = len(holdout)
     eval_pairs, train_pairs = split_eval_and_train(data_cfg, pairs, rest, report, "pairs")
     eval_report = DataReport()
@@ -303,12 +327,13 @@ def prepare_preference_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> 
         eval_pairs = to_pairs(eval_rows, eval_fmt, data_cfg.system_prompt, eval_report)
     examples = tokenize_pairs(train_pairs, tokenizer, trainer_cfg, report)
     report.used = len(examples)
+    report.check_lengths("pairs", trainer_cfg.max_length, trainer_cfg.max_prompt_length)
     report.log_losses("pair(s)", trainer_cfg.max_length, data_cfg.dedup)
     if not examples:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+        hint = " or raise trainer.max_length" if report.dropped.get("too_long") else ""
         raise UserError(
             f"No preference pairs left after filtering the {report.read} rows of {data_cfg.path} "
-            f"({report.held_out} held out; dropped: {reasons or 'none'})."
+            f"({report.held_out} held out; dropped: {report.describe_drops()}). Fix those fields{hint}."
         )
     eval_ds = None
     if eval_pairs or eval_report.read:
@@ -334,9 +359,9 @@ def prepare_preference_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> 
 def to_pairs(rows: list[dict[str, Any]], fmt: str, system_prompt: str | None, report: DataReport) -> list:
     """Convert rows to PreferencePairs; the unusable ones are counted in ``report`` by reason."""
     pairs = []
-    for row in rows:
+    for i, row in enumerate(rows, 1):
         try:
             pairs.append(to_pair(row, fmt, system_prompt))
         except BadPair as exc:
-            report.dropped[exc.reason] += 1
+            report.drop(exc.reason, f"row {i}: {exc.detail}" if exc.detail else "")
     return pairs

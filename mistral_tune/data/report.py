@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,14 @@ class DataReport:
     eval_read: int = 0  # rows of the eval split (data.eval_split); a fraction of data.path counts in read too
     eval_used: int = 0
     eval_dropped: Counter = field(default_factory=Counter)
+    truncated_parts: Counter = field(default_factory=Counter)  # preference pairs: "prompt" and/or "answers" cut
+    drop_examples: dict = field(default_factory=dict)  # reason -> the first such row, naming the field that failed
+    lengths: list = field(default_factory=list)  # tokens each example needs whole (for the length notice)
+    prompt_lengths: list = field(default_factory=list)  # preference pairs: tokens of each prompt
+    length_notice: Optional[dict] = None  # set by check_lengths when many examples did not fit
 
     MAX_BAD_LINES = 20
+    NOTICE_SHARE = 0.05  # more than this share of examples cut or dropped for length gets the one-line notice
 
     def skip_line(self, where: str, reason: str, detail: str) -> None:
         self.read += 1
@@ -36,15 +42,70 @@ class DataReport:
         if len(self.bad_lines) < self.MAX_BAD_LINES:
             self.bad_lines.append(f"{where}: {detail}")
 
+    def drop(self, reason: str, detail: str = "") -> None:
+        """Count one unusable row; the first of each reason is kept as an example (``detail`` names the field)."""
+        self.dropped[reason] += 1
+        if detail and reason not in self.drop_examples:
+            self.drop_examples[reason] = detail
+
+    def describe_drops(self) -> str:
+        """``2 empty_field (first: row 3: 'chosen' is empty), 1 too_long``: for the no-examples-left error."""
+        parts = []
+        for reason, n in sorted(self.dropped.items()):
+            example = f" (first: {self.drop_examples[reason]})" if reason in self.drop_examples else ""
+            parts.append(f"{n} {reason}{example}")
+        return ", ".join(parts) or "none"
+
+    def reset_length_counts(self) -> None:
+        """Forget truncations and lengths counted so far (those of held-out rows): they describe training data."""
+        self.truncated = 0
+        self.truncated_parts.clear()
+        self.lengths.clear()
+        self.prompt_lengths.clear()
+
+    def check_lengths(self, unit: str, max_length: int, max_prompt_length: Optional[int] = None) -> Optional[dict]:
+        """When more than ``NOTICE_SHARE`` of the training examples were cut or dropped for their length, one
+        warning naming the key to raise (and a value that keeps 95% whole); the record goes to summary.json."""
+        too_long = self.dropped.get("too_long", 0)
+        affected, total = self.truncated + too_long, len(self.lengths)
+        if not total or affected <= self.NOTICE_SHARE * total:
+            return None
+        need = _round_up(_percentile(self.lengths, 0.95))
+        keys = {"trainer.max_length": max(need, max_length)}
+        if max_prompt_length and self.prompt_lengths:
+            keys["trainer.max_prompt_length"] = max(
+                _round_up(_percentile(self.prompt_lengths, 0.95)), max_prompt_length
+            )
+            keys["trainer.max_length"] = max(keys["trainer.max_length"], keys["trainer.max_prompt_length"] + 64)
+        what = "dropped" if too_long and not self.truncated else "truncated" if not too_long else "truncated or dropped"
+        parts = (
+            f" ({', '.join(f'{p}: {n}' for p, n in sorted(self.truncated_parts.items()))})"
+            if self.truncated_parts
+            else ""
+        )
+        limits = f"trainer.max_length={max_length}" + (
+            f" / trainer.max_prompt_length={max_prompt_length}" if max_prompt_length else ""
+        )
+        setting = " ".join(f"{k}={v}" for k, v in keys.items())
+        message = (
+            f"{affected} of {total} training {unit} ({affected / total:.0%}) were over {limits} and were "
+            f"{what}{parts}; to keep 95% of them whole set {setting}"
+        )
+        self.length_notice = {"affected": affected, "of": total, "share": round(affected / total, 4),
+                              "suggested": keys, "message": message}  # fmt: skip
+        log.warning("data: %s", message)
+        return self.length_notice
+
     def log_losses(self, unit: str, max_length: int, dedup: bool) -> None:
         """Warn about every training example (``unit``: examples, pairs) dropped, skipped, kept twice or cut."""
         for reason, n in sorted(self.dropped.items()):
-            log.warning("data: dropped %d %s: %s", n, unit, reason)
+            example = f" (first: {self.drop_examples[reason]})" if reason in self.drop_examples else ""
+            log.warning("data: dropped %d %s: %s%s", n, unit, reason, example)
         for where in self.bad_lines:
             log.warning("data: skipped %s", where)
         if self.duplicates and not dedup:
             log.warning("data: %d exact duplicate row(s) kept; set data.dedup=true to drop them", self.duplicates)
-        if self.truncated:
+        if self.truncated and not self.length_notice:  # the notice already says it, with the key to change
             log.warning("data: truncated %d %s to trainer.max_length=%d", self.truncated, unit, max_length)
 
     def as_dict(self) -> dict[str, Any]:
@@ -61,7 +122,19 @@ class DataReport:
             "eval_read": self.eval_read,
             "eval_used": self.eval_used,
             "eval_dropped": dict(self.eval_dropped),
+            "truncated_parts": dict(self.truncated_parts),
+            "drop_examples": dict(self.drop_examples),
+            "length_notice": self.length_notice,
         }
+
+
+def _percentile(values: list, q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _round_up(n: int, step: int = 64) -> int:
+    return -(-n // step) * step
 
 
 @dataclass

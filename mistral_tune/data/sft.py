@@ -11,6 +11,7 @@ import random
 from typing import Any, Iterable, Optional
 
 from mistral_tune.core.errors import UserError
+from mistral_tune.data.messages import BadRow, read_messages
 from mistral_tune.data.report import DataReport, PreparedData
 from mistral_tune.data.sources import load_records
 from mistral_tune.data.splits import find_duplicates, load_eval_file, split_eval_and_train
@@ -20,11 +21,17 @@ log = logging.getLogger(__name__)
 
 FORMATS = {
     "messages": "a 'messages' list of {role, content} (chat)",
+    "sharegpt": "a 'conversations' list of {from, value} (ShareGPT; from: human, gpt, system)",
     "alpaca": "'instruction', optional 'input', and 'output' (Alpaca)",
     "text": "a 'text' string (plain language-model text)",
 }
 
-FORMAT_FIELDS = {"messages": {"messages"}, "alpaca": {"instruction", "input", "output"}, "text": {"text"}}
+FORMAT_FIELDS = {
+    "messages": {"messages"},
+    "sharegpt": {"conversations"},
+    "alpaca": {"instruction", "input", "output"},
+    "text": {"text"},
+}
 
 
 def detect_format(rows: list[dict[str, Any]], requested: str = "auto") -> str:
@@ -33,6 +40,8 @@ def detect_format(rows: list[dict[str, Any]], requested: str = "auto") -> str:
     columns = set().union(*(r.keys() for r in rows[:100])) if rows else set()
     if "messages" in columns:
         return "messages"
+    if "conversations" in columns:
+        return "sharegpt"
     if {"instruction", "output"} <= columns:
         return "alpaca"
     if "text" in columns:
@@ -45,22 +54,23 @@ def detect_format(rows: list[dict[str, Any]], requested: str = "auto") -> str:
 
 
 def to_messages(row: dict[str, Any], fmt: str, system_prompt: Optional[str]) -> Optional[list[dict[str, str]]]:
-    """Chat messages for a row, or None for plain text; raises ValueError on unusable rows."""
+    """Chat messages for a row, or None for plain text; raises ``BadRow`` (naming the field) on unusable rows."""
     if fmt == "text":
         return None
     if fmt == "alpaca":
         instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get("output")
-        if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
-            raise ValueError("missing_field")
+        for name, value in (("instruction", instruction), ("input", extra), ("output", output)):
+            if not isinstance(value, str):
+                raise BadRow("missing_field", f"'{name}' is a {type(value).__name__}, not a string")
+        for name, value in (("instruction", instruction), ("output", output)):
+            if not value.strip():
+                raise BadRow("empty_field", f"'{name}' is empty")
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    elif fmt == "sharegpt":
+        messages = read_messages(row.get("conversations"), "conversations", sharegpt=True)
     else:
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("missing_field")
-        messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
-    if any(not isinstance(m["content"], str) or not m["content"].strip() for m in messages):
-        raise ValueError("empty_field")
+        messages = read_messages(row.get("messages"), "messages")
     if system_prompt and messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return messages
@@ -82,25 +92,16 @@ def tokenize_rows(
     out = []
     for row in rows:
         try:
-            messages = to_messages(row, fmt, system_prompt)
-            if messages is None:
-                text = row.get("text")
-                if not isinstance(text, str):
-                    raise ValueError("missing_field")
-                if not text.strip():
-                    raise ValueError("empty_field")
-                ids = tokenizer.encode(text, add_bos=True, add_eos=True)
-                mask = [1] * len(ids)
-            else:
-                if messages[-1]["role"] != "assistant":
-                    raise ValueError("no_assistant_turn")
-                ids, mask = tokenizer.encode_chat(messages)
-                if not completion_only_loss:
-                    mask = [1] * len(ids)
-        except ValueError as exc:
-            reason = str(exc) if str(exc) in ("missing_field", "empty_field", "no_assistant_turn") else "bad_roles"
-            report.dropped[reason] += 1
+            ids, mask = encode_row(row, fmt, tokenizer, system_prompt)
+        except BadRow as exc:  # rows arrive split and shuffled: the data check before this names their file line
+            report.drop(exc.reason, exc.detail)
             continue
+        except ValueError as exc:  # the chat template's own checks: roles that do not alternate
+            report.drop("bad_roles", str(exc))
+            continue
+        if not completion_only_loss:
+            mask = [1] * len(ids)
+        report.lengths.append(len(ids))
         truncated = len(ids) > max_length
         if truncated:
             if truncation == "drop":
@@ -114,6 +115,30 @@ def tokenize_rows(
         # labels[i] is the token at i; the model shifts internally. The first token never counts.
         out.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
     return out
+
+
+def check_row(row: dict[str, Any], fmt: str, system_prompt: Optional[str] = None) -> Optional[list[dict[str, str]]]:
+    """The row's messages (None for text); raises ``BadRow`` when it cannot become an example. Needs no
+    tokenizer, so the data preflight runs it on every row before the model loads."""
+    messages = to_messages(row, fmt, system_prompt)
+    if messages is None:
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise BadRow("missing_field", "no 'text'" if text is None else f"'text' is a {type(text).__name__}")
+        if not text.strip():
+            raise BadRow("empty_field", "'text' is empty")
+    elif messages[-1]["role"] != "assistant":
+        raise BadRow("no_assistant_turn", f"the last message is {messages[-1]['role']!r}, not 'assistant'")
+    return messages
+
+
+def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, system_prompt: Optional[str]):
+    """(ids, loss mask) of one row; raises ``BadRow``, or ``ValueError`` from the chat template."""
+    messages = check_row(row, fmt, system_prompt)
+    if messages is None:
+        ids = tokenizer.encode(row["text"], add_bos=True, add_eos=True)
+        return ids, [1] * len(ids)
+    return tokenizer.encode_chat(messages)
 
 
 def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
@@ -141,7 +166,7 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
         completion_only_loss=trainer_cfg.completion_only_loss,
     )
     holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
-    report.truncated = 0  # counted for training examples only
+    report.reset_length_counts()  # counted for training examples only
     holdout_n = report.held_out = len(holdout)
     eval_rows, train_rows = split_eval_and_train(data_cfg, rows, rest, report, "rows")
     eval_fmt, eval_report = fmt, DataReport()
@@ -150,17 +175,17 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
         eval_rows, eval_fmt = eval_file_rows, detect_format(eval_file_rows, data_cfg.format)
     examples = tokenize_rows(train_rows, fmt, tokenizer, report=report, **options)
     report.used = len(examples)
+    report.check_lengths("examples", trainer_cfg.max_length)
     report.log_losses("example(s)", trainer_cfg.max_length, data_cfg.dedup)
     if report.extra_fields:
         log.info(
             "data: %d row(s) have fields the %s format does not use; those fields are ignored", report.extra_fields, fmt
         )
     if not examples:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+        hint = ", or raise trainer.max_length" if report.dropped.get("too_long") else ""
         raise UserError(
             f"No training examples left after filtering the {report.read} rows of {data_cfg.path} "
-            f"({holdout_n} held out; dropped: {reasons or 'none'}). Check the rows' fields, or raise "
-            "trainer.max_length if they were too long."
+            f"({holdout_n} held out; dropped: {report.describe_drops()}). Fix those fields{hint}."
         )
     eval_ds = None
     if eval_rows:

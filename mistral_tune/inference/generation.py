@@ -212,3 +212,59 @@ def generate_ids(
             row = row if cut is None else row[: cut + 1]
         results.append(row)
     return results
+
+
+CHAT_TRAINERS = ("sft", "dpo")  # trainers whose merged model answers in the chat template (reward models score)
+
+
+def chat_model_reason(local_dir: Any, metadata: Optional[Mapping], base_preset: Optional[str]) -> Optional[str]:
+    """Why prompts for this model should go through its chat template, or None for a plain language model.
+
+    A run's ``merged/`` or ``preset/`` says what trained it: the run directory's ``resolved_config.yaml`` and
+    ``summary.json`` (``data_format``), or ``metadata.json``'s provenance. SFT and DPO runs on chat data
+    (anything but ``text``) and the built-in instruct presets are chat models.
+    """
+    import json
+    from pathlib import Path
+
+    provenance = dict((metadata or {}).get("provenance") or {})
+    if local_dir is not None:
+        run = Path(local_dir).parent
+        config, summary = run / "resolved_config.yaml", run / "summary.json"
+        if config.is_file():
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(OmegaConf.load(config))
+            provenance.setdefault("recipe", cfg.get("recipe"))
+            provenance.setdefault("trainer", (cfg.get("trainer") or {}).get("name"))
+            provenance.setdefault("data", cfg.get("data"))
+        if summary.is_file():
+            provenance.setdefault("data_format", json.loads(summary.read_text(encoding="utf-8")).get("data_format"))
+    trainer = provenance.get("trainer") or str(provenance.get("recipe") or "").split("_")[0]
+    if trainer in CHAT_TRAINERS:
+        fmt = provenance.get("data_format") or (provenance.get("data") or {}).get("format")
+        if fmt != "text":
+            return f"trained by {provenance.get('recipe') or trainer} on {fmt or 'chat'} data (the run's metadata)"
+        return None
+    label = str(base_preset or "").lower()
+    if not trainer and "instruct" in label and (label.startswith("hf://") or _builtin(str(base_preset))):
+        return f"{base_preset} is an instruct model"
+    return None
+
+
+def _builtin(preset_id: str) -> bool:
+    from mistral_tune.models.presets import PRESETS
+
+    return preset_id in PRESETS
+
+
+def empty_answer(new_ids: Sequence[int], tokenizer: Any, stop_ids: Optional[Sequence[int]]) -> Optional[str]:
+    """Why a generation's new text is empty (None when it is not): its first new token was a stop token (EOS on
+    a chat model given raw text, typically), or every new token decodes to blanks."""
+    body = list(new_ids)
+    stop = body.pop() if body and stop_ids and body[-1] in stop_ids else None  # generate_ids keeps the stop id
+    if tokenizer.decode(body).strip():
+        return None
+    if not body and stop is not None:
+        return "the model's first new token was " + ("EOS" if stop == tokenizer.eos_id else f"stop token {stop}")
+    return f"the {len(body)} new token(s) decode to whitespace only"

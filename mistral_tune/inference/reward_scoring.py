@@ -48,9 +48,9 @@ def score_chats(model: Any, tokenizer: Any, chats: Sequence[Any], batch_size: in
 
 
 def load_reward_model(preset: str, adapter: str | None = None, seed: int = 42):
-    """(model, tokenizer) for scoring: a merged reward model, or a base plus a reward adapter."""
-    import logging
+    """(model, tokenizer) for scoring: a merged reward model, or a base plus a reward adapter.
 
+    Anything else (a causal LM such as a DPO or SFT export) is refused with a ``UserError``."""
     import mistral_tune.models.loading as models
     from mistral_tune.config.schema import ModelConfig
     from mistral_tune.models.presets import PRESETS
@@ -60,6 +60,16 @@ def load_reward_model(preset: str, adapter: str | None = None, seed: int = 42):
     builtin = preset in PRESETS  # anything else is a path or hub id, like model.path in a recipe
     model_cfg = ModelConfig(name=preset if builtin else "custom", path=None if builtin else preset)
     source = download_source(resolve_source(model_cfg.name, model_cfg.path), model_cfg)
+    architectures = _architectures(source)
+    if not adapter and not any("ForSequenceClassification" in a for a in architectures):
+        # Refused before loading: a causal LM (a DPO or SFT export, a base preset) has no trained score head.
+        kind = ", ".join(architectures) or "a built-in base preset"
+        raise UserError(
+            f"{source.label} is not a reward model ({kind}): `mistral-tune score` reads the score head a "
+            "reward_lora run trains, and a new one would give noise. Pass a reward run's merged/ directory, or "
+            "preset=BASE adapter=runs/<reward run>/adapter. To compare answers with a DPO or SFT model, use their "
+            "log-likelihoods: MistralCausalLM.score (docs/models.md)."
+        )
     tokenizer = load_tokenizer(source)
     model = models.load_model(model_cfg, source, seed=seed, task="SEQ_CLS")
     model.config.pad_token_id = tokenizer.pad_id
@@ -67,12 +77,6 @@ def load_reward_model(preset: str, adapter: str | None = None, seed: int = 42):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    elif "ForSequenceClassification" not in " ".join(_architectures(source)):
-        logging.getLogger(__name__).warning(
-            "%s is not a trained reward model: its score head is freshly initialized, so the scores are noise. "
-            "Pass the merged/ directory of a reward run, or adapter=DIR.",
-            source.label,
-        )
     return model, tokenizer
 
 

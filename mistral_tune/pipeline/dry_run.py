@@ -83,8 +83,11 @@ def dry_run(cfg: Any) -> dict[str, Any]:
     shape = run_shape(cfg)
     memory = estimate.estimate_memory(config, shape, trainable=trainable, total=total)
     speed = estimate.estimate_speed(config, shape, trainable=trainable, gpu=cfg.dry_run_gpu, mfu=cfg.dry_run_mfu)
-    print(render(cfg, origin, trainable, total, shape, memory, speed, moe=estimate.dims(config)["experts"] > 1))
+    data, data_lines = data_fit(cfg)
+    moe = estimate.dims(config)["experts"] > 1
+    print(render(cfg, origin, trainable, total, shape, memory, speed, moe=moe) + data_lines)
     return {
+        "data": data,
         "parameters": {"trainable": trainable, "total": total},
         "tokens_per_step": shape.tokens_per_step,
         "memory_bytes": {k: b for k, (b, _) in memory.terms.items()},
@@ -93,6 +96,51 @@ def dry_run(cfg: Any) -> dict[str, Any]:
         "step_seconds": speed.step_seconds,
         "tokens_per_second": speed.tokens_per_second,
     }
+
+
+def data_fit(cfg: Any) -> tuple[dict[str, Any] | None, str]:
+    """How ``data.path`` fits the length limits: every row checked and tokenized with the model's tokenizer,
+    exactly as the run will (kept, truncated, dropped). Skipped for a hub dataset or a tokenizer that would
+    need a download; returns (the data report, the lines to print)."""
+    import logging
+
+    from mistral_tune.config.registry import PREFERENCE_TRAINERS
+    from mistral_tune.data.sources import resolve_local_path
+    from mistral_tune.models.sources import resolve_source
+    from mistral_tune.models.tokenizer import load_tokenizer
+
+    skipped = "\n\ndata: not checked (a hub dataset or a tokenizer that needs a download)"
+    source = resolve_source(cfg.model.name, cfg.model.path)
+    if resolve_local_path(cfg.data.path) is None or (source.local_dir is None and source.preset is None):
+        return None, skipped
+    try:
+        tokenizer = load_tokenizer(source)
+    except (ValueError, OSError, UserError):  # a preset whose tokenizer file lives on the hub: nothing is fetched
+        return None, skipped
+    if cfg.trainer.name in PREFERENCE_TRAINERS:
+        from mistral_tune.data.preference import prepare_preference_data as prepare
+    else:
+        from mistral_tune.data.sft import prepare_sft_data as prepare
+    quiet = logging.getLogger("mistral_tune.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the report below says it once
+    try:
+        prepared = prepare(cfg.data, cfg.trainer, tokenizer)
+    finally:
+        quiet.setLevel(level)
+    r = prepared.report.as_dict()
+    parts = f" ({', '.join(f'{k}: {n}' for k, n in r['truncated_parts'].items())})" if r["truncated_parts"] else ""
+    drops = ", ".join(f"{n} {reason}" for reason, n in r["dropped"].items()) or "none"
+    lines = [
+        "",
+        "",
+        f"data: {r['read']} rows of {cfg.data.path} ({prepared.format}), checked with the model's tokenizer:",
+        f"  {r['used']} for training, {r['held_out']} held out, {r['eval_used']} for evaluation; "
+        f"{r['truncated']} truncated{parts} at trainer.max_length={cfg.trainer.max_length}; dropped: {drops}",
+    ]
+    if r["length_notice"]:
+        lines.append(f"  {r['length_notice']['message']}")
+    return r, "\n".join(lines)
 
 
 def render(cfg, origin, trainable, total, shape, memory, speed, moe: bool = False) -> str:

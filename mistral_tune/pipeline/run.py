@@ -61,8 +61,10 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """
     import mistral_tune.launch.engine as distributed
     import mistral_tune.launch.machines as machines
+    from mistral_tune.config.registry import PREFERENCE_TRAINERS
     from mistral_tune.core.files import check_writable
     from mistral_tune.core.process import is_main_process, shared_run_dir
+    from mistral_tune.data.preflight import check_data
 
     # In a multi-process launch only rank 0 writes; the others train and help save (distributed.py).
     main_process = is_main_process()
@@ -76,6 +78,13 @@ def run(cfg: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     preflight(cfg)
     cfg.output_dir = str(run_dir)
     setup_logging(run_dir, main_process)
+    # The run's first step: every row is read and checked before torch is imported and anything is downloaded,
+    # loaded or built, so a bad file fails in about a second.
+    try:
+        check_data(cfg.data, preference=cfg.trainer.name in PREFERENCE_TRAINERS)
+    except BaseException:
+        teardown_logging()
+        raise
     distributed.prepare_process(cfg)
     distributed.start_cpu_process_group(cfg)
     from transformers.utils import logging as hf_logging
@@ -156,6 +165,8 @@ def train_and_export(
     set_seed(cfg.train.seed)
     check_optimizer(cfg.train.optim)
     tokenizer = load_tokenizer(source)
+    prepared = method.prepare_data(cfg, tokenizer)  # tokenized before the model exists: data errors come first
+    train_ds, report = prepared.train, prepared.report
     compute_dtype = models.resolve_dtype(cfg.model.dtype)
     quant = distributed.quantization_for_engine(quantization_config(cfg.adapter, compute_dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant, task=method.TASK_TYPE)
@@ -173,8 +184,6 @@ def train_and_export(
     trainable, total = adapters.count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    prepared = method.prepare_data(cfg, tokenizer)
-    train_ds, report = prepared.train, prepared.report
     steps = resume.planned_steps(cfg.train, len(train_ds), world_size())
     resume.check_disk_for_run(
         cfg, run_dir, trainable=trainable, total=total, param_bytes=compute_dtype.itemsize, steps=steps
@@ -231,6 +240,7 @@ def train_and_export(
         summary = build_summary(cfg, run_dir, result, trainer, metrics.records, report, started, resume_from)
         summary.update(outputs)
         summary.update(extras)
+        summary["data_format"] = prepared.format  # generate/chat read it: chat data means a chat model
         summary["parameters"] = {"trainable": trainable, "total": total}
         summary["machines"] = per_machine  # each machine's tokens and tokens/s, this session's training only
         summary["peak_memory_bytes"], summary["peak_memory_kind"] = peak_memory(torch)
@@ -314,7 +324,7 @@ def save_outputs(
             max_shard_size=cfg.export.max_shard_size,
             tolerance=cfg.export.tolerance,
             base_preset=cfg.model.name,
-            provenance=redact(provenance(cfg)),
+            provenance=redact({**provenance(cfg), "trainer": cfg.trainer.name, "data_format": prepared.format}),
         )
     return {
         "adapter": str(adapter_dir) if adapter_dir else None,

@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mistral_tune.train.signals import TrainingInterrupted
-
 log = logging.getLogger(__name__)
 
 
@@ -19,6 +17,7 @@ def stopped_summary(cfg: Any, trainer: Any, exc: Exception, data: dict, resume_f
     from pathlib import Path
 
     from mistral_tune.train.checkpoints import latest_complete
+    from mistral_tune.train.signals import TrainingInterrupted  # lazily: it pulls in transformers
 
     last = latest_complete(Path(trainer.args.output_dir))
     return {
@@ -43,6 +42,8 @@ def build_summary(cfg, run_dir, result, trainer, records, report, started, resum
 
     losses = [r["loss"] for r in records if isinstance(r.get("loss"), float)]
     evals = [r for r in records if isinstance(r.get("eval_loss"), float)]
+    accuracies = [r[ACCURACY] for r in records if isinstance(r.get(ACCURACY), float)]
+    eval_accuracies = [r[f"eval_{ACCURACY}"] for r in evals if isinstance(r.get(f"eval_{ACCURACY}"), float)]
     runtime = result.metrics.get("train_runtime", 0.0)
     return {
         "recipe": cfg.recipe,
@@ -56,6 +57,10 @@ def build_summary(cfg, run_dir, result, trainer, records, report, started, resum
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
         "final_eval_perplexity": evals[-1].get("eval_perplexity") if evals else None,
+        # Preference trainers: the share of pairs ranked right, on training batches and on the eval split.
+        "final_accuracy": accuracies[-1] if accuracies else None,
+        "final_eval_accuracy": eval_accuracies[-1] if eval_accuracies else None,
+        "notes": run_notes(cfg, bool(accuracies), bool(eval_accuracies)),
         "tokens_seen": trainer.tokens_seen,
         "train_seconds": round(runtime, 2),
         "wall_seconds": round(time.time() - started, 2),
@@ -65,6 +70,27 @@ def build_summary(cfg, run_dir, result, trainer, records, report, started, resum
         "nan_skipped_steps": trainer.nan_skipped_steps,
         **distributed.run_facts(trainer, cfg.launcher.name),
     }
+
+
+ACCURACY = "rewards/accuracies"  # what DPO and reward runs log per step (and eval_ on the eval split)
+
+
+def run_notes(cfg: Any, has_accuracy: bool, has_eval_accuracy: bool) -> list[str]:
+    """Plain-language caveats on what the run's numbers mean (summary.json ``notes``, printed at the end)."""
+    from mistral_tune.config.schema import random_demo_base
+
+    notes = []
+    if random_demo_base(cfg.model):
+        notes.append(
+            "the base (mistral_tiny) has random weights: the training loss and accuracy measure memorisation of "
+            "the training data, not learning; use a pretrained model (model=mistral_7b_en or model.path) for that"
+        )
+    if has_accuracy and not has_eval_accuracy:
+        notes.append(
+            "the accuracy is measured on training batches only; set data.eval_split=0.05 to measure it on "
+            "held-out pairs"
+        )
+    return notes
 
 
 def finish_run(run_dir: Path, summary: dict[str, Any]) -> None:

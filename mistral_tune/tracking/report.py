@@ -83,6 +83,17 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  eval loss    {_num(summary['final_eval_loss'])} (best {_num(summary.get('best_eval_loss'))}, "
             f"perplexity {_num(summary.get('final_eval_perplexity'))})"
         )
+    if summary.get("final_accuracy") is not None:
+        held_out = summary.get("final_eval_accuracy")
+        lines.append(
+            f"  accuracy     {_num(summary['final_accuracy'])} on training pairs, "
+            + (f"{_num(held_out)} on held-out pairs" if held_out is not None else "no held-out pairs (data.eval_split)")
+        )
+    data = summary.get("data") or {}
+    if (data.get("length_notice") or {}).get("message"):
+        lines.append(f"  data         {data['length_notice']['message']}")
+    for note in summary.get("notes") or []:
+        lines.append(f"  note         {note}")
     lines += [
         f"  tokens       {summary.get('tokens_seen', 0):,} at {_num(summary.get('tokens_per_second'), ',.0f')} tokens/s",
         f"  peak memory  {mem}",

@@ -19,7 +19,7 @@ from typing import Any
 
 from trl import DPOConfig, DPOTrainer
 
-from mistral_tune.compat.trl import DPOHooks, dpo_loss_types, reference_model_hash
+from mistral_tune.compat.trl import DPOHooks, dpo_loss_types, reference_model_hash, trainer_metrics
 from mistral_tune.core.errors import UserError
 from mistral_tune.train.base import RunStateMixin, common_args
 from mistral_tune.train.checkpoints import AtomicCheckpointMixin
@@ -143,6 +143,12 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         self.count_tokens(model, inputs)  # non-padding tokens of the chosen and the rejected sequences
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # TRL's num_tokens counts training tokens; under an eval_ prefix it read as the eval set's size.
+        if not self.model.training:
+            trainer_metrics(self, "eval").pop("num_tokens", None)
+        super().log(logs, start_time)
+
 
 def loss_types(trainer_cfg: Any) -> list[str]:
     losses = [t.strip() for t in str(trainer_cfg.loss_type).split("+")]
@@ -225,6 +231,6 @@ def samples(model: Any, tokenizer: Any, data: Any, cfg: Any) -> list[dict]:
     pairs = data.holdout[: cfg.export.num_samples]
     generations = greedy_generate(model, tokenizer, [p.prompt for p in pairs], cfg.export.sample_max_new_tokens)
     return [
-        {"prompt": p.prompt, "reference": p.chosen, "rejected": p.rejected, "generation": g}
+        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "generation": g}
         for p, g in zip(pairs, generations)
     ]

@@ -46,6 +46,8 @@ class MistralRewardTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMi
         for old, new in RENAMED.items():
             if old in metrics:
                 metrics[new] = metrics.pop(old)
+        if mode == "eval":  # TRL's count of training tokens; under an eval_ prefix it read as the eval set's size
+            metrics.pop("num_tokens", None)
         super().log(logs, start_time)
 
 

@@ -83,3 +83,85 @@ def test_chat_applies_template_and_exits_on_eof(merged_dir, capsys, monkeypatch)
     reply = lm.generate(conversation, max_length=n + 6, strip_prompt=True).strip()
     # After /reset the same first turn gives the same reply again.
     assert out.count(reply + "\n") == 2 and reply
+
+
+@pytest.fixture(scope="module")
+def sft_run_merged(merged_dir, tmp_path_factory):
+    """The same weights as a merged/ inside an SFT run directory (its resolved_config.yaml and summary.json)."""
+    import json
+    import shutil
+
+    run = tmp_path_factory.mktemp("sft_run")
+    shutil.copytree(merged_dir, run / "merged")
+    (run / "resolved_config.yaml").write_text("recipe: sft_lora\ntrainer:\n  name: sft\ndata:\n  format: auto\n")
+    (run / "summary.json").write_text(json.dumps({"recipe": "sft_lora", "data_format": "messages"}))
+    return run / "merged"
+
+
+def greedy_lm(path):
+    lm = MistralCausalLM.from_preset(str(path))
+    lm.compile(sampler="greedy")
+    return lm
+
+
+def test_generate_uses_the_chat_template_for_a_run_chat_model(sft_run_merged, capsys):
+    args = ["generate", f"preset={sft_run_merged}", "prompt=Give three tips.", "sampler=greedy", "max_length=24",
+            "strip_prompt=true"]  # fmt: skip
+    lm = greedy_lm(sft_run_merged)
+    chat = lm.generate([{"role": "user", "content": "Give three tips."}], max_length=24, strip_prompt=True)
+    raw = lm.generate("Give three tips.", max_length=24, strip_prompt=True)
+    assert chat != raw and chat.strip()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out == chat + "\n" and "chat template (trained by sft_lora on messages data" in captured.err
+    assert main([*args, "chat=false"]) == 0  # raw completion on request
+    assert capsys.readouterr().out == raw + "\n"
+
+
+def test_generate_stays_raw_for_a_model_without_chat_metadata(merged_dir, capsys):
+    args = ["generate", f"preset={merged_dir}", "prompt=Hello", "sampler=greedy", "max_length=16", "strip_prompt=true"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == greedy_lm(merged_dir).generate("Hello", max_length=16, strip_prompt=True) + "\n"
+    assert main([*args, "chat=maybe"]) == 2
+    assert "chat='maybe' must be auto, true or false" in capsys.readouterr().err
+
+
+def test_an_empty_generation_is_reported_with_its_reason(merged_dir, capsys):
+    from mistral_tune.inference.generation import generate_ids
+
+    lm = greedy_lm(merged_dir)
+    prompt_ids = [lm.tokenizer.encode("Hello")]
+    first = generate_ids(lm.hf_model, lm.tokenizer, prompt_ids, sampler=lm.sampler, max_length=4, stop_ids=None)[0][0]
+    # The model's first greedy token made a stop token: the answer is empty, as with EOS on a chat model.
+    args = ["generate", f"preset={merged_dir}", "prompt=Hello", "sampler=greedy", "max_length=16",
+            "strip_prompt=true", f"stop_token_ids={first}"]  # fmt: skip
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"empty answer to prompt 1 ('Hello'): the model's first new token was stop token {first}" in (captured.err)
+
+
+class TerminalInput(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_chat_prompt_goes_to_stderr_not_stdout(merged_dir, capsys, monkeypatch, terminal):
+    monkeypatch.setattr("sys.stdin", (TerminalInput if terminal else io.StringIO)("Hello!\n"))
+    assert main(["chat", f"preset={merged_dir}", "sampler=greedy", "max_new_tokens=4"]) == 0
+    captured = capsys.readouterr()
+    assert "> " not in captured.out  # piped output holds the answers only
+    assert ("> " in captured.err) == terminal
+
+
+def test_chat_model_reason_reads_metadata_and_instruct_presets(tmp_path):
+    from mistral_tune.inference.generation import chat_model_reason
+
+    preset_meta = {"provenance": {"recipe": "dpo_lora", "trainer": "dpo", "data_format": "hh"}}
+    assert "trained by dpo_lora on hh data" in chat_model_reason(None, preset_meta, "mistral_tiny")
+    text_sft = {"provenance": {"recipe": "sft_lora", "trainer": "sft", "data_format": "text"}}
+    assert chat_model_reason(None, text_sft, "mistral_tiny") is None  # plain-text SFT stays a language model
+    assert chat_model_reason(None, {}, "mistral_instruct_7b_en") == "mistral_instruct_7b_en is an instruct model"
+    assert chat_model_reason(None, {}, "mistral_7b_en") is None
+    assert chat_model_reason(None, {}, "runs/instruct-test/merged") is None  # a path is not a preset id

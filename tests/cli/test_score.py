@@ -16,3 +16,15 @@ def test_score_command_usage_errors(capsys):
     assert "Unknown argument 'colour'" in capsys.readouterr().err
     assert main(["score", "--help"]) == 0
     assert "usage: mistral-tune score" in capsys.readouterr().out
+
+
+def test_score_refuses_a_causal_lm_before_loading_it(tmp_path, capsys):
+    """A DPO or SFT export (MistralForCausalLM) has no score head: one clear error, no made-up accuracy."""
+    from mistral_tune import MistralCausalLM
+
+    MistralCausalLM.from_preset("mistral_tiny").save_to_preset(tmp_path / "dpo_merged")
+    assert main(["score", f"preset={tmp_path / 'dpo_merged'}", "file=data/preference_sample.jsonl"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # the error is wrapped at 100 columns
+    assert "is not a reward model (MistralForCausalLM)" in err and "accuracy:" not in err
+    assert main(["score", "preset=mistral_tiny", "text=hi"]) == 2
+    assert "is not a reward model (a built-in base preset)" in " ".join(capsys.readouterr().err.split())

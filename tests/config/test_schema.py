@@ -36,7 +36,7 @@ def test_recipes_compose(recipe):
         ("trainer.loss_type=exo_pair", "exo_pair needs trainer.label_smoothing > 0"),
         ("trainer.truncation_mode=middle", "truncation_mode='middle' is not one of keep_start, keep_end"),
         ("trainer.beta=0", "trainer.beta=0.0 must be > 0"),
-        ("trainer.max_prompt_length=64", "max_prompt_length=64 must be > 1 and below trainer.max_length=64"),
+        ("trainer.max_prompt_length=256", "max_prompt_length=256 must be > 1 and below trainer.max_length=256"),
         ("trainer.loss_weights=[1.0,2.0]", "one weight per loss type"),
         ("data.format=alpaca", "data.format='alpaca' is not one of auto, preference, preference_messages, hh"),
         ("trainer.name=ppo", "trainer.name='ppo' is not one of sft, dpo, reward"),
@@ -57,7 +57,7 @@ def test_bad_values_fail_at_composition(override, message):
 
 
 def test_sft_keeps_its_formats():
-    with pytest.raises(UserError, match="data.format='hh' is not one of auto, messages, alpaca, text"):
+    with pytest.raises(UserError, match="data.format='hh' is not one of auto, messages, sharegpt, alpaca, text"):
         compose("sft_lora", ["data.format=hh"])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,7 +153,7 @@ def test_bad_pairs_are_counted_not_dropped_silently(tmp_path, tokenizer):
         {"prompt": "Q", "chosen": "", "rejected": "b"},
         {"prompt": "Q", "chosen": "a", "rejected": "   "},
         rows[0],  # an exact duplicate
-        {"prompt": "Q " * 300, "chosen": "long", "rejected": "prompt"},  # the prompt alone is over max_length
+        {"prompt": "Q " * 300, "chosen": "long", "rejected": "prompt"},  # kept: the prompt loses its start
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
@@ -161,12 +162,11 @@ def test_bad_pairs_are_counted_not_dropped_silently(tmp_path, tokenizer):
     train, holdout, fmt, report = prepared.train, prepared.holdout, prepared.format, prepared.report
     assert fmt == "preference" and prepared.eval is None
     got = report.as_dict()
-    assert got["dropped"] == {
-        "chosen_equals_rejected": 1, "empty_field": 2, "duplicate": 1, "prompt_too_long": 1, "malformed_json": 1,
-    }  # fmt: skip
-    assert (got["read"], got["used"], got["held_out"], got["dropped_total"]) == (11, 4, 1, 6)
+    assert got["dropped"] == {"chosen_equals_rejected": 1, "empty_field": 2, "duplicate": 1, "malformed_json": 1}
+    assert (got["read"], got["used"], got["held_out"], got["dropped_total"]) == (11, 5, 1, 5)
     assert got["read"] == got["used"] + got["held_out"] + got["dropped_total"]  # every row accounted for
-    assert len(train) == 4 and len(holdout) == 1
+    assert len(train) == 5 and len(holdout) == 1
+    assert got["drop_examples"]["empty_field"] == "row 7: 'chosen' is empty"
     assert set(train.column_names) == {"prompt_ids", "chosen_ids", "rejected_ids"}
 
 
@@ -222,22 +222,36 @@ def test_fit_pair_truncation_modes():
     prompt, chosen, rejected = [1, 10, 11, 12, 13, 14], [20, 21, 22, 2], [30, 2]
     kw = dict(max_prompt_length=None, truncation="truncate")
     assert fit_pair(prompt, chosen, rejected, max_length=10, truncation_mode="keep_start", **kw) == (
-        (prompt, chosen, rejected), False)  # fmt: skip
-    # keep_start: the answers' ends are cut
+        (prompt, chosen, rejected), set())  # fmt: skip
+    # keep_start: the answers keep half of max_length (all they need here), the prompt loses its start (BOS kept)
     assert fit_pair(prompt, chosen, rejected, max_length=8, truncation_mode="keep_start", **kw) == (
-        (prompt, [20, 21], [30, 2]), True)  # fmt: skip
-    # keep_end: the prompt's start is cut, BOS kept
+        ([1, 12, 13, 14], chosen, rejected), {"prompt"})  # fmt: skip
+    # ...and past half, the answers' ends are cut too; a short prompt leaves them all the rest
+    assert fit_pair(prompt, [20, 21, 22, 23, 24, 2], rejected, max_length=8, truncation_mode="keep_start", **kw) == (
+        ([1, 12, 13, 14], [20, 21, 22, 23], [30, 2]), {"prompt", "answers"})  # fmt: skip
+    assert fit_pair([1, 10], [20, 21, 22, 23, 24, 2], rejected, max_length=6, truncation_mode="keep_start", **kw) == (
+        ([1, 10], [20, 21, 22, 23], [30, 2]), {"answers"})  # fmt: skip
+    assert fit_pair(prompt, [20, 21, 22, 23, 24, 2], rejected, max_length=6, truncation_mode="keep_start", **kw) == (
+        ([1, 13, 14], [20, 21, 22], [30, 2]), {"prompt", "answers"})  # fmt: skip
+    # keep_end: the prompt's start is cut, BOS kept, answers whole
     assert fit_pair(prompt, chosen, rejected, max_length=8, truncation_mode="keep_end", **kw) == (
-        ([1, 12, 13, 14], chosen, rejected), True)  # fmt: skip
+        ([1, 12, 13, 14], chosen, rejected), {"prompt"})  # fmt: skip
+    # ...down to BOS and one token; only then are the answers' ends cut
+    assert fit_pair(prompt, chosen, rejected, max_length=5, truncation_mode="keep_end", **kw) == (
+        ([1, 14], [20, 21, 22], [30, 2]), {"prompt", "answers"})  # fmt: skip
     # max_prompt_length keeps BOS and the prompt's end
     got = fit_pair(prompt, chosen, rejected, max_length=64, max_prompt_length=3, truncation="truncate",
                    truncation_mode="keep_start")  # fmt: skip
-    assert got == (([1, 13, 14], chosen, rejected), True)
-    with pytest.raises(BadPair, match="too_long"):
-        fit_pair(prompt, chosen, rejected, max_length=8, max_prompt_length=None, truncation="drop",
-                 truncation_mode="keep_start")  # fmt: skip
-    with pytest.raises(BadPair, match="prompt_too_long"):
-        fit_pair(prompt, chosen, rejected, max_length=6, truncation_mode="keep_start", **kw)
+    assert got == (([1, 13, 14], chosen, rejected), {"prompt"})
+    # truncation=drop drops what is over either limit, and cuts nothing
+    for limits in (dict(max_length=8, max_prompt_length=None), dict(max_length=64, max_prompt_length=3)):
+        with pytest.raises(BadPair, match="too_long"):
+            fit_pair(prompt, chosen, rejected, truncation="drop", truncation_mode="keep_start", **limits)
+    assert fit_pair(prompt, chosen, rejected, max_length=10, max_prompt_length=6, truncation="drop",
+                    truncation_mode="keep_start") == ((prompt, chosen, rejected), set())  # fmt: skip
+    # A prompt that fills max_length alone is cut, not dropped (it used to be prompt_too_long)
+    got = fit_pair(prompt, chosen, rejected, max_length=6, truncation_mode="keep_start", **kw)
+    assert got == (([1, 13, 14], [20, 21, 22], [30, 2]), {"prompt", "answers"})
 
 
 def test_sample_file_converts_completely(tokenizer):
@@ -267,3 +281,70 @@ def test_eval_split_fraction_and_file_are_accounted_for(tmp_path, tokenizer):
     got = prepared.report.as_dict()
     assert (got["used"], got["eval_read"], got["eval_used"], got["eval_dropped"]) == (
         20, 2, 1, {"chosen_equals_rejected": 1})  # fmt: skip
+
+
+HH_LONG = Path(__file__).parent / "hh_long.jsonl"  # 80 HH-shaped pairs, multi-turn, prompts up to ~600 tokens
+
+
+@pytest.mark.parametrize("recipe", ["dpo_lora", "reward_lora"])
+@pytest.mark.parametrize("model,max_length", [(None, 256), ("mistral_7b_en", 1024)])
+def test_long_hh_pairs_are_kept_by_default(recipe, model, max_length, compose, tokenizer):
+    """The recipes' defaults keep >= 95% of well-formed long pairs: prompts lose their start, nothing is dropped."""
+    cfg = compose(recipe, [f"data.path={HH_LONG}", *([f"model={model}"] if model else [])])
+    assert cfg.trainer.max_length == max_length  # it follows the base model, like the learning rate
+    prepared = prepare_preference_data(cfg.data, cfg.trainer, tokenizer)
+    got = prepared.report.as_dict()
+    assert got["read"] == 80 and got["held_out"] == 4 and got["dropped_total"] == 0
+    assert got["used"] + got["held_out"] >= 0.95 * got["read"]
+    assert got["truncated_parts"].get("prompt", 0) == got["truncated"]  # the answers stay whole here
+    for row in prepared.train:
+        if recipe == "dpo_lora":
+            assert len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
+        else:  # reward: the two full chats
+            assert max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
+    notice = got["length_notice"]
+    if model is None:  # a third of the pairs cut on the demo: one line naming the key, recorded for summary.json
+        assert got["truncated"] > 0.05 * got["used"]
+        assert notice["affected"] == got["truncated"] and notice["of"] == got["used"]
+        assert f"were over trainer.max_length={max_length} and were truncated" in notice["message"]
+        assert notice["suggested"]["trainer.max_length"] > max_length
+    else:  # 1024 tokens hold these prompts whole: nothing to say
+        assert notice is None and got["truncated"] <= 0.05 * got["used"]
+
+
+def test_a_cut_prompt_keeps_its_last_turn(tokenizer):
+    rows = [json.loads(line) for line in HH_LONG.read_text().splitlines()]
+    pair = max((to_pair(r, "hh") for r in rows), key=lambda p: sum(len(m["content"]) for m in p.prompt))
+    ids, cut = fit_pair(*tokenize_pair(pair, tokenizer), max_length=128, max_prompt_length=64, truncation="truncate",
+                        truncation_mode="keep_start")  # fmt: skip
+    assert cut == {"prompt"} and len(ids[0]) == 64 and ids[0][0] == tokenizer.bos_id
+    assert tokenizer.decode(ids[0]).rstrip().endswith(pair.prompt[-1]["content"][-40:] + " [/INST]")
+
+
+def test_holdout_is_drawn_from_pairs_that_fit(compose, tokenizer):
+    """data.holdout=4 holds out 4 even when many pairs are dropped for length (it used to hold out fewer)."""
+    cfg = compose("dpo_lora", [f"data.path={HH_LONG}", "trainer.truncation=drop", "data.holdout=4"])
+    got = prepare_preference_data(cfg.data, cfg.trainer, tokenizer).report.as_dict()
+    assert got["held_out"] == 4 and got["dropped"]["too_long"] > 4
+    assert got["read"] == got["used"] + got["held_out"] + got["dropped_total"]
+    assert "were dropped" in got["length_notice"]["message"]
+
+
+def test_length_notice_only_past_a_few_percent():
+    report = DataReport()
+    report.lengths, report.truncated = [100] * 40, 2  # 5%: quiet
+    assert report.check_lengths("pairs", 64) is None
+    report.truncated = 3  # 7.5%
+    notice = report.check_lengths("pairs", 64)
+    assert notice["suggested"] == {"trainer.max_length": 128} and "3 of 40 training pairs (8%)" in notice["message"]
+
+
+def test_bad_pair_errors_name_the_field(tmp_path, tokenizer):
+    rows = [{"chosen": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+             "rejected": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away"}]}]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(UserError) as err:
+        prepare_preference_data(data_cfg(path), trainer_cfg(), tokenizer)
+    assert "row 1: chosen[0] has no 'role'; found keys from, value" in str(err.value)
+    assert "max_length" not in str(err.value)  # no unrelated hint

@@ -121,6 +121,9 @@ def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
         "eval_read": 0,
         "eval_used": 0,
         "eval_dropped": {},
+        "truncated_parts": {},
+        "drop_examples": {},
+        "length_notice": None,
     }
 
 
@@ -172,3 +175,74 @@ def test_all_bad_lines_skipped_leaves_clear_error(tmp_path, tokenizer):
     cfg = data_cfg(write_lines(tmp_path / "bad.jsonl", ["{", "nope"]), **{"data.on_error": "skip"})
     with pytest.raises(UserError, match="holds no examples.*malformed_json"):
         prepare_sft_data(cfg.data, cfg.trainer, tokenizer)
+
+
+SHAREGPT = [
+    {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Capital of France?"},
+                       {"from": "gpt", "value": "Paris."}]},
+    {"conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"},
+                       {"from": "human", "value": "And 3+3?"}, {"from": "gpt", "value": "6"}]},
+]  # fmt: skip
+
+
+def test_sharegpt_is_detected_and_reads_like_messages(tmp_path, tok):
+    assert data.detect_format(SHAREGPT) == "sharegpt"
+    as_messages = [
+        {"messages": [{"role": {"human": "user", "gpt": "assistant"}.get(m["from"], m["from"]), "content": m["value"]}
+                      for m in row["conversations"]]}
+        for row in SHAREGPT
+    ]  # fmt: skip
+    cfg = data_cfg(write_jsonl(tmp_path / "sharegpt.jsonl", SHAREGPT))
+    prepared = prepare_sft_data(*_groups(cfg), tok)
+    assert prepared.format == "sharegpt" and prepared.report.used == 2 and not prepared.report.dropped
+    expected = prepare_sft_data(*_groups(data_cfg(write_jsonl(tmp_path / "m.jsonl", as_messages))), tok)
+    assert prepared.train["input_ids"] == expected.train["input_ids"]
+    assert prepared.train["labels"] == expected.train["labels"]
+
+
+@pytest.mark.parametrize(
+    "row,detail",
+    [
+        ({"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+         "messages[0] has no 'role'; found keys from, value (that is ShareGPT's layout"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ["Yo"]}]},
+         "messages[1].content is a list, not a string"),
+        ({"messages": []}, "'messages' is an empty list"),
+        ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}]},
+         "conversations[1].from='bot' is not one of human, user, gpt, assistant, system"),
+        ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}]},
+         "conversations[1].value is empty"),
+        ({"instruction": "Say hi", "output": 3}, "'output' is a int, not a string"),
+    ],
+)  # fmt: skip
+def test_a_bad_row_error_names_the_field(tmp_path, tok, row, detail):
+    from mistral_tune.data.preflight import check_data
+
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    cfg = data_cfg(write_jsonl(tmp_path / "bad.jsonl", [good, row, row]))
+    # The data check (the run's first step) names the row; tokenizing later counts it with the same detail.
+    assert check_data(cfg.data, preference=False)["usable"] == 1
+    cfg = data_cfg(write_jsonl(tmp_path / "bad.jsonl", [row]))
+    with pytest.raises(UserError) as err:
+        check_data(cfg.data, preference=False)
+    assert f"(first: row 1: {detail}" in str(err.value) and "max_length" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        prepare_sft_data(*_groups(cfg), tok)
+    assert f"(first: {detail}" in str(err.value)
+    assert "max_length" not in str(err.value)  # the old, unrelated hint
+
+
+ALPACA_5000 = Path("/work/shared/data/alpaca_5000.json")
+
+
+@pytest.mark.skipif(not ALPACA_5000.is_file(), reason="the real Alpaca 5000 file is not on this machine")
+def test_real_alpaca_file_checks_every_row_fast():
+    import json
+
+    from mistral_tune.data.preflight import check_data
+
+    rows = json.loads(ALPACA_5000.read_text(encoding="utf-8"))
+    blank = sum(1 for r in rows if not r["output"].strip())  # the real file has a few empty answers
+    result = check_data(data_cfg(ALPACA_5000).data, preference=False)
+    assert result["format"] == "alpaca" and result["rows"] == len(rows) and result["usable"] == len(rows) - blank
+    assert result["seconds"] < 5

@@ -107,3 +107,15 @@ def test_an_accelerate_config_accelerate_refuses_is_one_clear_error(tmp_path, ca
     assert code == 2
     assert "accelerate launch refused this launch" in capsys.readouterr().err
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_bad_data_fails_before_any_process_is_launched(tmp_path, capsys, monkeypatch):
+    from mistral_tune.cli import main
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("processes were launched"))
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n')
+    args = ["recipe=sft_lora", "launcher=ddp", "launcher.num_processes=2", f"data.path={bad}",
+            f"output_dir={tmp_path / 'r'}"]  # fmt: skip
+    assert main(args) == 2
+    assert "Could not detect the data format" in capsys.readouterr().err

@@ -59,6 +59,23 @@ def test_dry_run_gpu_must_be_known(capsys):
     assert "dry_run_gpu='V100' is not one of H100, H200, A100, L4" in capsys.readouterr().err
 
 
+def test_dry_run_checks_the_data_against_a_real_preset_limits(capsys, tmp_path, monkeypatch):
+    """Long HH pairs on a 7B config: every row tokenized with the preset's tokenizer, offline; >= 95% kept."""
+    from pathlib import Path
+
+    hh = Path(__file__).resolve().parents[1] / "data" / "hh_long.jsonl"
+    monkeypatch.chdir(tmp_path)
+    for recipe in ("dpo_lora", "reward_lora"):
+        args = [f"recipe={recipe}", "model=mistral_7b_en", f"data.path={hh}", "dry_run=true"]
+        assert cli.main(args) == 0
+        out = capsys.readouterr().out
+        kept = re.search(r"^  (\d+) for training, (\d+) held out, 0 for evaluation; (\d+) truncated", out, re.M)
+        used, held_out, truncated = map(int, kept.groups())
+        assert used + held_out >= 0.95 * 80 and "dropped: none" in out and truncated <= used
+        assert "at trainer.max_length=1024" in out
+    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+
+
 QLORA_2048 = [
     "recipe=sft_qlora",
     "trainer.max_length=2048",

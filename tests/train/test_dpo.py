@@ -146,6 +146,11 @@ def test_dpo_lora_learns_the_preferences(tmp_path):
     assert summary["tokens_seen"] > 0 and (summary["data"]["used"], summary["data"]["eval_used"]) == (176, 20)
     evals = [r for r in records if "eval_loss" in r]  # data.eval_split, evaluated at step 12
     assert len(evals) == 1 and "eval_rewards/accuracies" in evals[0] and summary["final_eval_loss"] is not None
+    assert "eval_num_tokens" not in evals[0]  # TRL's count of training tokens, not an eval quantity
+    # Held-out preference accuracy next to the training one, and the random base's caveat.
+    assert summary["final_eval_accuracy"] == evals[-1]["eval_rewards/accuracies"]
+    assert summary["final_accuracy"] == train_records[-1]["rewards/accuracies"]
+    assert any("memorisation" in note for note in summary["notes"])
 
     # Independent check on every training pair: DPO's implicit reward beta * log(pi / pi_ref), with the
     # reloaded merged export as pi and the same random-init base as pi_ref.
@@ -178,7 +183,8 @@ def test_dpo_lora_learns_the_preferences(tmp_path):
     assert not (run_dir / "adapter" / "ref").exists()
     assert summary["merged"]["verified"] and summary["merged"]["max_abs_logit_diff"] < 1e-4
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 and {"prompt", "reference", "rejected", "generation"} <= set(samples[0])
+    assert len(samples) == 2 and {"prompt", "chosen", "rejected", "generation"} <= set(samples[0])
+    assert "reference" not in samples[0] and samples[0]["chosen"] != samples[0]["rejected"]
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 def reward_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reward") / "run"
     overrides = ["train.max_steps=60", "train.learning_rate=3e-3", "train.logging_steps=10", "data.holdout=4",
-                 "export.num_samples=4", "train.save_steps=1000", f"output_dir={out}"]  # fmt: skip
+                 "export.num_samples=4", "train.save_steps=1000", "data.eval_split=0.1", "train.eval_steps=60",
+                 f"output_dir={out}"]  # fmt: skip
     cfg = compose("reward_lora", overrides)
     return cfg, run(cfg)
 
@@ -47,6 +48,10 @@ def test_reward_model_learns_and_exports(reward_run):
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "tokens_seen"):
         assert all(key in r for r in records if "loss" in r), key
     assert summary["merged"]["verified"] and summary["merged"]["max_abs_logit_diff"] < 1e-4
+    evals = [r for r in records if "eval_loss" in r]  # the eval split, scored once at the end
+    assert len(evals) == 1 and "eval_num_tokens" not in evals[0]  # TRL's training-token count is not an eval number
+    assert summary["final_eval_accuracy"] == evals[0]["eval_rewards/accuracies"]
+    assert summary["final_accuracy"] == [r for r in records if "loss" in r][-1]["rewards/accuracies"]
 
     exported = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged", dtype=torch.float32)
     assert exported.config.num_labels == 1 and exported.config.architectures == ["MistralForSequenceClassification"]

@@ -1,0 +1,57 @@
+"""Chat message lists, read field by field: the ``{"role", "content"}`` layout and ShareGPT's ``{"from", "value"}``.
+
+A row that cannot be used raises ``BadRow`` with a reason (the ``DataReport.dropped`` key) and a detail that
+names the field that failed, e.g. ``messages[0] has no 'role'; found keys from, value``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# ShareGPT speakers (as axolotl and LLaMA-Factory read them) -> chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class BadRow(ValueError):
+    """A row that cannot be used: ``reason`` is the drop reason, ``detail`` names the field."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def read_messages(value: Any, name: str = "messages", sharegpt: bool = False) -> list[dict[str, str]]:
+    """``value`` as ``[{"role", "content"}]``; ``sharegpt`` reads ``from``/``value`` and maps the speakers.
+
+    >>> read_messages([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "conversations", True)
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
+    """
+    if value is None:
+        raise BadRow("missing_field", f"no '{name}'")
+    if not isinstance(value, list):
+        raise BadRow("missing_field", f"'{name}' is a {type(value).__name__}, not a list of messages")
+    if not value:
+        raise BadRow("empty_field", f"'{name}' is an empty list")
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    out = []
+    for i, m in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise BadRow("missing_field", f"{where} is a {type(m).__name__}, not an object")
+        for key in (role_key, content_key):
+            if key not in m:
+                hint = ""
+                if not sharegpt and {"from", "value"} <= set(m):
+                    hint = " (that is ShareGPT's layout: name the column 'conversations', or set data.format=sharegpt)"
+                raise BadRow("missing_field", f"{where} has no '{key}'; found keys {', '.join(sorted(m))}{hint}")
+            if not isinstance(m[key], str):
+                raise BadRow("missing_field", f"{where}.{key} is a {type(m[key]).__name__}, not a string")
+        role, content = m[role_key], m[content_key]
+        if sharegpt:
+            if role not in SHAREGPT_ROLES:
+                raise BadRow("bad_roles", f"{where}.from={role!r} is not one of {', '.join(SHAREGPT_ROLES)}")
+            role = SHAREGPT_ROLES[role]
+        if not content.strip():
+            raise BadRow("empty_field", f"{where}.{content_key} is empty")
+        out.append({"role": role, "content": content})
+    return out
