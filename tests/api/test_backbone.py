@@ -10,7 +10,8 @@ from mistral_tune.models.presets import PRESETS, parameter_count
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-SEVEN_B = [p for p in PRESETS if p.startswith("mistral_") and p.endswith("_7b_en")]  # the Mistral 7B v0.1-v0.3 checkpoints
+# The five Mistral 7B checkpoints (every other family is checked in tests/models/test_presets.py).
+SEVEN_B = [p for p in PRESETS if p.startswith("mistral_") and p.endswith("7b_en")]
 
 
 def test_backbone_takes_keras_hub_arguments():

@@ -4,8 +4,8 @@ For each family (v3 SentencePiece; Tekken with NeMo's head_dim; Ministral's inte
 layers on Tekken; Mixtral MoE on v1), each with its real tokenizer:
 train a few steps with sft_lora, sft_qlora and dpo_lora, write the merged export (verified logit for
 logit by the pipeline itself), reload it with plain transformers, and generate greedily with the same
-tokens as transformers' own ``generate``. Shapes and steps are small: 12 runs of ~20 s, about 5 minutes
-on the shared, loaded 2-core dev machine (load average 8-11), less on an idle runner.
+tokens as transformers' own ``generate``. Shapes and steps are small: the module took 85 s on the
+2-core dev machine (12 runs), and 5 minutes while other jobs loaded it (load average 8-11).
 """
 
 from __future__ import annotations
