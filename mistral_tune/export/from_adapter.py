@@ -114,7 +114,7 @@ def export_formats(p: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
                     provenance=preset_provenance(p),
                     gguf_types=opts.get("gguf_types") or ["q8_0"],
                     gguf_tolerance=opts.get("gguf_tolerance"),
-                    gguf_name=gguf_name(p),
+                    gguf_name=gguf_name(p) if "gguf" in p["outs"] else "model",  # unused without gguf/
                 )
             )
     if "adapter" in p["outs"]:

@@ -8,6 +8,8 @@ import logging
 
 import pytest
 
+from mistral_tune.core.files import OWNER_MARKER
+from mistral_tune.core.run_lock import LOCK_NAME
 from mistral_tune.export import gguf_file
 from mistral_tune.export.gguf_verify import GGUFMismatch, verify_gguf
 from mistral_tune.export.pipeline import export_gguf
@@ -138,7 +140,7 @@ def test_f32_and_q8_0_exports_verify_in_llama_cpp_with_the_window_warning(tmp_pa
     assert result["verified"] and result["sliding_window_honoured"] is False
     assert "sliding-window attention (32 tokens)" in result["sliding_window_note"]
     assert "sliding-window attention (32 tokens)" in caplog.text
-    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["tiny-f32.gguf", "tiny-q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [OWNER_MARKER, "tiny-f32.gguf", "tiny-q8_0.gguf"]
     for f in result["files"]:
         check = f["verification"]
         assert check["prompt_tokens_equal"]
@@ -216,12 +218,12 @@ def test_a_run_with_export_gguf_and_the_standalone_command_record_verified_files
     assert json.loads((run_dir / "summary.json").read_text())["gguf"] == gguf_summary
     card = (run_dir / "adapter" / "README.md").read_text()
     assert "## GGUF (llama.cpp)" in card and "sliding-window attention (32 tokens)" in card
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "no temporary export left behind"
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME], "no temporary export"
     # later, another type from the run's adapter alone (no merged/ written: a hidden one is used and removed)
     assert cli.main(["export", f"run_dir={run_dir}", "formats=[gguf]", "gguf_types=[f32]"]) == 0
     recorded = json.loads((run_dir / "summary.json").read_text())["gguf"]
     assert [f["type"] for f in recorded["files"]] == ["f32"] and recorded["files"][0]["verification"][
         "tolerance"
     ] == 1e-4
-    assert sorted(p.name for p in (run_dir / "gguf").iterdir()) == ["run-f32.gguf"]
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in (run_dir / "gguf").iterdir()) == [OWNER_MARKER, "run-f32.gguf"]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
