@@ -11,6 +11,7 @@ import pytest
 import mistral_tune.launch.accelerate as launch
 from mistral_tune.config.compose import compose
 from mistral_tune.core.process import FAIL_RANK_ENV
+from mistral_tune.core.run_lock import LOCK_NAME
 from tests.helpers import read_metrics as _records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,7 +190,7 @@ def test_only_rank_zero_writes_the_run_directory(jobs):
     assert log.count("run directory:") == 1
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    assert not list(run_dir.glob(".*")), "temporary files left behind"
+    assert [p.name for p in run_dir.glob(".*")] == [LOCK_NAME], "temporary files left behind"  # the run lock stays
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # one tracker run, from rank 0
     assert ddp.stdout.count("run directory:") == 1  # the other process logs warnings and errors only
 
