@@ -19,7 +19,7 @@ assert store is not None, "no agent store announced"
 rank = int(os.environ["RANK"])
 store.set(f"canary/{rank}", str(os.getpid()))
 store.wait([f"canary/{1 - rank}"])  # the other worker's key: both talk to one store
-print("saw", store.get(f"canary/{1 - rank}").decode(), flush=True)
+os.write(1, f"saw {store.get(f'canary/{1 - rank}').decode()}\\n".encode())  # one write: the workers share stdout
 """
 
 
