@@ -315,6 +315,7 @@ def main() -> int:
                     continue
                 plan.append((tool, variant))
         results = []
+        stamp = time.strftime("%Y%m%d-%H%M%S")  # every invocation trains into new run directories
         runs_dir = args.out / "runs"
         runs_dir.mkdir(exist_ok=True)
         for rnd in range(args.rounds):
@@ -323,7 +324,7 @@ def main() -> int:
                     if f"{shape}:{variant}" in args.skip.split(","):
                         continue
                     name = f"r{rnd}-{shape}-{tool}-{variant}"
-                    run_dir = args.work / "runs" / name
+                    run_dir = args.work / "runs" / stamp / name
                     run_dir.mkdir(parents=True, exist_ok=True)
                     argv, env = TOOLS[tool][0](variant, shape, args.work, run_dir)
                     log_path = runs_dir / f"{name}.log"
