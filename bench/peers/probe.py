@@ -88,6 +88,10 @@ def install():
             seen["first"] = False
             record["keys"] = sorted(inputs.keys())
             record["gradient_checkpointing"] = bool(getattr(self.args, "gradient_checkpointing", None))
+            # LLaMA-Factory turns it on itself (not through TrainingArguments): ask the model too.
+            record["model_gradient_checkpointing"] = any(
+                getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+            )
             record["dtype"] = str(next(model.parameters()).dtype)
             record["attn_implementation"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
             record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
