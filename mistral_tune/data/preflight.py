@@ -13,7 +13,7 @@ from typing import Any
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.messages import BadRow
 from mistral_tune.data.report import DataReport
-from mistral_tune.data.sources import load_records
+from mistral_tune.data.sources import SourceSpec, load_records, read_source, resolve_sources
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +27,36 @@ def check_data(data_cfg: Any, preference: bool) -> dict[str, Any]:
     from mistral_tune.config.schema import eval_fraction
 
     started = time.perf_counter()
-    result = _check_file(data_cfg.path, "data.path", data_cfg, preference)
+    if preference:
+        result = _check_file(data_cfg.path, "data.path", data_cfg, preference)
+    else:  # one source, or each source of a weighted mixture (data.sources / "a.jsonl:5,b.jsonl:1")
+        specs = resolve_sources(data_cfg)
+        checked = [_check_file(spec.name, spec.key, data_cfg, preference, spec) for spec in specs]
+        result = checked[0] if len(checked) == 1 else {
+            "format": "+".join(dict.fromkeys(c["format"] for c in checked)),
+            "rows": sum(c["rows"] for c in checked),
+            "usable": sum(c["usable"] for c in checked),
+            "sources": [{"name": s.name, "weight": s.weight, **c} for s, c in zip(specs, checked)],
+        }  # fmt: skip
     if data_cfg.eval_split and eval_fraction(data_cfg.eval_split) is None:
         _check_file(data_cfg.eval_split, "data.eval_split", data_cfg, preference)
     result["seconds"] = round(time.perf_counter() - started, 3)
+    what = data_cfg.path if "sources" not in result else f"{len(result['sources'])} sources"
     log.info(
         "data: checked %d rows of %s before loading the model: %s format, %d usable (%.2f s)",
-        result["rows"], data_cfg.path, result["format"], result["usable"], result["seconds"],
+        result["rows"], what, result["format"], result["usable"], result["seconds"],
     )  # fmt: skip
     return result
 
 
-def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[str, Any]:
+def _check_file(
+    path: str, key: str, data_cfg: Any, preference: bool, spec: SourceSpec | None = None
+) -> dict[str, Any]:
     report = DataReport()
-    rows = load_records(path, data_cfg.split, data_cfg.on_error, report)
+    if spec is not None:
+        rows = read_source(spec, data_cfg.split, data_cfg.on_error, report)
+    else:
+        rows = load_records(path, data_cfg.split, data_cfg.on_error, report)
     if not rows:
         raise UserError(f"{key}={path} holds no examples ({dict(report.dropped) or 'empty file'}).")
     if preference:
@@ -53,7 +69,7 @@ def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[st
     else:
         from mistral_tune.data.sft import check_row, detect_format
 
-        fmt = detect_format(rows, data_cfg.format)
+        fmt = detect_format(rows, source_format(spec, data_cfg))
 
         def check(row: dict) -> Any:
             return check_row(row, fmt, data_cfg.system_prompt)
@@ -74,3 +90,8 @@ def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[st
         log.warning("data: %d of %d rows of %s cannot be used: %s", len(rows) - usable, len(rows), path,
                     report.describe_drops())  # fmt: skip
     return {"format": fmt, "rows": len(rows), "usable": usable}
+
+
+def source_format(spec: SourceSpec | None, data_cfg: Any) -> str:
+    """The format asked for a source: its own ``format``, else ``data.format`` (``auto``: detect)."""
+    return spec.format if spec is not None and spec.format != "auto" else data_cfg.format

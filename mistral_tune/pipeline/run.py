@@ -31,10 +31,14 @@ def preflight(cfg: Any) -> None:
     """Cheap checks that fail in milliseconds, before minutes of model loading."""
     import mistral_tune.models.loading as models
     from mistral_tune.config.schema import eval_fraction
-    from mistral_tune.data.sources import resolve_local_path
+    from mistral_tune.config.registry import PREFERENCE_TRAINERS
+    from mistral_tune.data.sources import resolve_local_path, resolve_sources
     from mistral_tune.models.presets import PRESETS
 
-    resolve_local_path(cfg.data.path)
+    if cfg.trainer.name in PREFERENCE_TRAINERS:
+        resolve_local_path(cfg.data.path)
+    else:
+        resolve_sources(cfg.data)  # every source: files, directories, weights and formats checked at once
     if cfg.data.eval_split and eval_fraction(cfg.data.eval_split) is None:
         resolve_local_path(cfg.data.eval_split)
     preset = PRESETS.get(cfg.model.name)
