@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.messages import BadRow, read_messages
 from mistral_tune.data.report import DataReport, PreparedData
-from mistral_tune.data.sources import load_records
+from mistral_tune.data.sources import read_source, resolve_sources
 from mistral_tune.data.splits import find_duplicates, load_eval_file, split_eval_and_train
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,26 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, system_prompt: Opt
 
 
 def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
-    """Load, split off the holdout and the eval split, tokenize; every lost row is counted."""
+    """Load, split off the holdout and the eval split, tokenize; every lost row is counted.
+
+    Several sources (``data.sources``, ``data.path="a.jsonl:5,b.jsonl:1"``) are prepared each on its own and
+    interleaved by weight (mistral_tune.data.mixture)."""
     from datasets import Dataset
 
+    from mistral_tune.data.preflight import source_format
+
+    specs = resolve_sources(data_cfg)
+    if len(specs) > 1:
+        from mistral_tune.data.mixture import prepare_mixture
+
+        return prepare_mixture(specs, data_cfg, trainer_cfg, tokenizer)
+    spec = specs[0]
     report = DataReport()
-    rows = load_records(data_cfg.path, data_cfg.split, data_cfg.on_error, report)
+    rows = read_source(spec, data_cfg.split, data_cfg.on_error, report)
     report.read += len(rows)
     if not rows:
-        raise UserError(f"data.path={data_cfg.path} holds no examples ({dict(report.dropped) or 'empty file'}).")
-    fmt = detect_format(rows, data_cfg.format)
+        raise UserError(f"{spec.key}={spec.name} holds no examples ({dict(report.dropped) or 'empty file'}).")
+    fmt = detect_format(rows, source_format(spec, data_cfg))
     rows = find_duplicates(rows, data_cfg.dedup, report)
     fields = FORMAT_FIELDS[fmt]  # rows lacking them are counted as missing_field below, not here
     report.extra_fields = sum(1 for r in rows if set(r) & fields and set(r) - fields)
@@ -184,7 +195,7 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     if not examples:
         hint = ", or raise trainer.max_length" if report.dropped.get("too_long") else ""
         raise UserError(
-            f"No training examples left after filtering the {report.read} rows of {data_cfg.path} "
+            f"No training examples left after filtering the {report.read} rows of {spec.name} "
             f"({holdout_n} held out; dropped: {report.describe_drops()}). Fix those fields{hint}."
         )
     eval_ds = None
