@@ -333,6 +333,10 @@ def check_values(cfg: Any) -> list[str]:
             "source (concatenate the files, or train with trainer=sft)"
         )
     for i, src in enumerate(cfg.data.sources):
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_missing(src, "path") or not str(src.path).strip():
+            problems.append(f"data.sources[{i}] has no path (a file, a directory of .jsonl files or a hub name)")
         if not src.weight > 0 or math.isinf(src.weight):
             problems.append(f"data.sources[{i}].weight={src.weight} must be a finite number > 0")
         one_of(f"data.sources[{i}].format", src.format, ("auto", *SFT_DATA_FORMATS))

@@ -13,7 +13,7 @@ from typing import Any
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.messages import BadRow
 from mistral_tune.data.report import DataReport
-from mistral_tune.data.sources import SourceSpec, load_records, read_source, resolve_sources
+from mistral_tune.data.sources import SourceSpec, load_records, read_source, resolve_sources, source_format
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ def check_data(data_cfg: Any, preference: bool) -> dict[str, Any]:
     return result
 
 
-def _check_file(
-    path: str, key: str, data_cfg: Any, preference: bool, spec: SourceSpec | None = None
-) -> dict[str, Any]:
+def _check_file(path: str, key: str, data_cfg: Any, preference: bool, spec: SourceSpec | None = None) -> dict[str, Any]:
     report = DataReport()
     if spec is not None:
         rows = read_source(spec, data_cfg.split, data_cfg.on_error, report)
@@ -90,8 +88,3 @@ def _check_file(
         log.warning("data: %d of %d rows of %s cannot be used: %s", len(rows) - usable, len(rows), path,
                     report.describe_drops())  # fmt: skip
     return {"format": fmt, "rows": len(rows), "usable": usable}
-
-
-def source_format(spec: SourceSpec | None, data_cfg: Any) -> str:
-    """The format asked for a source: its own ``format``, else ``data.format`` (``auto``: detect)."""
-    return spec.format if spec is not None and spec.format != "auto" else data_cfg.format

@@ -289,7 +289,9 @@ def parse_weighted_paths(text: str) -> list[tuple[str, Optional[float], str]]:
     for i, part in enumerate(parts):
         key = f"data.path[{i}]" if several else "data.path"
         if not part:
-            raise UserError(f"data.path={text!r}: entry {i + 1} is empty (expected PATH or PATH:WEIGHT, comma-separated).")
+            raise UserError(
+                f"data.path={text!r}: entry {i + 1} is empty (expected PATH or PATH:WEIGHT, comma-separated)."
+            )
         path, weight = part, None
         if ":" in part and not Path(part).expanduser().exists():
             head, tail = part.rsplit(":", 1)
@@ -298,7 +300,7 @@ def parse_weighted_paths(text: str) -> list[tuple[str, Optional[float], str]]:
             except ValueError:
                 raise UserError(
                     f"{key}={part!r}: the weight {tail!r} after ':' is not a number "
-                    "(expected PATH:WEIGHT, e.g. data.path=\"a.jsonl:5,b.jsonl:1\")."
+                    '(expected PATH:WEIGHT, e.g. data.path="a.jsonl:5,b.jsonl:1").'
                 ) from None
             path = head.strip()
             if not path:
@@ -346,7 +348,9 @@ def resolve_sources(data_cfg: Any) -> list[SourceSpec]:
             weight = _check_weight(key, weight)
             if fmt not in ("auto", *SFT_DATA_FORMATS):
                 raise UserError(f"{key}.format={fmt!r} is not one of auto, {', '.join(SFT_DATA_FORMATS)}")
-            specs.append(SourceSpec(name=path, key=key, files=resolve_source_files(path, key), format=fmt, weight=weight))
+            specs.append(
+                SourceSpec(name=path, key=key, files=resolve_source_files(path, key), format=fmt, weight=weight)
+            )
         except UserError as exc:
             problems.append(str(exc))
     if problems:
@@ -379,3 +383,8 @@ def read_source(
 ) -> list[dict[str, Any]]:
     """The rows of one source (``read_source_rows`` without the locations)."""
     return [row for _, row in read_source_rows(spec, split, on_error, report)]
+
+
+def source_format(spec: Optional[SourceSpec], data_cfg: Any) -> str:
+    """The format asked for a source: its own ``format``, else ``data.format`` (``auto``: detect from its rows)."""
+    return spec.format if spec is not None and spec.format != "auto" else data_cfg.format

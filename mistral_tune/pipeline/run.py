@@ -30,8 +30,8 @@ log = logging.getLogger("mistral_tune")
 def preflight(cfg: Any) -> None:
     """Cheap checks that fail in milliseconds, before minutes of model loading."""
     import mistral_tune.models.loading as models
-    from mistral_tune.config.schema import eval_fraction
     from mistral_tune.config.registry import PREFERENCE_TRAINERS
+    from mistral_tune.config.schema import eval_fraction
     from mistral_tune.data.sources import resolve_local_path, resolve_sources
     from mistral_tune.models.presets import PRESETS
 

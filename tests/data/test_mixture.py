@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from mistral_tune.core.errors import UserError
-from mistral_tune.data.mixture import COUNTS_KEY, SOURCE_COLUMN, SourceCountingCollator, prepare_mixture
+from mistral_tune.data.mixture import COUNTS_KEY, SOURCE_COLUMN, SourceCountingCollator
 from mistral_tune.data.sft import prepare_sft_data
 from mistral_tune.data.sources import parse_weighted_paths, read_source_rows, resolve_sources
 from tests.helpers import write_jsonl, write_lines
@@ -37,9 +37,15 @@ def text_rows(n):
 
 
 def test_shorthand_parsing():
-    assert parse_weighted_paths("a.jsonl:5,b.jsonl:1") == [("a.jsonl", 5.0, "data.path[0]"), ("b.jsonl", 1.0, "data.path[1]")]
+    assert parse_weighted_paths("a.jsonl:5,b.jsonl:1") == [
+        ("a.jsonl", 5.0, "data.path[0]"),
+        ("b.jsonl", 1.0, "data.path[1]"),
+    ]
     assert parse_weighted_paths("a.jsonl") == [("a.jsonl", None, "data.path")]
-    assert parse_weighted_paths(" a.jsonl:0.5 , org/set ") == [("a.jsonl", 0.5, "data.path[0]"), ("org/set", None, "data.path[1]")]
+    assert parse_weighted_paths(" a.jsonl:0.5 , org/set ") == [
+        ("a.jsonl", 0.5, "data.path[0]"),
+        ("org/set", None, "data.path[1]"),
+    ]
     with pytest.raises(UserError, match=r"data.path\[1\]='b.jsonl:x': the weight 'x' after ':' is not a number"):
         parse_weighted_paths("a.jsonl:1,b.jsonl:x")
     with pytest.raises(UserError, match="entry 2 is empty"):
@@ -188,9 +194,19 @@ def test_preference_trainers_refuse_mixtures(compose):
 def test_schema_checks_source_weights(compose):
     with pytest.raises(UserError, match=r"data.sources\[0\].weight=-1.0 must be a finite number > 0"):
         compose("sft_lora", ["data.sources=[{path: data/sft_sample.jsonl, weight: -1}]"])
+    with pytest.raises(UserError, match=r"data.sources\[0\] has no path"):
+        compose("sft_lora", ["data.sources=[{weight: 2}]"])
+    with pytest.raises(
+        UserError, match="Unknown key 'pth' in a data.sources entry .*an entry has path, format, weight"
+    ):
+        compose("sft_lora", ["data.sources=[{pth: a.jsonl}]"])
+    with pytest.raises(UserError, match="Bad value for 'weight' in a data.sources entry"):
+        compose("sft_lora", ["data.sources=[{path: a.jsonl, weight: lots}]"])
     with pytest.raises(UserError, match="data.stopping_strategy='sometimes' is not one of"):
         compose("sft_lora", ["data.stopping_strategy=sometimes"])
-    cfg = compose("sft_lora", ["data.sources=[{path: data/sft_sample.jsonl, weight: 5}, {path: data/text_sample.jsonl}]"])
+    cfg = compose(
+        "sft_lora", ["data.sources=[{path: data/sft_sample.jsonl, weight: 5}, {path: data/text_sample.jsonl}]"]
+    )
     assert [(s.path, s.weight, s.format) for s in cfg.data.sources] == [
         ("data/sft_sample.jsonl", 5.0, "auto"), ("data/text_sample.jsonl", 1.0, "auto")]  # fmt: skip
 

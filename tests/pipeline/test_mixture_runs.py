@@ -41,7 +41,12 @@ def test_two_source_mixture_trains_through_the_cli_with_per_source_counts(tmp_pa
     assert data["mixture"] == {"sources": 2, "stopping_strategy": "all_exhausted", "seed": 0,
                                "examples_per_pass": data["mixture"]["examples_per_pass"]}  # fmt: skip
     chat, text = data["sources"]
-    assert (chat["name"], chat["format"], chat["weight"], chat["read"]) == ("data/sft_sample.jsonl", "messages", 3.0, 400)
+    assert (chat["name"], chat["format"], chat["weight"], chat["read"]) == (
+        "data/sft_sample.jsonl",
+        "messages",
+        3.0,
+        400,
+    )
     assert (text["name"], text["format"], text["weight"], text["read"]) == ("data/text_sample.jsonl", "text", 1.0, 50)
     assert chat["read"] == chat["used"] + chat["held_out"] + chat["dropped_total"]
     assert text["used"] == 50 and data["read"] == 450 and data["used"] == chat["used"] + text["used"]
