@@ -219,3 +219,18 @@ def test_check_data_reports_each_source(compose):
     assert result["rows"] == 450 and result["format"] == "messages+text"
     assert [(s["name"], s["weight"], s["rows"]) for s in result["sources"]] == [
         ("data/sft_sample.jsonl", 3.0, 400), ("data/text_sample.jsonl", 1.0, 50)]  # fmt: skip
+
+
+def test_eval_fraction_and_max_samples_apply_per_source(tmp_path, tiny_tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", chat_rows(40, "a"), as_str=True)
+    b = write_jsonl(tmp_path / "b.jsonl", text_rows(20), as_str=True)
+    cfg = data_cfg(f"{a}:1,{b}:1", eval_split="0.25", max_samples=25)
+    prepared = prepare_sft_data(cfg, TRAINER, tiny_tokenizer)
+    report = prepared.report
+    assert report.eval_read == 10 + 5 and report.eval_used == len(prepared.eval) == 15
+    assert SOURCE_COLUMN not in prepared.eval.column_names  # eval batches are not counted per source
+    chat, text = report.sources
+    assert (chat["used"], chat["dropped"]) == (25, {"over_max_samples": 5})  # 40 - 10 eval = 30, capped at 25
+    assert (text["used"], text["dropped"]) == (15, {})
+    train_ids = {tuple(x) for x in prepared.train["input_ids"]}
+    assert not train_ids & {tuple(x) for x in prepared.eval["input_ids"]}  # no eval row is trained on

@@ -97,3 +97,21 @@ def test_interrupted_mixture_resumes_to_the_uninterrupted_result(tmp_path):
     # the per-source counts continue from the checkpoint: the same totals as the uninterrupted run
     assert resumed["data"]["sources"] == reference["data"]["sources"]
     assert sum(s["examples_seen"] for s in resumed["data"]["sources"]) == 6 * 4
+
+
+@pytest.mark.slow
+def test_per_source_counts_sum_over_ddp_processes(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", MIX, *FAST, "train.per_device_train_batch_size=2",
+         "train.max_steps=3", "launcher=ddp", "launcher.num_processes=2", "launcher.main_process_port=0",
+         f"output_dir={out}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(out)
+    sources = summary["data"]["sources"]
+    assert summary["world_size"] == 2
+    assert sum(s["examples_seen"] for s in sources) == 3 * 2 * 2  # steps x per-device batch x processes
+    assert sum(s["tokens_seen"] for s in sources) == summary["tokens_seen"] > 0
