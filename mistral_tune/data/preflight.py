@@ -31,6 +31,8 @@ def check_data(data_cfg: Any, preference: bool) -> dict[str, Any]:
         result = _check_file(data_cfg.path, "data.path", data_cfg, preference)
     else:  # one source, or each source of a weighted mixture (data.sources / "a.jsonl:5,b.jsonl:1")
         specs = resolve_sources(data_cfg)
+        if list(getattr(data_cfg, "sources", None) or []):
+            log.info("data: data.sources lists %d source(s); data.path=%s is not used", len(specs), data_cfg.path)
         checked = [_check_file(spec.name, spec.key, data_cfg, preference, spec) for spec in specs]
         result = checked[0] if len(checked) == 1 else {
             "format": "+".join(dict.fromkeys(c["format"] for c in checked)),

@@ -234,3 +234,18 @@ def test_eval_fraction_and_max_samples_apply_per_source(tmp_path, tiny_tokenizer
     assert (text["used"], text["dropped"]) == (15, {})
     train_ids = {tuple(x) for x in prepared.train["input_ids"]}
     assert not train_ids & {tuple(x) for x in prepared.eval["input_ids"]}  # no eval row is trained on
+
+
+def test_the_resume_fingerprint_covers_the_weights_and_the_sources(tmp_path, tiny_tokenizer):
+    from mistral_tune.train.resume import dataset_fingerprint
+
+    a = write_jsonl(tmp_path / "a.jsonl", chat_rows(30, "a"), as_str=True)
+    b = write_jsonl(tmp_path / "b.jsonl", chat_rows(30, "b"), as_str=True)
+
+    def fingerprint(path, **overrides):
+        return dataset_fingerprint(prepare_sft_data(data_cfg(path, **overrides), TRAINER, tiny_tokenizer).train)
+
+    same = fingerprint(f"{a}:2,{b}:1")
+    assert fingerprint(f"{a}:2,{b}:1") == same
+    assert len({same, fingerprint(f"{a}:3,{b}:1"), fingerprint(f"{b}:2,{a}:1"),
+                fingerprint(f"{a}:2,{b}:1", stopping_strategy="first_exhausted")}) == 4  # fmt: skip

@@ -35,7 +35,8 @@ def test_two_source_mixture_trains_through_the_cli_with_per_source_counts(tmp_pa
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "data: mixture of 2 sources (messages+text)" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "data: mixture of 2 sources (messages+text)" in log
     summary = read_summary(out)
     data = summary["data"]
     assert data["mixture"] == {"sources": 2, "stopping_strategy": "all_exhausted", "seed": 0,
@@ -57,6 +58,8 @@ def test_two_source_mixture_trains_through_the_cli_with_per_source_counts(tmp_pa
         assert s["epochs_seen"] == round(s["examples_seen"] / s["used"], 4)
         assert 0 < s["tokens_seen"] <= s["examples_seen"] * 64
     assert summary["data_format"] == "messages" and summary["steps"] == 6
+    printed = f"source       data/text_sample.jsonl (weight 1): {text['examples_seen']} examples"
+    assert printed in log  # the end-of-run summary names each source
 
 
 class SignalAtStep(TrainerCallback):
