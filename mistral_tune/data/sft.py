@@ -147,7 +147,7 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     """Load, split off the holdout and the eval split, tokenize; every lost row is counted.
 
     Several sources (``data.sources``, ``data.path="a.jsonl:5,b.jsonl:1"``) are prepared each on its own and
-    interleaved by weight (mistral_tune.data.mixture)."""
+    interleaved by weight (``prepare_mixture``; the sampling rules are in mistral_tune.data.mixture)."""
     from datasets import Dataset
 
     specs = resolve_sources(data_cfg)
