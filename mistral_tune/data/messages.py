@@ -8,16 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from mistral_tune.core.errors import BadRow as BadRow  # re-exported: data modules import it from here
+from mistral_tune.data.tools import read_tool_calls, read_tool_result, read_weight
+
 # ShareGPT speakers (as axolotl and LLaMA-Factory read them) -> chat roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class BadRow(ValueError):
-    """A row that cannot be used: ``reason`` is the drop reason, ``detail`` names the field."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
 
 
 def read_messages(value: Any, name: str = "messages", sharegpt: bool = False) -> list[dict[str, Any]]:
@@ -67,8 +62,6 @@ def read_messages(value: Any, name: str = "messages", sharegpt: bool = False) ->
 
 
 def _add_weight(message: dict[str, Any], raw: dict[str, Any], where: str) -> None:
-    from mistral_tune.data.tools import read_weight
-
     weight = read_weight(raw, where)
     if weight is not None:
         message["weight"] = weight
@@ -76,8 +69,6 @@ def _add_weight(message: dict[str, Any], raw: dict[str, Any], where: str) -> Non
 
 def _read_tool_message(m: dict[str, Any], where: str) -> dict[str, Any]:
     """An assistant turn with ``tool_calls`` or a ``tool`` result (mistral_tune.data.tools)."""
-    from mistral_tune.data.tools import read_tool_calls, read_tool_result
-
     if m["role"] == "tool":
         return read_tool_result(m, where)
     content = m.get("content")

@@ -30,7 +30,7 @@ import json
 import re
 from typing import Any, Optional
 
-from mistral_tune.data.messages import BadRow
+from mistral_tune.core.errors import BadRow
 
 TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")  # mistral-common's _TOOL_CALL_ID_REGEX (validator V3 and later)
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # mistral-common's rule for function names
