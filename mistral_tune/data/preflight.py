@@ -96,9 +96,8 @@ def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[st
             usable += 1
         except BadRow as exc:
             if exc.reason in STRICT_REASONS and data_cfg.on_error != "skip":
-                hint = "set data.fix_tool_call_ids=true to generate ids, " if exc.reason == "bad_tool_call_id" else ""
                 raise UserError(
-                    f"{row_location(path, i)}: {exc.detail}. Fix the line, or {hint}set data.on_error=skip to skip "
+                    f"{row_location(path, i)}: {exc.detail}. Fix the line, or set data.on_error=skip to skip "
                     f"and count such lines ({exc.reason})."
                 ) from None
             report.drop(exc.reason, f"row {i}: {exc.detail}")

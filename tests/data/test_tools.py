@@ -17,7 +17,7 @@ from mistral_tune.data.messages import BadRow, read_messages
 from mistral_tune.data.packing import PackedRowsCollator, pack_examples
 from mistral_tune.data.preflight import check_data
 from mistral_tune.data.report import DataReport
-from mistral_tune.data.sft import prepare_sft_data, tokenize_rows, to_messages
+from mistral_tune.data.sft import prepare_sft_data, to_messages, tokenize_rows
 from mistral_tune.data.tools import check_tool_call_ids, check_tool_conversation, fix_tool_call_ids, read_tools
 from mistral_tune.models.tokenizer import MistralTokenizer
 from tests.helpers import read_jsonl, write_jsonl
@@ -104,8 +104,13 @@ def test_reading_the_openai_and_mistral_finetune_layouts():
     from_object = to_messages(row(call_id="abc123XYZ", result_id="abc123XYZ", arguments={"city": "Paris"}),
                               "messages", None)  # fmt: skip
     assert from_string == from_object
-    assert from_string[1] == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "abc123XYZ", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    assert from_string[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "abc123XYZ", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        ],
+    }
     assert read_tools(TOOLS) == [{"type": "function", "function": {"name": "get_weather", "description": "",
                                                                     "parameters": {"type": "object"}}}]  # fmt: skip
     for bad, reason in [

@@ -6,10 +6,12 @@ covers exactly the assistant turns (text, tool calls, EOS) that do not have `"we
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import Tool
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 
@@ -29,7 +31,8 @@ WEATHER = {
     },
 }
 TIMER = {"type": "function", "function": {"name": "set_timer", "parameters": {"type": "object", "properties": {}}}}
-BARE = {"type": "function", "function": {"name": "ping"}}  # no description, no parameters: "" and {} as in mistral-common
+# no description, no parameters: "" and {} as in mistral-common
+BARE = {"type": "function", "function": {"name": "ping"}}
 
 
 def call(id_: str, name: str, arguments) -> dict:
@@ -51,7 +54,7 @@ CONVERSATIONS = [
                  tool("abc123XYZ", '{"temp": 21, "sky": "clear"}'), A("21 degrees and clear.")]),
     ([WEATHER, TIMER], [{"role": "system", "content": "Be brief."}, U("Paris and Oslo?"),
                         A("", tool_calls=[call("aaaaaaaa1", "get_weather", '{"city": "Paris"}'),
-                                          call("bbbbbbbb2", "get_weather", '{"city":"Oslo"}')]),
+                                          call("bbbbbbbb2", "get_weather", '{"city": "Oslo"}')]),
                         tool("aaaaaaaa1", "sunny"), tool("bbbbbbbb2", "12"), A("Sunny; 12 degrees.  ")]),
     ([WEATHER, BARE], [U("Hi"), A("Hello! Ask me about the weather.")]),
     ([WEATHER], [U("Weather in Lima?"), A("", tool_calls=[call("Z9y8X7w6V", "get_weather", {"city": "Lima"})],
@@ -70,13 +73,19 @@ def _mc_request(tools, messages):
     for m in copy.deepcopy(messages):
         m.pop("weight", None)
         cleaned.append(m)
-    return ChatCompletionRequest(messages=cleaned, tools=tools or None)
+    # Tool.from_openai fills a missing description/parameters as mistral-common's API does
+    return ChatCompletionRequest(messages=cleaned, tools=[Tool.from_openai(t) for t in tools] or None)
 
 
 def mc_ids(path, tools, messages) -> list[int]:
     """mistral-common's ids: finetuning mode for a conversation ending on an answer, else its default."""
     mode = ValidationMode.finetuning if messages[-1]["role"] == "assistant" else ValidationMode.test
-    return MCTokenizer.from_file(str(path), mode=mode).encode_chat_completion(_mc_request(tools, messages)).tokens
+    return _mc(str(path), mode).encode_chat_completion(_mc_request(tools, messages)).tokens
+
+
+@functools.cache
+def _mc(path: str, mode: ValidationMode) -> MCTokenizer:
+    return MCTokenizer.from_file(path, mode=mode)
 
 
 FILES = ["v3", "v7", "tekken_240718", "tekken_240911", "tekken_v7"]
@@ -188,3 +197,13 @@ def test_v1_rejects_tool_data_with_one_message():
 def test_malformed_tool_conversations_are_refused(messages, match):
     with pytest.raises(ValueError, match=match):
         MistralTokenizer.from_version("v3").encode_chat(messages)
+
+
+def test_json_strings_in_any_spacing_equal_mistral_common():
+    """mistral-common parses JSON arguments and results and writes them again; so does encode_chat (the
+    exported template writes strings as given: give it objects, see docs/data-formats.md)."""
+    messages = [U("Oslo?"), A("", tool_calls=[call("bbbbbbbb2", "get_weather", '{"city":"Oslo" }')]),
+                tool("bbbbbbbb2", '{"t":4,"sky":"snow"}'), A("4 degrees, snow.")]  # fmt: skip
+    for version in ("v3", "v7"):
+        ids = MistralTokenizer.from_version(version).encode_chat(messages, tools=[WEATHER])[0]
+        assert ids == mc_ids(tokenizer_file(version), [WEATHER], messages), version

@@ -256,8 +256,10 @@ class MistralTokenizer:
     @property
     def supports_tools(self) -> bool:
         """Whether this tokenizer's chat format renders function calling (v3, tekken, v7; not v1 or a v2 file)."""
-        return self._format.tool_results is not None and not self.model_file.name.endswith(".v2") and all(
-            self.control_id(t) is not None for t in self._format.tool_tokens
+        return (
+            self._format.tool_results is not None
+            and not self.model_file.name.endswith(".v2")
+            and all(self.control_id(t) is not None for t in self._format.tool_tokens)
         )
 
     @property
