@@ -55,7 +55,7 @@ def read_messages(value: Any, name: str = "messages", sharegpt: bool = False) ->
         if not content.strip():
             raise BadRow("empty_field", f"{where}.{content_key} is empty")
         message = {"role": role, "content": content}
-        if role == "assistant" and not sharegpt:
+        if role == "assistant":  # "weight" as mistral-finetune (and axolotl's ShareGPT) write it
             _add_weight(message, m, where)
         out.append(message)
     return out

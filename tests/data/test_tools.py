@@ -128,6 +128,8 @@ def test_reading_the_openai_and_mistral_finetune_layouts():
 def test_weight_is_read_on_plain_assistant_turns():
     messages = read_messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}])
     assert messages[1] == {"role": "assistant", "content": "a", "weight": 0}
+    sharegpt = read_messages([{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 0}], "c", True)
+    assert sharegpt[1] == {"role": "assistant", "content": "a", "weight": 0}
     with pytest.raises(BadRow, match="bad_weight"):
         read_messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}])
 
