@@ -42,6 +42,10 @@ def add_into(total: DataReport, report: DataReport, spec: SourceSpec) -> None:
     total.truncated += report.truncated
     total.duplicates += report.duplicates
     total.extra_fields += report.extra_fields
+    total.assistant_turns += report.assistant_turns
+    total.skipped_turns += report.skipped_turns
+    total.tool_rows += report.tool_rows
+    total.tool_call_ids_fixed += report.tool_call_ids_fixed
     total.dropped.update(report.dropped)
     total.lengths.extend(report.lengths)
     for reason, example in report.drop_examples.items():

@@ -249,3 +249,18 @@ def test_the_resume_fingerprint_covers_the_weights_and_the_sources(tmp_path, tin
     assert fingerprint(f"{a}:2,{b}:1") == same
     assert len({same, fingerprint(f"{a}:3,{b}:1"), fingerprint(f"{b}:2,{a}:1"),
                 fingerprint(f"{a}:2,{b}:1", stopping_strategy="first_exhausted")}) == 4  # fmt: skip
+
+
+def test_data_check_names_file_and_line_inside_a_directory_source(tmp_path):
+    from mistral_tune.data.preflight import check_data
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "a.jsonl", chat_rows(3))
+    call = {"id": "not-nine!", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    bad = {"messages": [{"role": "user", "content": "call f"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "not-nine!", "content": "1"},
+                        {"role": "assistant", "content": "done"}]}  # fmt: skip
+    write_jsonl(shards / "b.jsonl", [*chat_rows(2), bad])
+    with pytest.raises(UserError, match=rf"^{shards / 'b.jsonl'}:3: .*bad_tool_call_id"):
+        check_data(data_cfg(f"{shards}:1,data/text_sample.jsonl:1"), preference=False)
