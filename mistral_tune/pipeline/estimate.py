@@ -179,6 +179,9 @@ def layer_activation_terms(c: dict[str, Any], s: RunShape) -> dict[str, float]:
         # output (scaled by its routing weight) and the fp32 router logits and softmax. Approximate:
         # the tests check dense layers to the byte, not this.
         terms["experts (swiglu + output per active expert)"] = d["active"] * (3 * d["i"] + d["h"]) * a
+        if experts_in_4bit(c, s):
+            # bitsandbytes' 4-bit matmul keeps its input for backward: each active expert's gathered tokens.
+            terms["4-bit experts (gathered inputs)"] = d["active"] * d["h"] * a
         terms["router (fp32 logits, softmax)"] = 2 * 4 * d["experts"]
     else:
         terms["swiglu (gate, silu, up)"] = 3 * d["i"] * a
