@@ -10,6 +10,12 @@ settings bitsandbytes used for the model's linear layers) and dequantizes only t
 routes to, one at a time, in its forward (bitsandbytes' ``matmul_4bit``, as ``Linear4bit`` does, so
 backward dequantizes again rather than keeping dense weights for the input gradient).
 
+Why not bitsandbytes' own ``bnb.nn.parametrize.replace_parameter_4bit`` (experimental in 0.50): it
+quantizes the whole 3D tensor and dequantizes all of it whenever the parameter is read, and transformers'
+expert loop then keeps that dense tensor alive for backward (every layer's, without gradient
+checkpointing); its blocks and double-quantization offset span every expert, so a merge could not
+reproduce them from the checkpoint's per-expert tensors.
+
 Gate and up are quantized separately (not as the fused gate_up slice) because Mixtral checkpoints
 store them as two tensors (w1, w3): a QLoRA merge then rounds each checkpoint tensor through NF4 on
 its own and gets exactly these weights (``export/stream_merge.nf4_round_trip``).
