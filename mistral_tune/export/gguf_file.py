@@ -81,20 +81,23 @@ def sliding_window(config: dict[str, Any]) -> Optional[int]:
     """The model's attention window when it is shorter than its context and the GGUF cannot carry it
     (llama.cpp will ignore it): Mistral's, on every layer. Ministral's per-layer windows are written
     (``layer_windows``), so this is None for it."""
+    if config.get("model_type") == "ministral":  # windows per layer: written (layer_windows), or none at all
+        return None
     window = config.get("sliding_window")
-    if window is None or window >= config.get("max_position_embeddings", 0) or layer_windows(config):
+    if window is None or window >= config.get("max_position_embeddings", 0):
         return None
     return int(window)
 
 
 def layer_windows(config: dict[str, Any]) -> Optional[list[bool]]:
     """Ministral's interleaved attention as llama.cpp's per-layer pattern (True = sliding-window layer),
-    or None when the model has no layer of each kind worth writing (no window shorter than the context)."""
+    or None when no layer has a window. Written even when the window equals ``max_position_embeddings``
+    (Ministral 8B: 32768 both): llama.cpp runs contexts longer than that, and the windows then matter."""
     if config.get("model_type") != "ministral":
         return None
     window = config.get("sliding_window")
     types = config.get("layer_types") or []
-    if window is None or window >= config.get("max_position_embeddings", 0) or "sliding_attention" not in types:
+    if window is None or "sliding_attention" not in types:
         return None
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown or len(types) != int(config["num_hidden_layers"]):

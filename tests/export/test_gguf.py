@@ -254,6 +254,9 @@ def test_a_ministral_config_without_a_pattern_per_layer_is_refused(tmp_path, tin
         gguf_file.layer_windows(config)
     assert gguf_file.layer_windows({**config, "layer_types": ["full_attention"] * 4}) is None
     assert gguf_file.architecture({**config, "layer_types": ["full_attention"] * 4}) == "llama"
+    assert gguf_file.sliding_window({**config, "layer_types": ["full_attention"] * 4}) is None  # no windowed layer
+    # Ministral 8B's window equals its configured context; llama.cpp runs longer ones, so it is still written
+    assert gguf_file.layer_windows({**config, "sliding_window": 2048}) == [False, True, True, True]
 
 
 # ---- verification in llama.cpp ----------------------------------------------------------------------
