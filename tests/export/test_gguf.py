@@ -249,9 +249,8 @@ def test_a_ministral_config_without_a_pattern_per_layer_is_refused(tmp_path, tin
 
     base, _ = tiny_bases["ministral_tiny"]
     config = json.loads((base / "config.json").read_text())
-    config["layer_types"] = ["full_attention", "sliding_attention"]  # 2 entries for 4 layers
-    with pytest.raises(UserError, match="must name each of the 4 layers"):
-        gguf_file.layer_windows(config)
+    with pytest.raises(UserError, match="must name each of the 4 layers"):  # 2 entries for 4 layers
+        gguf_file.layer_windows({**config, "layer_types": ["full_attention", "sliding_attention"]})
     assert gguf_file.layer_windows({**config, "layer_types": ["full_attention"] * 4}) is None
     assert gguf_file.architecture({**config, "layer_types": ["full_attention"] * 4}) == "llama"
     assert gguf_file.sliding_window({**config, "layer_types": ["full_attention"] * 4}) is None  # no windowed layer
