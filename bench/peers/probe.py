@@ -20,7 +20,7 @@ import runpy
 import sys
 import time
 
-OUT = open(sys.argv[1], "a", buffering=1)
+OUT = None  # the events file, opened by main()
 
 
 def emit(**record):
@@ -103,6 +103,8 @@ def install():
 
 
 def main():
+    global OUT
+    OUT = open(sys.argv[1], "a", buffering=1)
     emit(event="probe_start", pid=os.getpid())
     install()
     args = sys.argv[2:]
@@ -119,5 +121,6 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        emit(event="probe_end")
-        OUT.close()
+        if OUT is not None:
+            emit(event="probe_end")
+            OUT.close()
