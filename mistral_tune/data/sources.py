@@ -79,7 +79,10 @@ def parse_json_row(text: str) -> Any:
     return row
 
 
-def read_jsonl(path: Path, on_error: str = "fail", report: Optional[DataReport] = None) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: Path, on_error: str = "fail", report: Optional[DataReport] = None, positions: Optional[list[str]] = None
+) -> list[dict[str, Any]]:
+    """The rows of a JSONL file; ``positions``, when given, receives each kept row's ``file:line``."""
     rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -112,17 +115,28 @@ def read_jsonl(path: Path, on_error: str = "fail", report: Optional[DataReport] 
                 _bad_row(where, "invalid_utf8", f"not valid UTF-8 (lone surrogate {bad!r})", on_error, report)
                 continue
             rows.append(row)
+            if positions is not None:
+                positions.append(where)
     return rows
 
 
 def load_records(
-    path: str, split: str = "train", on_error: str = "fail", report: Optional[DataReport] = None
+    path: str,
+    split: str = "train",
+    on_error: str = "fail",
+    report: Optional[DataReport] = None,
+    positions: Optional[list[str]] = None,
 ) -> list[dict[str, Any]]:
+    """The rows of ``path``; ``positions``, when given, receives where each kept row came from:
+    ``file:line`` for JSONL, ``file[i]`` for a .json list, parquet file or hub dataset."""
     local = resolve_local_path(path)
     if local is None:
-        return load_hub_dataset(path, split)
+        rows = load_hub_dataset(path, split)
+        if positions is not None:
+            positions.extend(f"{path}[{i}]" for i in range(len(rows)))
+        return rows
     if local.suffix == ".jsonl":
-        return read_jsonl(local, on_error, report)
+        return read_jsonl(local, on_error, report, positions)
     if local.suffix == ".json":
         try:
             data = parse_json_row(local.read_bytes().decode("utf-8-sig"))
@@ -146,8 +160,13 @@ def load_records(
                 _bad_row(f"{local}[{i}]", "invalid_utf8", f"not valid UTF-8 (lone surrogate {bad!r})", on_error, report)
             else:
                 rows.append(row)
+                if positions is not None:
+                    positions.append(f"{local}[{i}]")
         return rows
-    return read_parquet(local)
+    rows = read_parquet(local)
+    if positions is not None:
+        positions.extend(f"{local}[{i}]" for i in range(len(rows)))
+    return rows
 
 
 def read_parquet(path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,244 @@
+"""``mistral-tune validate-data``'s checks: every row of every source through the training data path.
+
+Each source is read with ``load_records`` (bad lines skipped and reported, never failing the check), its
+format detected with ``detect_format``, and each row tokenized alone with ``tokenize_rows``, exactly as
+training tokenizes it: the same drop reasons, the same truncation at ``trainer.max_length``. Nothing here
+validates a row a second way; this module only keeps each row's ``file:line`` and adds up the results.
+A tokenizer is needed; a model never is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mistral_tune.core.errors import UserError
+from mistral_tune.data.fixes import correct_row
+from mistral_tune.data.report import DataReport
+from mistral_tune.data.sft import detect_format, tokenize_rows
+from mistral_tune.data.sources import load_records
+
+
+@dataclass
+class Source:
+    """One data source as training reads it: a path, a format (``auto`` detects it) and a mixture weight."""
+
+    path: str
+    format: str = "auto"
+    weight: float = 1.0
+
+
+@dataclass
+class SourceCheck:
+    """What one source holds: counts, token lengths and every problem as ``file:line: reason: detail``."""
+
+    source: Source
+    format: Optional[str] = None
+    lines: int = 0  # rows and unreadable lines
+    usable: int = 0  # rows training would keep (truncated ones included)
+    problems: list = field(default_factory=list)  # "file:line: reason: detail", in file order
+    unreadable: list = field(default_factory=list)  # "file:line: detail" of lines that hold no JSON object
+    reasons: Counter = field(default_factory=Counter)  # unusable rows (and unreadable lines) by reason
+    truncated: int = 0  # usable rows over trainer.max_length, cut to it
+    lengths: list = field(default_factory=list)  # tokens of each usable row, whole (before truncation)
+    tokens: int = 0  # tokens of the usable rows as trained (after truncation)
+    trained_tokens: int = 0  # ... of which carry the loss
+    fixable: Counter = field(default_factory=Counter)  # fixes --write-corrected would apply, by name
+    error: Optional[str] = None  # why the source is unusable (unreadable, undetectable, no usable row)
+    corrected: list = field(default_factory=list)  # the usable rows, fixed (only when asked for)
+    corrected_fixes: Counter = field(default_factory=Counter)  # fixes applied to those rows
+
+    @property
+    def unusable(self) -> int:
+        return sum(self.reasons.values())
+
+
+def sources_of(data_cfg: Any) -> list[Source]:
+    """The sources of ``data``: ``data.sources`` (a weighted mixture, issue 16) when this tree has it,
+    else ``data.path`` alone."""
+    try:
+        from mistral_tune.data.sources import resolve_sources  # type: ignore[attr-defined]
+    except ImportError:
+        return [Source(data_cfg.path, data_cfg.format, 1.0)]
+    specs = resolve_sources(data_cfg)
+    return [Source(str(s.path), getattr(s, "format", None) or data_cfg.format, float(s.weight)) for s in specs]
+
+
+def check_source(
+    source: Source, data_cfg: Any, trainer_cfg: Any, tokenizer: Any, *, corrected: bool = False
+) -> SourceCheck:
+    """Every row of ``source`` through the training path; ``corrected`` also keeps the usable rows, fixed."""
+    result = SourceCheck(source)
+    report = DataReport()
+    report.MAX_BAD_LINES = sys.maxsize  # every unreadable line is reported, not the first 20
+    positions: list[str] = []
+    try:
+        rows = load_records(source.path, data_cfg.split, "skip", report, positions)
+    except UserError as exc:
+        result.error = str(exc)
+        return result
+    result.lines = report.read + len(rows)
+    result.reasons.update(report.dropped)
+    result.unreadable = list(report.bad_lines)  # "file:line: detail" of each line load_records skipped
+    result.problems.extend(result.unreadable)
+    if not rows:
+        result.error = f"{source.path} holds no rows" + (f" ({result.lines} unreadable lines)" if result.lines else "")
+        return result
+    try:
+        result.format = fmt = detect_format(rows, source.format)
+    except UserError as exc:
+        result.error = f"{source.path}: {exc}"
+        return result
+    options = dict(
+        max_length=trainer_cfg.max_length,
+        truncation=trainer_cfg.truncation,
+        system_prompt=data_cfg.system_prompt,
+        completion_only_loss=trainer_cfg.completion_only_loss,
+    )
+    for row, where in zip(rows, positions):
+        fixed, fixes = correct_row(row, fmt)
+        kept = _tokenize(row, fmt, tokenizer, options)
+        if isinstance(kept, str):  # the drop reason and detail
+            fixed_kept = _tokenize(fixed, fmt, tokenizer, options) if fixes else kept
+            note = f" (fixable: --write-corrected applies {', '.join(sorted(fixes))})" if fixes and not isinstance(fixed_kept, str) else ""
+            result.problems.append(f"{where}: {kept}{note}")
+            result.reasons[kept.split(":", 1)[0]] += 1
+            if note:
+                result.fixable.update(fixes)
+            if corrected and note:
+                result.corrected.append(fixed)
+                result.corrected_fixes.update(fixes)
+            continue
+        example, length, truncated = kept
+        result.usable += 1
+        result.lengths.append(length)
+        result.tokens += len(example["input_ids"])
+        result.trained_tokens += sum(1 for t in example["labels"][1:] if t != -100)
+        if truncated:
+            result.truncated += 1
+            result.problems.append(
+                f"{where}: too_long: {length} tokens, over trainer.max_length={trainer_cfg.max_length}; "
+                f"training truncates it to {trainer_cfg.max_length}"
+            )
+        if fixes:  # usable as it is, but still fixable (e.g. a trailing user turn on a ShareGPT row)
+            result.fixable.update(fixes)
+        if corrected:
+            result.corrected.append(fixed)
+            result.corrected_fixes.update(fixes)
+    if not result.usable:
+        result.error = (
+            f"{source.path}: none of its {result.lines} rows can be trained on as {fmt} data "
+            f"({', '.join(f'{n} {r}' for r, n in sorted(result.reasons.items()))})"
+        )
+    return result
+
+
+def _tokenize(row: dict, fmt: str, tokenizer: Any, options: dict):
+    """``(example, whole length, truncated)`` for a row training keeps, else ``"reason: detail"``."""
+    report = DataReport()
+    examples = tokenize_rows([row], fmt, tokenizer, report=report, **options)
+    if examples:
+        return examples[0], report.lengths[0], bool(report.truncated)
+    reason = next(iter(report.dropped))
+    detail = report.drop_examples.get(reason)
+    if detail is None and reason == "too_long":
+        detail = f"{report.lengths[0]} tokens, over trainer.max_length={options['max_length']} (trainer.truncation=drop)"
+    elif detail is None and reason == "no_loss_tokens":
+        detail = (
+            f"{report.lengths[0]} tokens; truncation at trainer.max_length={options['max_length']} "
+            "cuts every trained token"
+        )
+    return f"{reason}: {detail or reason}"
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    """min, p50, p90, p99 and max of ``values`` (nearest rank)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+
+    def rank(q: float) -> int:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return {"min": ordered[0], "p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": ordered[-1]}
+
+
+@dataclass
+class Schedule:
+    """How training would draw from the sources: steps, examples per step, and epochs per source."""
+
+    steps: int
+    examples_per_step: int  # per_device_train_batch_size x gradient_accumulation_steps x processes
+    processes: int
+    train_rows: dict  # source path -> rows training draws from (usable, less holdout and eval split)
+    epochs: dict  # source path -> epochs over its training rows
+    note: str = ""
+
+
+def schedule(checks: list[SourceCheck], data_cfg: Any, trainer_cfg: Any, train_cfg: Any, processes: int) -> Schedule:
+    """Epochs per source for ``train.max_steps`` (or ``num_train_epochs``) and the global batch.
+
+    The holdout and a fractional eval split come out of the training rows as training takes them; with
+    several sources they are taken in proportion to each source's usable rows. Mixture weights share each
+    step's examples between the sources. With ``trainer.packing`` a step is rows of ``max_length`` tokens,
+    so epochs are counted in tokens.
+    """
+    from mistral_tune.config.schema import eval_fraction
+
+    per_step = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps * processes
+    usable = sum(c.usable for c in checks)
+    holdout = min(data_cfg.holdout, max(usable - 1, 0))
+    rest = usable - holdout
+    fraction = eval_fraction(data_cfg.eval_split)
+    eval_n = max(1, round(fraction * rest)) if fraction is not None and rest else 0
+    train_total = max(rest - eval_n, 0)
+    if data_cfg.max_samples is not None:
+        train_total = min(train_total, data_cfg.max_samples)
+    train_rows = {c.source.path: (round(train_total * c.usable / usable) if usable else 0) for c in checks}
+    weights = {c.source.path: c.source.weight for c in checks if c.usable}
+    total_weight = sum(weights.values()) or 1.0
+    note = ""
+    if train_cfg.max_steps > 0:
+        steps = train_cfg.max_steps
+    else:  # num_train_epochs over the whole training set
+        steps = math.ceil(train_cfg.num_train_epochs * train_total / per_step) if per_step else 0
+        note = f"train.max_steps unset: {train_cfg.num_train_epochs:g} epoch(s) of {train_total} rows"
+    epochs = {}
+    for c in checks:
+        share = weights.get(c.source.path, 0.0) / total_weight
+        if trainer_cfg.packing:
+            kept = c.tokens * train_rows[c.source.path] / c.usable if c.usable else 0  # its training tokens
+            drawn = steps * per_step * trainer_cfg.max_length * share
+            epochs[c.source.path] = drawn / kept if kept else 0.0
+        else:
+            drawn = steps * per_step * share
+            epochs[c.source.path] = drawn / train_rows[c.source.path] if train_rows[c.source.path] else 0.0
+    return Schedule(steps, per_step, processes, train_rows, epochs, note)
+
+
+def write_corrected(checks: list[SourceCheck], out: Path) -> dict[str, int]:
+    """The usable rows, fixed, written to ``out``: one file (``.jsonl``, or a ``.json`` list) for one source;
+    for several, ``out`` is a directory with one ``<name>.jsonl`` per source. Rows written per file."""
+    targets = {out: checks} if len(checks) == 1 else {out / f"{Path(c.source.path).stem}.jsonl": [c] for c in checks}
+    if len(targets) < len(checks):
+        raise UserError(f"--write-corrected: two sources share a file name; write them one at a time.")
+    written = {}
+    for path, group in targets.items():
+        if path.suffix not in (".jsonl", ".json"):
+            raise UserError(f"--write-corrected {path}: name a .jsonl or .json file.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [row for c in group for row in c.corrected]
+        tmp = path.with_name(path.name + ".partial")
+        with tmp.open("w", encoding="utf-8") as f:
+            if path.suffix == ".json":
+                json.dump(rows, f, ensure_ascii=False, indent=1)
+            else:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        tmp.replace(path)  # a reader never sees half a file
+        written[str(path)] = len(rows)
+    return written
