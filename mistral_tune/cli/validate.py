@@ -313,6 +313,8 @@ def measured_eta(recipe: str, overrides: list[str], steps: int, total_steps: int
 
 
 def duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:

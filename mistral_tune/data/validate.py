@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ def check_source(
         if corrected:
             result.corrected.append(fixed)
             result.corrected_fixes.update(fixes)
+    result.problems.sort(key=_line_number)  # file order: unreadable lines among the rows
     if not result.usable:
         result.error = (
             f"{source.path}: none of its {result.lines} rows can be trained on as {fmt} data "
@@ -154,6 +156,12 @@ def _tokenize(row: dict, fmt: str, tokenizer: Any, options: dict):
             "cuts every trained token"
         )
     return f"{reason}: {detail or reason}"
+
+
+def _line_number(problem: str) -> int:
+    """The line (or index) a ``file:line: ...`` / ``file[i]: ...`` problem names, for sorting."""
+    found = re.match(r".*?(?::(\d+)|\[(\d+)\]): ", problem)
+    return int(found.group(1) or found.group(2)) if found else 0
 
 
 def percentiles(values: list[int]) -> dict[str, int]:

@@ -1,0 +1,199 @@
+"""``mistral-tune validate-data`` (alias ``check``), through real processes: file:line problems, exit codes,
+counts and epochs for a known file, --write-corrected (re-validated and trained on), nothing written otherwise."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mistral_tune.data.fixes import correct_row
+from mistral_tune.models.tokenizer import MistralTokenizer
+from tests.helpers import chat, good_rows, hostile_file, read_summary, write_lines
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def check(args: list[str], cwd: Path, command: str = "validate-data") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mistral_tune", command, "recipe=sft_lora", *args],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def flat(text: str) -> str:
+    """Text with the error's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def tree(root: Path) -> dict[str, int]:
+    """Every file under ``root`` with its modification time in ns."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def problem_lines(stdout: str) -> list[str]:
+    block = stdout.split("problems (", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in block.splitlines()[1:]]
+
+
+def test_every_bad_line_is_reported_as_file_line_reason(tmp_path):
+    data = hostile_file(tmp_path)  # 20 good rows, then trouble at lines 21..29
+    proc = check([f"data.path={data}", "data.on_error=skip", "trainer.max_length=64"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = problem_lines(proc.stdout)
+    expected = [
+        (21, "malformed JSON"),
+        (22, "not valid UTF-8"),
+        (23, "expected a JSON object, got list"),
+        (24, "missing_field: no 'messages'"),
+        (25, "empty_field: messages[0].content is empty"),
+        (29, "no_loss_tokens: "),  # 200 words of prompt: truncation at 64 leaves no answer token
+    ]
+    assert len(got) == len(expected), got
+    for line, (n, reason) in zip(got, expected):
+        assert line.startswith(f"{data}:{n}: {reason}"), (line, n, reason)
+    assert "rows       29: 23 usable, 6 unusable" in proc.stdout
+
+
+def test_exit_codes(tmp_path):
+    good = write_lines(tmp_path / "good.jsonl", good_rows(10))
+    assert check([f"data.path={good}"], tmp_path).returncode == 0
+
+    # data.on_error=fail (the default): training would stop at the first unreadable line, so the check fails
+    hostile = hostile_file(tmp_path)
+    proc = check([f"data.path={hostile}"], tmp_path)
+    assert proc.returncode == 2
+    assert f"{hostile}:21: malformed JSON" in flat(proc.stderr) and "data.on_error=skip" in flat(proc.stderr)
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in flat(proc.stderr)
+
+    # no usable row at all: one error naming the source and the reasons
+    bad = write_lines(tmp_path / "bad.jsonl", [chat("", "x"), chat("q", ""), json.dumps({"messages": []})])
+    proc = check([f"data.path={bad}", "data.on_error=skip"], tmp_path)
+    assert proc.returncode == 2 and "none of its 3 rows can be trained on" in flat(proc.stderr), proc.stderr
+    assert proc.stderr.count("error:") == 1
+
+    missing = check([f"data.path={tmp_path / 'nope.jsonl'}"], tmp_path)
+    assert missing.returncode == 2 and "no such file" in flat(missing.stderr)
+
+    flag = check(["--write-corected", "x.jsonl"], tmp_path)
+    assert flag.returncode == 2 and "did you mean '--write-corrected'" in flat(flag.stderr)
+
+
+def test_counts_lengths_truncation_and_epochs_of_a_known_file(tmp_path):
+    tok = MistralTokenizer.from_version("v1", chat_template="v1")  # mistral_tiny's tokenizer and format
+    rows = [{"messages": [{"role": "user", "content": "word " * (3 * i + 1)},
+                          {"role": "assistant", "content": f"answer {i} " * (i + 1)}]} for i in range(12)]  # fmt: skip
+    data = tmp_path / "known.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    max_length = 60
+    encoded = [tok.encode_chat(r["messages"]) for r in rows]
+    lengths = sorted(len(ids) for ids, _ in encoded)
+    total = sum(min(len(ids), max_length) for ids, _ in encoded)
+    trained = sum(sum(mask[1:max_length]) for _, mask in encoded)
+    over = sum(n > max_length for n in lengths)
+    assert 0 < over < 12 and all(sum(mask[1:max_length]) for _, mask in encoded)  # some cut, none emptied
+
+    args = [f"data.path={data}", f"trainer.max_length={max_length}", "data.holdout=2", "train.max_steps=10",
+            "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=3"]  # fmt: skip
+    proc = check(args, tmp_path, command="check")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "rows       12: 12 usable, 0 unusable" in out
+    assert f"tokens     {total:,} total, {trained:,} trained" in out
+    p = {"min": lengths[0], "p50": lengths[5], "p90": lengths[10], "p99": lengths[11], "max": lengths[11]}
+    assert "length     " + ", ".join(f"{k} {v}" for k, v in p.items()) + " tokens" in out
+    assert f"truncated  {over} at trainer.max_length={max_length}" in out
+    assert len(re.findall(rf"{data}:\d+: too_long: ", out)) == over
+    # 10 steps x (2 x 3 x 1 process) = 60 examples over 12 - 2 held out = 10 rows: 6 epochs
+    assert "10 optimizer steps x 6 examples per step" in out
+    assert "epochs     6.00 over its 10 training rows" in out
+    assert re.search(r"ETA on H100 .*dry-run estimator.* for 10 steps", out)
+    assert "measured ETA on this machine: not measured" in out
+
+
+def test_write_corrected_revalidates_cleanly_and_trains(tmp_path):
+    rows = good_rows(12)
+    rows += [
+        json.dumps({"messages": [{"role": "User", "content": "Hi"}, {"role": "ASSISTANT", "content": "Hello"}]}),
+        json.dumps({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Yo"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                                 {"role": "user", "content": "and then?"}]}),  # fmt: skip
+        "{not json",
+        chat("", "empty user turn: not fixable"),
+    ]
+    data = write_lines(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "fixed" / "clean.jsonl"
+    proc = check([f"data.path={data}", "--write-corrected", str(out)], tmp_path)
+    # the unreadable line still fails the check as configured (on_error=fail); the file is written anyway
+    assert proc.returncode == 2, proc.stdout
+    assert f"wrote {out}: 15 rows" in proc.stdout
+    assert "changes: 4 roles_normalised, 1 trailing_user_turns_dropped; 2 unusable line(s) left out" in proc.stdout
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written[12]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert written[14]["messages"][-1] == {"role": "assistant", "content": "B"}
+
+    again = check([f"data.path={out}"], tmp_path)
+    assert again.returncode == 0 and "problems: none" in again.stdout, again.stdout
+    assert "rows       15: 15 usable, 0 unusable" in again.stdout
+
+    run = tmp_path / "run"
+    train = subprocess.run(
+        [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", f"data.path={out}", "train.max_steps=2",
+         "train.per_device_train_batch_size=2", "data.holdout=1", "export=none", "export.num_samples=0",
+         f"output_dir={run}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    data_report = read_summary(run)["data"]
+    assert data_report["read"] == 15 and data_report["dropped_total"] == 0 and data_report["used"] == 14
+
+
+def test_nothing_is_written_without_the_flag(tmp_path):
+    hostile = hostile_file(tmp_path)
+    before = tree(tmp_path)
+    repo_before = tree(REPO / "data")
+    for args in ([f"data.path={hostile}", "data.on_error=skip"], [f"data.path={hostile}"]):
+        check(args, tmp_path)
+    assert tree(tmp_path) == before
+    assert tree(REPO / "data") == repo_before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_write_corrected_refuses_to_overwrite_its_source(tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", good_rows(5))
+    before = data.read_bytes()
+    proc = check([f"data.path={data}", f"--write-corrected={data}"], tmp_path)
+    assert proc.returncode == 2 and "that is a source" in flat(proc.stderr)
+    assert data.read_bytes() == before
+
+
+@pytest.mark.skipif(not Path("/work/shared/data/alpaca_5000.json").is_file(), reason="shared alpaca_5000 absent")
+def test_alpaca_5000_positions_are_json_indices(tmp_path):
+    proc = check(["data.path=/work/shared/data/alpaca_5000.json", "trainer.max_length=512"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "rows       5,000: 4,998 usable, 2 unusable (2 empty_field)" in proc.stdout
+    assert "/work/shared/data/alpaca_5000.json[2335]: empty_field: 'output' is empty" in proc.stdout
+
+
+def test_correct_row():
+    row = {"conversations": [{"from": "Human", "value": "a"}, {"from": "GPT", "value": "b"},
+                             {"from": "human", "value": "c"}], "id": 3}  # fmt: skip
+    fixed, fixes = correct_row(row, "sharegpt")
+    assert fixed == {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "id": 3}
+    assert fixes == {"roles_normalised": 2, "trailing_user_turns_dropped": 1}
+    assert row["conversations"][0]["from"] == "Human"  # the input row is left as it was
+
+    msgs = {"messages": [{"role": " System ", "content": "s"}, {"role": "human", "content": "a"},
+                         {"role": "gpt", "content": "b"}]}  # fmt: skip
+    fixed, fixes = correct_row(msgs, "messages")
+    assert [m["role"] for m in fixed["messages"]] == ["system", "user", "assistant"] and fixes["roles_normalised"] == 3
+
+    only_user = {"messages": [{"role": "user", "content": "a"}]}  # nothing to keep: left to be reported
+    assert correct_row(only_user, "messages") == (only_user, {})
+    unknown = {"messages": [{"role": "narrator", "content": "a"}]}
+    assert correct_row(unknown, "messages")[0] is unknown
+    alpaca = {"instruction": "x", "output": "y"}
+    assert correct_row(alpaca, "alpaca") == (alpaca, {})
