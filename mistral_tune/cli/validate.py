@@ -96,9 +96,9 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
         if out.resolve() in inputs or (len(sources) > 1 and out.is_file()):
             raise UserError(f"--write-corrected {out}: that is a source (or a file, for several sources); name a new path.")
     tokenizer, label = load_tokenizer(cfg)
-    tokenizer_seconds = time.perf_counter() - started
+    loaded = time.perf_counter()
     checks = [v.check_source(s, cfg.data, cfg.trainer, tokenizer, corrected=out is not None) for s in sources]
-    seconds = time.perf_counter() - started
+    seconds, tokenizer_seconds = time.perf_counter() - loaded, loaded - started
     rows = sum(c.lines for c in checks)
     t = cfg.trainer
     print(
@@ -130,8 +130,9 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
         fixes = ", ".join(f"{n} {name}" for name, n in sorted(fixable.items()))
         print(f"\nfixable: {fixes}; --write-corrected OUT writes the usable rows with these fixed")
     print(
-        f"\nchecked {rows} rows in {seconds:.2f} s ({rows / seconds:,.0f} rows/s; "
-        f"tokenizer load {tokenizer_seconds:.2f} s); wrote {'only ' + str(out) if out else 'nothing'}"
+        f"\nchecked {rows} rows in {seconds:.2f} s ({rows / max(seconds, 1e-9):,.0f} rows/s: read, convert, "
+        f"tokenize) after loading the tokenizer in {tokenizer_seconds:.2f} s; "
+        f"wrote {'only ' + str(out) if out else 'nothing'}"
     )
     return finish(checks, cfg)
 
@@ -308,8 +309,17 @@ def measured_eta(recipe: str, overrides: list[str], steps: int, total_steps: int
         f"measured ETA on this machine ({device}, {result['torch_threads']} threads): "
         f"{duration(step * total_steps)} for {total_steps:,} steps "
         f"(median of {steps} real optimizer step(s) after 1 warm-up: {step:.3g} s/step; "
-        f"model load and data preparation excluded; the measurement took {wall:.0f} s)"
+        f"model load and data preparation excluded; the measurement took {wall:.0f} s{_load(result)})"
     )
+
+
+def _load(result: dict) -> str:
+    """The 1-minute load average the worker saw, when this machine was busy with other work."""
+    loads = [x for x in result.get("load_average") or [] if x is not None]
+    threads = result.get("torch_threads") or 1
+    if not loads or max(loads) <= threads:
+        return ""
+    return f"; load average {max(loads):.1f} on {threads} threads: other work slowed it"
 
 
 def duration(seconds: float) -> str:

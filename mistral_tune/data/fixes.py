@@ -14,7 +14,6 @@ when nothing applies. Whether the fixed row is then usable is decided by the tra
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from typing import Any
 
@@ -29,7 +28,7 @@ def correct_row(row: dict[str, Any], fmt: str) -> tuple[dict[str, Any], Counter]
     if fmt not in CHAT_FIELDS or not isinstance(row.get(CHAT_FIELDS[fmt][0]), list):
         return row, fixes
     field, role_key = CHAT_FIELDS[fmt]
-    messages = copy.deepcopy(row[field])
+    messages = [dict(m) if isinstance(m, dict) else m for m in row[field]]  # the caller's row stays as it was
     for m in messages:
         if isinstance(m, dict) and isinstance(m.get(role_key), str):
             role = normal_role(m[role_key], sharegpt=fmt == "sharegpt")

@@ -119,7 +119,8 @@ def check_source(
         result.usable += 1
         result.lengths.append(length)
         result.tokens += len(example["input_ids"])
-        result.trained_tokens += sum(1 for t in example["labels"][1:] if t != -100)
+        labels = example["labels"]  # the first token never carries the loss (labels shift inside the model)
+        result.trained_tokens += len(labels) - labels.count(-100) - (labels[0] != -100)
         if truncated:
             result.truncated += 1
             result.problems.append(

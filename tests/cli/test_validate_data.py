@@ -197,3 +197,24 @@ def test_correct_row():
     assert correct_row(unknown, "messages")[0] is unknown
     alpaca = {"instruction": "x", "output": "y"}
     assert correct_row(alpaca, "alpaca") == (alpaca, {})
+
+
+def test_measured_eta_times_real_steps_and_leaves_nothing(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    data = write_lines(tmp_path / "d.jsonl", good_rows(24))
+    before = tree(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_tune", "check", "recipe=sft_lora", f"data.path={data}", "trainer.max_length=64",
+         "train.max_steps=50", "train.per_device_train_batch_size=2", "--measure-steps", "1"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r"measured ETA on this machine \(cpu, \d+ threads\): (.+?) for 50 steps \(median of 1 real "
+                      r"optimizer step\(s\) after 1 warm-up: ([\d.e-]+) s/step", proc.stdout)  # fmt: skip
+    assert found, proc.stdout
+    assert float(found.group(2)) > 0
+    ours = [p.name for p in scratch.iterdir() if p.name.startswith("mistral-tune-validate-")]
+    assert not ours  # the worker's run directory is removed (torch may leave its own inductor cache there)
+    assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("tmp/")} == before
