@@ -201,6 +201,9 @@ def source_lines(c: Any, plan: Any, cfg: Any) -> list[str]:
         p = percentiles(c.lengths)
         lines.append("  length     " + ", ".join(f"{k} {v:,}" for k, v in p.items()) + " tokens per row (whole)")
     lines.append(f"  truncated  {c.truncated:,} at trainer.max_length={cfg.trainer.max_length}")
+    if c.duplicates:
+        what = "dropped by data.dedup=true" if cfg.data.dedup else "kept; data.dedup=true drops them"
+        lines.append(f"  duplicates {c.duplicates:,} exact duplicate row(s) ({what})")
     if c.usable:
         rows = plan.train_rows[c.source.path]
         unit = " (packing: counted in tokens)" if cfg.trainer.packing else ""

@@ -23,6 +23,7 @@ from mistral_tune.data.fixes import correct_row
 from mistral_tune.data.report import DataReport
 from mistral_tune.data.sft import detect_format, tokenize_rows
 from mistral_tune.data.sources import load_records
+from mistral_tune.data.splits import find_duplicates
 
 
 @dataclass
@@ -50,6 +51,7 @@ class SourceCheck:
     tokens: int = 0  # tokens of the usable rows as trained (after truncation)
     trained_tokens: int = 0  # ... of which carry the loss
     fixable: Counter = field(default_factory=Counter)  # fixes --write-corrected would apply, by name
+    duplicates: int = 0  # exact duplicate rows (data.dedup=true drops all but the first)
     error: Optional[str] = None  # why the source is unusable (unreadable, undetectable, no usable row)
     corrected: list = field(default_factory=list)  # the usable rows, fixed (only when asked for)
     corrected_fixes: Counter = field(default_factory=Counter)  # fixes applied to those rows
@@ -95,6 +97,9 @@ def check_source(
     except UserError as exc:
         result.error = f"{source.path}: {exc}"
         return result
+    duplicates = DataReport()
+    find_duplicates(rows, False, duplicates)  # counted as training counts them
+    result.duplicates = duplicates.duplicates
     options = dict(
         max_length=trainer_cfg.max_length,
         truncation=trainer_cfg.truncation,
@@ -200,7 +205,8 @@ def schedule(checks: list[SourceCheck], data_cfg: Any, trainer_cfg: Any, train_c
     from mistral_tune.config.schema import eval_fraction
 
     per_step = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps * processes
-    usable = sum(c.usable for c in checks)
+    counts = {c.source.path: max(c.usable - (c.duplicates if data_cfg.dedup else 0), 0) for c in checks}
+    usable = sum(counts.values())
     holdout = min(data_cfg.holdout, max(usable - 1, 0))
     rest = usable - holdout
     fraction = eval_fraction(data_cfg.eval_split)
@@ -208,7 +214,7 @@ def schedule(checks: list[SourceCheck], data_cfg: Any, trainer_cfg: Any, train_c
     train_total = max(rest - eval_n, 0)
     if data_cfg.max_samples is not None:
         train_total = min(train_total, data_cfg.max_samples)
-    train_rows = {c.source.path: (round(train_total * c.usable / usable) if usable else 0) for c in checks}
+    train_rows = {path: (round(train_total * n / usable) if usable else 0) for path, n in counts.items()}
     weights = {c.source.path: c.source.weight for c in checks if c.usable}
     total_weight = sum(weights.values()) or 1.0
     note = ""

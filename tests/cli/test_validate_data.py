@@ -218,3 +218,14 @@ def test_measured_eta_times_real_steps_and_leaves_nothing(tmp_path):
     ours = [p.name for p in scratch.iterdir() if p.name.startswith("mistral-tune-validate-")]
     assert not ours  # the worker's run directory is removed (torch may leave its own inductor cache there)
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("tmp/")} == before
+
+
+def test_duplicates_count_and_dedup_takes_them_out_of_the_epochs(tmp_path):
+    first, second = good_rows(2)
+    data = write_lines(tmp_path / "dup.jsonl", [first, first, first, second])
+    common = [f"data.path={data}", "data.holdout=0", "train.max_steps=4", "train.per_device_train_batch_size=2"]
+    kept = check(common, tmp_path).stdout
+    assert "duplicates 2 exact duplicate row(s) (kept; data.dedup=true drops them)" in kept
+    assert "epochs     2.00 over its 4 training rows" in kept
+    dropped = check([*common, "data.dedup=true"], tmp_path).stdout
+    assert "epochs     4.00 over its 2 training rows" in dropped
