@@ -232,7 +232,8 @@ def total_lines(checks: list, cfg: Any) -> list[str]:
 def schedule_lines(plan: Any, cfg: Any, process_note: str) -> list[str]:
     tr = cfg.train
     line = (
-        f"schedule: {plan.steps:,} optimizer steps x {plan.examples_per_step} examples per step "
+        f"schedule: {plan.steps:,} optimizer steps x {plan.examples_per_step} "
+        f"{'packed rows of max_length tokens' if cfg.trainer.packing else 'examples'} per step "
         f"(per_device_train_batch_size {tr.per_device_train_batch_size} x gradient_accumulation_steps "
         f"{tr.gradient_accumulation_steps} x {process_note})"
     )
