@@ -118,6 +118,7 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
     print("\n" + "\n".join(schedule_lines(plan, cfg, process_note)))
     print("\n" + "\n".join(eta_lines(cfg, checks, plan, recipe, overrides, measure_steps)))
     fixable = sum((c.fixable for c in checks), Counter())
+    written: dict = {}
     if out is not None:
         written = v.write_corrected(checks, out)
         applied = sum((c.corrected_fixes for c in checks), Counter())
@@ -125,6 +126,8 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
         left = sum(c.lines - len(c.corrected) for c in checks)
         for path, n in written.items():
             print(f"\nwrote {path}: {n} rows")
+        if not written:
+            print(f"\nwrote nothing to {out}: no row is usable, even with the fixes")
         print(f"  changes: {changes}; {left} unusable line(s) left out (listed above)")
     elif fixable:
         fixes = ", ".join(f"{n} {name}" for name, n in sorted(fixable.items()))
@@ -132,7 +135,7 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
     print(
         f"\nchecked {rows} rows in {seconds:.2f} s ({rows / max(seconds, 1e-9):,.0f} rows/s: read, convert, "
         f"tokenize) after loading the tokenizer in {tokenizer_seconds:.2f} s; "
-        f"wrote {'only ' + str(out) if out else 'nothing'}"
+        f"wrote {'only ' + str(out) if out and written else 'nothing'}"
     )
     return finish(checks, cfg)
 

@@ -51,6 +51,7 @@ class SourceCheck:
     tokens: int = 0  # tokens of the usable rows as trained (after truncation)
     trained_tokens: int = 0  # ... of which carry the loss
     fixable: Counter = field(default_factory=Counter)  # fixes --write-corrected would apply, by name
+    fixable_rows: int = 0  # unusable rows those fixes make usable
     duplicates: int = 0  # exact duplicate rows (data.dedup=true drops all but the first)
     error: Optional[str] = None  # why the source is unusable (unreadable, undetectable, no usable row)
     corrected: list = field(default_factory=list)  # the usable rows, fixed (only when asked for)
@@ -116,6 +117,7 @@ def check_source(
             result.reasons[kept.split(":", 1)[0]] += 1
             if note:
                 result.fixable.update(fixes)
+                result.fixable_rows += 1
             if corrected and note:
                 result.corrected.append(fixed)
                 result.corrected_fixes.update(fixes)
@@ -143,6 +145,8 @@ def check_source(
             f"{source.path}: none of its {result.lines} rows can be trained on as {fmt} data "
             f"({', '.join(f'{n} {r}' for r, n in sorted(result.reasons.items()))})"
         )
+        if result.fixable_rows:
+            result.error += f"; --write-corrected OUT makes {result.fixable_rows} of them usable"
     return result
 
 
@@ -238,7 +242,8 @@ def schedule(checks: list[SourceCheck], data_cfg: Any, trainer_cfg: Any, train_c
 
 def write_corrected(checks: list[SourceCheck], out: Path) -> dict[str, int]:
     """The usable rows, fixed, written to ``out``: one file (``.jsonl``, or a ``.json`` list) for one source;
-    for several, ``out`` is a directory with one ``<name>.jsonl`` per source. Rows written per file."""
+    for several, ``out`` is a directory with one ``<name>.jsonl`` per source. Rows written per file written
+    (a source with no usable row, even after the fixes, gets none)."""
     targets = {out: checks} if len(checks) == 1 else {out / f"{Path(c.source.path).stem}.jsonl": [c] for c in checks}
     if len(targets) < len(checks):
         raise UserError(f"--write-corrected: two sources share a file name; write them one at a time.")
@@ -248,6 +253,8 @@ def write_corrected(checks: list[SourceCheck], out: Path) -> dict[str, int]:
             raise UserError(f"--write-corrected {path}: name a .jsonl or .json file.")
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [row for c in group for row in c.corrected]
+        if not rows:  # a source with nothing to keep gets no file (its error says why)
+            continue
         tmp = path.with_name(path.name + ".partial")
         with tmp.open("w", encoding="utf-8") as f:
             if path.suffix == ".json":

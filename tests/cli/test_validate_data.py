@@ -229,3 +229,19 @@ def test_duplicates_count_and_dedup_takes_them_out_of_the_epochs(tmp_path):
     assert "epochs     2.00 over its 4 training rows" in kept
     dropped = check([*common, "data.dedup=true"], tmp_path).stdout
     assert "epochs     4.00 over its 2 training rows" in dropped
+
+
+def test_a_source_unusable_as_is_but_fixable(tmp_path):
+    capital = json.dumps({"messages": [{"role": "User", "content": "Hi"}, {"role": "Assistant", "content": "Hey"}]})
+    data = write_lines(tmp_path / "caps.jsonl", [capital, capital.replace("Hi", "Yo")])
+    proc = check([f"data.path={data}"], tmp_path)
+    assert proc.returncode == 2 and "--write-corrected OUT makes 2 of them usable" in flat(proc.stderr)
+    out = tmp_path / "caps.fixed.json"  # a .json list this time
+    proc = check([f"data.path={data}", f"--write-corrected={out}"], tmp_path)
+    assert f"wrote {out}: 2 rows" in proc.stdout and "changes: 4 roles_normalised" in proc.stdout
+    assert [m["role"] for m in json.loads(out.read_text())[1]["messages"]] == ["user", "assistant"]
+    assert check([f"data.path={out}", "data.holdout=0"], tmp_path).returncode == 0
+
+    hopeless = write_lines(tmp_path / "empty.jsonl", [chat("", "x")])
+    proc = check([f"data.path={hopeless}", f"--write-corrected={tmp_path / 'none.jsonl'}"], tmp_path)
+    assert proc.returncode == 2 and "wrote nothing to" in proc.stdout and not (tmp_path / "none.jsonl").exists()
