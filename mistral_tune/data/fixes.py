@@ -8,8 +8,9 @@ when nothing applies. Whether the fixed row is then usable is decided by the tra
   ShareGPT's speakers (``human``, ``gpt``) in a ``messages`` row, becomes its chat role.
 - ``trailing_user_turns_dropped``: user turns after the last assistant turn are removed (a conversation
   must end on the turn the model learns); a row with no assistant turn is left as it is.
-- ``tool_call_ids_generated``: tool-call ids the chat format cannot use are replaced
-  (``mistral_tune.data.tools.fix_tool_call_ids``, where that module exists).
+- ``tool_call_ids_generated``: tool-call ids the chat formats cannot use (mistral-common wants 9 letters
+  or digits) are replaced, and the ``tool`` messages answering them follow
+  (``mistral_tune.data.tools.fix_tool_call_ids``, what ``data.fix_tool_call_ids=true`` does in training).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 from mistral_tune.data.messages import SHAREGPT_ROLES
+from mistral_tune.data.tools import fix_tool_call_ids, has_tool_data
 
 CHAT_FIELDS = {"messages": ("messages", "role"), "sharegpt": ("conversations", "from")}
 
@@ -45,15 +47,10 @@ def correct_row(row: dict[str, Any], fmt: str) -> tuple[dict[str, Any], Counter]
         if trailing and all(r in user for r in trailing):
             del messages[last + 1 :]
             fixes["trailing_user_turns_dropped"] += 1
-    if fmt == "messages":
-        try:
-            from mistral_tune.data.tools import fix_tool_call_ids
-        except ImportError:  # a tree without tool-calling data
-            pass
-        else:
-            messages, changed = fix_tool_call_ids(messages)
-            if changed:
-                fixes["tool_call_ids_generated"] += changed
+    if fmt == "messages" and has_tool_data(row):
+        messages, changed = fix_tool_call_ids(messages)
+        if changed:
+            fixes["tool_call_ids_generated"] += changed
     if not fixes:
         return row, fixes
     return {**row, field: messages}, fixes
