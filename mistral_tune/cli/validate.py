@@ -204,6 +204,13 @@ def source_lines(c: Any, plan: Any, cfg: Any) -> list[str]:
         p = percentiles(c.lengths)
         lines.append("  length     " + ", ".join(f"{k} {v:,}" for k, v in p.items()) + " tokens per row (whole)")
     lines.append(f"  truncated  {c.truncated:,} at trainer.max_length={cfg.trainer.max_length}")
+    if c.assistant_turns:
+        turns = f"  turns      {c.assistant_turns:,} assistant turns, {c.skipped_turns:,} with \"weight\": 0 (not trained)"
+        if c.tool_rows:
+            turns += f"; {c.tool_rows:,} rows with tool use"
+        if c.tool_call_ids_fixed:
+            turns += f"; {c.tool_call_ids_fixed:,} tool-call ids generated (data.fix_tool_call_ids=true)"
+        lines.append(turns)
     if c.duplicates:
         what = "dropped by data.dedup=true" if cfg.data.dedup else "kept; data.dedup=true drops them"
         lines.append(f"  duplicates {c.duplicates:,} exact duplicate row(s) ({what})")

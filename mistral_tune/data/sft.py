@@ -208,6 +208,17 @@ def encode_messages(row: dict[str, Any], messages: Optional[list], tools: list, 
     return tokenizer.encode_chat(messages)
 
 
+def tokenize_options(data_cfg: Any, trainer_cfg: Any) -> dict[str, Any]:
+    """The keyword arguments of ``tokenize_rows`` a run's config gives (training and validate-data alike)."""
+    return dict(
+        max_length=trainer_cfg.max_length,
+        truncation=trainer_cfg.truncation,
+        system_prompt=data_cfg.system_prompt,
+        completion_only_loss=trainer_cfg.completion_only_loss,
+        fix_tool_call_ids=getattr(data_cfg, "fix_tool_call_ids", False),
+    )
+
+
 def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
     """Load, split off the holdout and the eval split, tokenize; every lost row is counted."""
     from datasets import Dataset
@@ -226,13 +237,7 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     holdout_n = min(data_cfg.holdout, max(len(rows) - 1, 0))
     holdout, rest = [rows[i] for i in order[:holdout_n]], order[holdout_n:]
     # Held-out rows prompt samples.jsonl, so they must be usable too; unusable ones are dropped and counted.
-    options = dict(
-        max_length=trainer_cfg.max_length,
-        truncation=trainer_cfg.truncation,
-        system_prompt=data_cfg.system_prompt,
-        completion_only_loss=trainer_cfg.completion_only_loss,
-        fix_tool_call_ids=getattr(data_cfg, "fix_tool_call_ids", False),
-    )
+    options = tokenize_options(data_cfg, trainer_cfg)
     holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
     report.reset_length_counts()  # counted for training examples only
     holdout_n = report.held_out = len(holdout)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.fixes import correct_row
 from mistral_tune.data.report import DataReport
-from mistral_tune.data.sft import detect_format, tokenize_rows
+from mistral_tune.data.sft import detect_format, tokenize_options, tokenize_rows
 from mistral_tune.data.sources import load_records
 from mistral_tune.data.splits import find_duplicates
 
@@ -52,6 +52,10 @@ class SourceCheck:
     trained_tokens: int = 0  # ... of which carry the loss
     fixable: Counter = field(default_factory=Counter)  # fixes --write-corrected would apply, by name
     fixable_rows: int = 0  # unusable rows those fixes make usable
+    assistant_turns: int = 0  # of the usable chat rows
+    skipped_turns: int = 0  # ... with "weight": 0 (not trained)
+    tool_rows: int = 0  # usable rows with tools, tool calls or tool results
+    tool_call_ids_fixed: int = 0  # ids training generates (data.fix_tool_call_ids=true)
     duplicates: int = 0  # exact duplicate rows (data.dedup=true drops all but the first)
     error: Optional[str] = None  # why the source is unusable (unreadable, undetectable, no usable row)
     corrected: list = field(default_factory=list)  # the usable rows, fixed (only when asked for)
@@ -101,15 +105,14 @@ def check_source(
     duplicates = DataReport()
     find_duplicates(rows, False, duplicates)  # counted as training counts them
     result.duplicates = duplicates.duplicates
-    options = dict(
-        max_length=trainer_cfg.max_length,
-        truncation=trainer_cfg.truncation,
-        system_prompt=data_cfg.system_prompt,
-        completion_only_loss=trainer_cfg.completion_only_loss,
-    )
+    options = tokenize_options(data_cfg, trainer_cfg)
     for row, where in zip(rows, positions):
         fixed, fixes = correct_row(row, fmt)
-        kept = _tokenize(row, fmt, tokenizer, options)
+        try:
+            kept = _tokenize(row, fmt, tokenizer, options)
+        except UserError as exc:  # the whole source cannot be trained this way (tool data on a v1 format)
+            result.error = f"{where}: {exc}"
+            return result
         if isinstance(kept, str):  # the drop reason and detail
             fixed_kept = _tokenize(fixed, fmt, tokenizer, options) if fixes else kept
             note = f" (fixable: --write-corrected applies {', '.join(sorted(fixes))})" if fixes and not isinstance(fixed_kept, str) else ""
@@ -122,8 +125,12 @@ def check_source(
                 result.corrected.append(fixed)
                 result.corrected_fixes.update(fixes)
             continue
-        example, length, truncated = kept
+        example, length, truncated, counts = kept
         result.usable += 1
+        result.assistant_turns += counts.assistant_turns
+        result.skipped_turns += counts.skipped_turns
+        result.tool_rows += counts.tool_rows
+        result.tool_call_ids_fixed += counts.tool_call_ids_fixed
         result.lengths.append(length)
         result.tokens += len(example["input_ids"])
         labels = example["labels"]  # the first token never carries the loss (labels shift inside the model)
@@ -151,11 +158,11 @@ def check_source(
 
 
 def _tokenize(row: dict, fmt: str, tokenizer: Any, options: dict):
-    """``(example, whole length, truncated)`` for a row training keeps, else ``"reason: detail"``."""
+    """``(example, whole length, truncated, its DataReport)`` for a row training keeps, else ``"reason: detail"``."""
     report = DataReport()
     examples = tokenize_rows([row], fmt, tokenizer, report=report, **options)
     if examples:
-        return examples[0], report.lengths[0], bool(report.truncated)
+        return examples[0], report.lengths[0], bool(report.truncated), report
     reason = next(iter(report.dropped))
     detail = report.drop_examples.get(reason)
     if detail is None and reason == "too_long":

@@ -245,3 +245,43 @@ def test_a_source_unusable_as_is_but_fixable(tmp_path):
     hopeless = write_lines(tmp_path / "empty.jsonl", [chat("", "x")])
     proc = check([f"data.path={hopeless}", f"--write-corrected={tmp_path / 'none.jsonl'}"], tmp_path)
     assert proc.returncode == 2 and "wrote nothing to" in proc.stdout and not (tmp_path / "none.jsonl").exists()
+
+
+TOOLS_SAMPLE = REPO / "data" / "tools_sample.jsonl"
+
+
+def test_tool_call_ids_are_reported_fixed_and_weights_counted(tmp_path):
+    rows = [json.loads(line) for line in TOOLS_SAMPLE.read_text().splitlines()[:8]]  # line 7 has a weight 0
+    for m in rows[1]["messages"]:  # line 2 (one call): OpenAI-style ids a v3 format cannot use
+        for call in m.get("tool_calls") or []:
+            call["id"] = "call_1"
+        if m["role"] == "tool":
+            m["tool_call_id"] = "call_1"
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    v3 = ["model=mistral_0.3_tiny", "trainer.max_length=512", "data.holdout=0"]
+    out = tmp_path / "tools.fixed.jsonl"
+    proc = check([f"data.path={data}", *v3, "--write-corrected", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert problem_lines(proc.stdout) == [
+        f"{data}:2: bad_tool_call_id: messages[1].tool_calls[0].id='call_1' must be exactly 9 letters or digits "
+        "(set data.fix_tool_call_ids=true to generate ids) (fixable: --write-corrected applies tool_call_ids_generated)"
+    ]
+    assert "changes: 2 tool_call_ids_generated" in proc.stdout  # the call's id and the tool result's
+    fixed = [json.loads(line) for line in out.read_text().splitlines()]
+    call_id = fixed[1]["messages"][1]["tool_calls"][0]["id"]
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", call_id) and fixed[1]["messages"][2]["tool_call_id"] == call_id
+    again = check([f"data.path={out}", *v3], tmp_path)
+    assert again.returncode == 0 and "problems: none" in again.stdout
+
+    weight0 = sum(1 for r in rows for m in r["messages"] if m["role"] == "assistant" and m.get("weight") == 0)
+    answers = sum(1 for r in rows for m in r["messages"] if m["role"] == "assistant")
+    assert weight0 > 0
+    assert f"turns      {answers} assistant turns, {weight0} with \"weight\": 0 (not trained); 8 rows with tool use" in again.stdout
+
+    # training's own repair, data.fix_tool_call_ids=true: nothing to report, the ids it generates counted
+    repaired = check([f"data.path={data}", *v3, "data.fix_tool_call_ids=true"], tmp_path)
+    assert "problems: none" in repaired.stdout and "2 tool-call ids generated" in repaired.stdout
+
+    v1 = check([f"data.path={data}"], tmp_path)  # mistral_tiny: v1 has no tool calls; one error for the source
+    assert v1.returncode == 2 and "has no tool calls" in flat(v1.stderr) and flat(v1.stderr).count("error:") == 1
