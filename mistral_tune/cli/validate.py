@@ -98,14 +98,16 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
     tokenizer, label = load_tokenizer(cfg)
     loaded = time.perf_counter()
     checks = [v.check_source(s, cfg.data, cfg.trainer, tokenizer, corrected=out is not None) for s in sources]
+    evaluation = v.eval_source(cfg.data)
+    eval_check = v.check_source(evaluation, cfg.data, cfg.trainer, tokenizer) if evaluation else None
     seconds, tokenizer_seconds = time.perf_counter() - loaded, loaded - started
-    rows = sum(c.lines for c in checks)
+    rows = sum(c.lines for c in checks) + (eval_check.lines if eval_check else 0)
     t = cfg.trainer
     print(
         f"validate-data: recipe {recipe}; {len(checks)} source(s); tokenizer of {label}; "
         f"trainer.max_length={t.max_length}, trainer.truncation={t.truncation}"
     )
-    problems = [p for c in checks for p in c.problems]
+    problems = [p for c in checks + ([eval_check] if eval_check else []) for p in c.problems]
     print(f"\nproblems ({len(problems)}):" if problems else "\nproblems: none")
     for p in problems:
         print(f"  {p}")
@@ -115,6 +117,8 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
         print("\n" + "\n".join(source_lines(c, plan, cfg)))
     if len(checks) > 1:
         print("\n" + "\n".join(total_lines(checks, cfg)))
+    if eval_check:
+        print("\n" + "\n".join(source_lines(eval_check, plan, cfg)))
     print("\n" + "\n".join(schedule_lines(plan, cfg, process_note)))
     print("\n" + "\n".join(eta_lines(cfg, checks, plan, recipe, overrides, measure_steps)))
     fixable = sum((c.fixable for c in checks), Counter())
@@ -137,19 +141,21 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
         f"tokenize) after loading the tokenizer in {tokenizer_seconds:.2f} s; "
         f"wrote {'only ' + str(out) if out and written else 'nothing'}"
     )
-    return finish(checks, cfg)
+    return finish(checks + ([eval_check] if eval_check else []), cfg)
 
 
 def finish(checks: list, cfg: Any) -> int:
     """0, or one UserError naming each source training could not use as configured."""
+    from mistral_tune.data.validate import line_number
+
     bad = [c.error for c in checks if c.error]
     if cfg.data.on_error != "skip":
         for c in checks:
-            unreadable = c.unreadable
-            if unreadable and not c.error:
+            stops = sorted(c.unreadable + c.strict, key=line_number)
+            if stops and not c.error:
                 bad.append(
-                    f"{c.source.path}: {len(unreadable)} unreadable line(s), first {unreadable[0]}; with "
-                    "data.on_error=fail training stops there (fix them, set data.on_error=skip, or use --write-corrected)"
+                    f"{c.source.path}: {len(stops)} line(s) training stops at with data.on_error=fail, first "
+                    f"{stops[0]} (fix them, set data.on_error=skip, or use --write-corrected)"
                 )
     if bad:
         raise UserError("validate-data: " + "; ".join(bad))
@@ -191,7 +197,8 @@ def _num(n: float) -> str:
 def source_lines(c: Any, plan: Any, cfg: Any) -> list[str]:
     from mistral_tune.data.validate import percentiles
 
-    head = f"source {c.source.path}" + (f" ({c.format}" if c.format else " (") + f", weight {c.source.weight:g})"
+    kind = f"weight {c.source.weight:g}" if not c.source.eval else "data.eval_split: evaluation only"
+    head = f"{'eval ' if c.source.eval else ''}source {c.source.path} (" + (f"{c.format}, " if c.format else "") + f"{kind})"
     if c.format is None and c.error:
         return [head, f"  UNUSABLE  {c.error}"]
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(c.reasons.items()))
@@ -214,7 +221,7 @@ def source_lines(c: Any, plan: Any, cfg: Any) -> list[str]:
     if c.duplicates:
         what = "dropped by data.dedup=true" if cfg.data.dedup else "kept; data.dedup=true drops them"
         lines.append(f"  duplicates {c.duplicates:,} exact duplicate row(s) ({what})")
-    if c.usable:
+    if c.usable and c.source.path in plan.train_rows:
         rows = plan.train_rows[c.source.path]
         unit = " (packing: counted in tokens)" if cfg.trainer.packing else ""
         lines.append(f"  epochs     {plan.epochs[c.source.path]:.2f} over its {rows:,} training rows{unit}")
@@ -250,8 +257,14 @@ def schedule_lines(plan: Any, cfg: Any, process_note: str) -> list[str]:
     lines = [line]
     if plan.note:
         lines.append(f"  {plan.note}")
-    held = cfg.data.holdout
-    lines.append(f"  training rows exclude data.holdout={held}" + (f" and data.eval_split={cfg.data.eval_split}" if cfg.data.eval_split else ""))
+    from mistral_tune.config.schema import eval_fraction
+
+    fraction = eval_fraction(cfg.data.eval_split)
+    lines.append(
+        f"  training rows exclude data.holdout={cfg.data.holdout}"
+        + (f" and data.eval_split={cfg.data.eval_split}" if fraction is not None else "")
+        + (" and duplicates (data.dedup=true)" if cfg.data.dedup else "")
+    )
     return lines
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.fixes import correct_row
+from mistral_tune.data.preflight import STRICT_REASONS
 from mistral_tune.data.report import DataReport
 from mistral_tune.data.sft import detect_format, tokenize_options, tokenize_rows
 from mistral_tune.data.sources import load_records
@@ -33,6 +34,7 @@ class Source:
     path: str
     format: str = "auto"
     weight: float = 1.0
+    eval: bool = False  # data.eval_split naming a file: checked the same way, never trained on
 
 
 @dataclass
@@ -45,6 +47,7 @@ class SourceCheck:
     usable: int = 0  # rows training would keep (truncated ones included)
     problems: list = field(default_factory=list)  # "file:line: reason: detail", in file order
     unreadable: list = field(default_factory=list)  # "file:line: detail" of lines that hold no JSON object
+    strict: list = field(default_factory=list)  # rows that stop a run with data.on_error=fail (preflight's rule)
     reasons: Counter = field(default_factory=Counter)  # unusable rows (and unreadable lines) by reason
     truncated: int = 0  # usable rows over trainer.max_length, cut to it
     lengths: list = field(default_factory=list)  # tokens of each usable row, whole (before truncation)
@@ -75,6 +78,15 @@ def sources_of(data_cfg: Any) -> list[Source]:
         return [Source(data_cfg.path, data_cfg.format, 1.0)]
     specs = resolve_sources(data_cfg)
     return [Source(str(s.path), getattr(s, "format", None) or data_cfg.format, float(s.weight)) for s in specs]
+
+
+def eval_source(data_cfg: Any) -> Optional[Source]:
+    """``data.eval_split`` when it names a file (a fraction is taken from the training rows)."""
+    from mistral_tune.config.schema import eval_fraction
+
+    if not data_cfg.eval_split or eval_fraction(data_cfg.eval_split) is not None:
+        return None
+    return Source(data_cfg.eval_split, data_cfg.format, 0.0, eval=True)
 
 
 def check_source(
@@ -117,7 +129,10 @@ def check_source(
             fixed_kept = _tokenize(fixed, fmt, tokenizer, options) if fixes else kept
             note = f" (fixable: --write-corrected applies {', '.join(sorted(fixes))})" if fixes and not isinstance(fixed_kept, str) else ""
             result.problems.append(f"{where}: {kept}{note}")
-            result.reasons[kept.split(":", 1)[0]] += 1
+            reason = kept.split(":", 1)[0]
+            result.reasons[reason] += 1
+            if reason in STRICT_REASONS:
+                result.strict.append(f"{where}: {kept}")
             if note:
                 result.fixable.update(fixes)
                 result.fixable_rows += 1
@@ -146,7 +161,7 @@ def check_source(
         if corrected:
             result.corrected.append(fixed)
             result.corrected_fixes.update(fixes)
-    result.problems.sort(key=_line_number)  # file order: unreadable lines among the rows
+    result.problems.sort(key=line_number)  # file order: unreadable lines among the rows
     if not result.usable:
         result.error = (
             f"{source.path}: none of its {result.lines} rows can be trained on as {fmt} data "
@@ -175,7 +190,7 @@ def _tokenize(row: dict, fmt: str, tokenizer: Any, options: dict):
     return f"{reason}: {detail or reason}"
 
 
-def _line_number(problem: str) -> int:
+def line_number(problem: str) -> int:
     """The line (or index) a ``file:line: ...`` / ``file[i]: ...`` problem names, for sorting."""
     found = re.match(r".*?(?::(\d+)|\[(\d+)\]): ", problem)
     return int(found.group(1) or found.group(2)) if found else 0

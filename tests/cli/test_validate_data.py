@@ -262,7 +262,8 @@ def test_tool_call_ids_are_reported_fixed_and_weights_counted(tmp_path):
     v3 = ["model=mistral_0.3_tiny", "trainer.max_length=512", "data.holdout=0"]
     out = tmp_path / "tools.fixed.jsonl"
     proc = check([f"data.path={data}", *v3, "--write-corrected", str(out)], tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    # as the run's data check does, a bad id stops a data.on_error=fail run: the check fails, naming the line
+    assert proc.returncode == 2 and f"first {data}:2: bad_tool_call_id" in flat(proc.stderr), proc.stderr
     assert problem_lines(proc.stdout) == [
         f"{data}:2: bad_tool_call_id: messages[1].tool_calls[0].id='call_1' must be exactly 9 letters or digits "
         "(set data.fix_tool_call_ids=true to generate ids) (fixable: --write-corrected applies tool_call_ids_generated)"
@@ -285,3 +286,20 @@ def test_tool_call_ids_are_reported_fixed_and_weights_counted(tmp_path):
 
     v1 = check([f"data.path={data}"], tmp_path)  # mistral_tiny: v1 has no tool calls; one error for the source
     assert v1.returncode == 2 and "has no tool calls" in flat(v1.stderr) and flat(v1.stderr).count("error:") == 1
+
+
+def test_an_eval_file_is_checked_too_and_a_fraction_comes_out_of_the_epochs(tmp_path):
+    train = write_lines(tmp_path / "train.jsonl", good_rows(22))
+    evaluation = write_lines(tmp_path / "eval.jsonl", [*good_rows(3), "{oops"])
+    proc = check([f"data.path={train}", f"data.eval_split={evaluation}", "data.on_error=skip"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{evaluation}:4: malformed JSON" in proc.stdout
+    assert f"eval source {evaluation} (messages, data.eval_split: evaluation only)" in proc.stdout
+    assert "rows       4: 3 usable, 1 unusable (1 malformed_json)" in proc.stdout
+    failing = check([f"data.path={train}", f"data.eval_split={evaluation}"], tmp_path)  # on_error=fail
+    assert failing.returncode == 2 and f"first {evaluation}:4: malformed JSON" in flat(failing.stderr)
+
+    # a fraction: 22 rows - 4 held out = 18; 0.1 of them (2) for evaluation leaves 16 training rows
+    frac = check([f"data.path={train}", "data.eval_split=0.1", "train.max_steps=4", "train.per_device_train_batch_size=4"], tmp_path)
+    assert "epochs     1.00 over its 16 training rows" in frac.stdout, frac.stdout
+    assert "training rows exclude data.holdout=4 and data.eval_split=0.1" in frac.stdout
