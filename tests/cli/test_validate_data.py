@@ -303,3 +303,23 @@ def test_an_eval_file_is_checked_too_and_a_fraction_comes_out_of_the_epochs(tmp_
     frac = check([f"data.path={train}", "data.eval_split=0.1", "train.max_steps=4", "train.per_device_train_batch_size=4"], tmp_path)
     assert "epochs     1.00 over its 16 training rows" in frac.stdout, frac.stdout
     assert "training rows exclude data.holdout=4 and data.eval_split=0.1" in frac.stdout
+
+
+@pytest.mark.parametrize("recipe", ["sft_qlora", "sft_full"])
+def test_gpu_eta_uses_the_dry_run_estimate_without_building_a_model(tmp_path, recipe):
+    args = [f"recipe={recipe}", "model=mistral_7b_en", "trainer.max_length=2048", "dry_run_gpu=A100", "train.max_steps=40"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    dry = subprocess.run([sys.executable, "-m", "mistral_tune", *args, "dry_run=true"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    step = re.search(r"([\d.]+) s per optimizer step", dry.stdout).group(1)
+    code = (
+        "import sys\nfrom mistral_tune.cli import main\nrc = main(sys.argv[1:])\n"
+        "print('torch imported:', 'torch' in sys.modules)\nsys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "validate-data", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    found = re.search(r"ETA on (A100\S*) .* for 40 steps \(([\d.]+) s/step with every row padded to max_length=2048",
+                      proc.stdout)  # fmt: skip
+    assert found and found.group(2) == step, (proc.stdout, step)
+    assert "torch imported: False" in proc.stdout  # no model stack for the check and the estimate
