@@ -132,6 +132,10 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
             print(f"\nwrote {path}: {n} rows")
         if not written:
             print(f"\nwrote nothing to {out}: no row is usable, even with the fixes")
+        elif len(checks) > 1:  # the same mixture, from the corrected files
+            weights = {Path(c.source.path.rstrip("/")).stem: c.source.weight for c in checks}
+            mix = ",".join(f"{path}:{weights[Path(path).stem]:g}" for path in written)
+            print(f"  train on them with data.path='{mix}'")
         print(f"  changes: {changes}; {left} unusable line(s) left out (listed above)")
     elif fixable:
         fixes = ", ".join(f"{n} {name}" for name, n in sorted(fixable.items()))
@@ -197,7 +201,11 @@ def _num(n: float) -> str:
 def source_lines(c: Any, plan: Any, cfg: Any) -> list[str]:
     from mistral_tune.data.validate import percentiles
 
-    kind = f"weight {c.source.weight:g}" if not c.source.eval else "data.eval_split: evaluation only"
+    if c.source.eval:
+        kind = "data.eval_split: evaluation only"
+    else:
+        share = plan.shares.get(c.source.key)
+        kind = f"{c.source.key}, weight {c.source.weight:g}" + (f" = {share:.1%} of the examples" if share is not None and len(plan.shares) > 1 else "")
     head = f"{'eval ' if c.source.eval else ''}source {c.source.path} (" + (f"{c.format}, " if c.format else "") + f"{kind})"
     if c.format is None and c.error:
         return [head, f"  UNUSABLE  {c.error}"]
@@ -221,10 +229,10 @@ def source_lines(c: Any, plan: Any, cfg: Any) -> list[str]:
     if c.duplicates:
         what = "dropped by data.dedup=true" if cfg.data.dedup else "kept; data.dedup=true drops them"
         lines.append(f"  duplicates {c.duplicates:,} exact duplicate row(s) ({what})")
-    if c.usable and c.source.path in plan.train_rows:
-        rows = plan.train_rows[c.source.path]
+    if c.usable and c.source.key in plan.train_rows:
+        rows = plan.train_rows[c.source.key]
         unit = " (packing: counted in tokens)" if cfg.trainer.packing else ""
-        lines.append(f"  epochs     {plan.epochs[c.source.path]:.2f} over its {rows:,} training rows{unit}")
+        lines.append(f"  epochs     {plan.epochs[c.source.key]:.2f} over its {rows:,} training rows{unit}")
     if c.error:
         lines.append(f"  UNUSABLE  {c.error}")
     return lines

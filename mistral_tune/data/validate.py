@@ -1,6 +1,7 @@
 """``mistral-tune validate-data``'s checks: every row of every source through the training data path.
 
-Each source is read with ``load_records`` (bad lines skipped and reported, never failing the check), its
+Each source (``resolve_sources``: one path, a directory, a weighted mixture) is read with ``read_source_rows``
+(bad lines skipped and reported, never failing the check; every row with its ``file:line``), its
 format detected with ``detect_format``, and each row tokenized alone with ``tokenize_rows``, exactly as
 training tokenizes it: the same drop reasons, the same truncation at ``trainer.max_length``. Nothing here
 validates a row a second way; this module only keeps each row's ``file:line`` and adds up the results.
@@ -23,17 +24,19 @@ from mistral_tune.data.fixes import correct_row
 from mistral_tune.data.preflight import STRICT_REASONS
 from mistral_tune.data.report import DataReport
 from mistral_tune.data.sft import detect_format, tokenize_options, tokenize_rows
-from mistral_tune.data.sources import load_records
+from mistral_tune.data.sources import SourceSpec, read_source_rows, resolve_source_files, resolve_sources, source_format
 from mistral_tune.data.splits import find_duplicates
 
 
 @dataclass
 class Source:
-    """One data source as training reads it: a path, a format (``auto`` detects it) and a mixture weight."""
+    """One data source as training reads it (``SourceSpec`` from ``resolve_sources``), or the eval file."""
 
-    path: str
-    format: str = "auto"
+    path: str  # as written: a file, a directory of .jsonl files or a hub dataset name
+    key: str  # where it was configured: data.path, data.path[1], data.sources[0], data.eval_split
+    format: str = "auto"  # as asked (source_format); auto detects it from the rows
     weight: float = 1.0
+    spec: Optional[SourceSpec] = None  # None for the eval file until it is resolved
     eval: bool = False  # data.eval_split naming a file: checked the same way, never trained on
 
 
@@ -70,14 +73,11 @@ class SourceCheck:
 
 
 def sources_of(data_cfg: Any) -> list[Source]:
-    """The sources of ``data``: ``data.sources`` (a weighted mixture, issue 16) when this tree has it,
-    else ``data.path`` alone."""
-    try:
-        from mistral_tune.data.sources import resolve_sources  # type: ignore[attr-defined]
-    except ImportError:
-        return [Source(data_cfg.path, data_cfg.format, 1.0)]
-    specs = resolve_sources(data_cfg)
-    return [Source(str(s.path), getattr(s, "format", None) or data_cfg.format, float(s.weight)) for s in specs]
+    """The training sources of ``data`` (``data.sources``, the ``data.path`` shorthand, or one path), resolved
+    by ``resolve_sources`` exactly as a run resolves them; a bad entry is one ``UserError``."""
+    return [
+        Source(spec.name, spec.key, source_format(spec, data_cfg), spec.weight, spec) for spec in resolve_sources(data_cfg)
+    ]
 
 
 def eval_source(data_cfg: Any) -> Optional[Source]:
@@ -86,7 +86,7 @@ def eval_source(data_cfg: Any) -> Optional[Source]:
 
     if not data_cfg.eval_split or eval_fraction(data_cfg.eval_split) is not None:
         return None
-    return Source(data_cfg.eval_split, data_cfg.format, 0.0, eval=True)
+    return Source(data_cfg.eval_split, "data.eval_split", data_cfg.format, 0.0, eval=True)
 
 
 def check_source(
@@ -96,12 +96,14 @@ def check_source(
     result = SourceCheck(source)
     report = DataReport()
     report.MAX_BAD_LINES = sys.maxsize  # every unreadable line is reported, not the first 20
-    positions: list[str] = []
     try:
-        rows = load_records(source.path, data_cfg.split, "skip", report, positions)
+        spec = source.spec or SourceSpec(source.path, source.key, resolve_source_files(source.path, source.key))
+        located = read_source_rows(spec, data_cfg.split, "skip", report)
     except UserError as exc:
         result.error = str(exc)
         return result
+    positions = [where for where, _ in located]
+    rows = [row for _, row in located]
     result.lines = report.read + len(rows)
     result.reasons.update(report.dropped)
     result.unreadable = list(report.bad_lines)  # "file:line: detail" of each line load_records skipped
@@ -215,58 +217,59 @@ class Schedule:
     steps: int
     examples_per_step: int  # per_device_train_batch_size x gradient_accumulation_steps x processes
     processes: int
-    train_rows: dict  # source path -> rows training draws from (usable, less holdout and eval split)
-    epochs: dict  # source path -> epochs over its training rows
+    train_rows: dict  # source key -> rows training draws from (usable, less holdout, eval split, duplicates)
+    shares: dict  # source key -> its share of the examples (weight / sum of weights)
+    epochs: dict  # source key -> epochs over its training rows
     note: str = ""
 
 
 def schedule(checks: list[SourceCheck], data_cfg: Any, trainer_cfg: Any, train_cfg: Any, processes: int) -> Schedule:
     """Epochs per source for ``train.max_steps`` (or ``num_train_epochs``) and the global batch.
 
-    The holdout and a fractional eval split come out of the training rows as training takes them; with
-    several sources they are taken in proportion to each source's usable rows. Mixture weights share each
-    step's examples between the sources. With ``trainer.packing`` a step is rows of ``max_length`` tokens,
-    so epochs are counted in tokens.
+    Each source's training rows are taken as training takes them (``prepare_sft_data``, ``prepare_mixture``):
+    ``data.holdout`` from the first source with chat data, a fractional ``data.eval_split`` and
+    ``data.max_samples`` per source, duplicates with ``data.dedup``. The mixture draws each source by its share
+    of the weights (``interleave_datasets`` samples with those probabilities, so the counts hold on average).
+    With ``trainer.packing`` a step is rows of ``max_length`` tokens, so epochs are counted in tokens.
     """
     from mistral_tune.config.schema import eval_fraction
 
     per_step = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps * processes
-    counts = {c.source.path: max(c.usable - (c.duplicates if data_cfg.dedup else 0), 0) for c in checks}
-    usable = sum(counts.values())
-    holdout = min(data_cfg.holdout, max(usable - 1, 0))
-    rest = usable - holdout
     fraction = eval_fraction(data_cfg.eval_split)
-    eval_n = max(1, round(fraction * rest)) if fraction is not None and rest else 0
-    train_total = max(rest - eval_n, 0)
-    if data_cfg.max_samples is not None:
-        train_total = min(train_total, data_cfg.max_samples)
-    train_rows = {path: (round(train_total * n / usable) if usable else 0) for path, n in counts.items()}
-    weights = {c.source.path: c.source.weight for c in checks if c.usable}
-    total_weight = sum(weights.values()) or 1.0
+    primary = next((k for k, c in enumerate(checks) if c.format not in (None, "text")), 0)
+    train_rows = {}
+    for k, c in enumerate(checks):
+        n = max(c.usable - (c.duplicates if data_cfg.dedup else 0), 0)
+        rest = n - (min(data_cfg.holdout, max(n - 1, 0)) if k == primary else 0)
+        rest -= max(1, round(fraction * rest)) if fraction is not None and rest else 0
+        train_rows[c.source.key] = min(rest, data_cfg.max_samples) if data_cfg.max_samples is not None else rest
+    weights = {c.source.key: c.source.weight for c in checks if train_rows[c.source.key] > 0}
+    shares = {key: w / sum(weights.values()) for key, w in weights.items()}
     note = ""
     if train_cfg.max_steps > 0:
         steps = train_cfg.max_steps
-    else:  # num_train_epochs over the whole training set
-        steps = math.ceil(train_cfg.num_train_epochs * train_total / per_step) if per_step else 0
-        note = f"train.max_steps unset: {train_cfg.num_train_epochs:g} epoch(s) of {train_total} rows"
+    else:  # num_train_epochs over one pass of the (mixed) training set
+        passes = {"all_exhausted": max, "first_exhausted": min}.get(getattr(data_cfg, "stopping_strategy", ""), max)
+        one_pass = passes((train_rows[key] / share for key, share in shares.items()), default=0)
+        one_pass = one_pass if len(shares) > 1 else sum(train_rows.values())
+        steps = math.ceil(train_cfg.num_train_epochs * one_pass / per_step) if per_step else 0
+        note = f"train.max_steps unset: {train_cfg.num_train_epochs:g} epoch(s) of about {round(one_pass):,} examples"
     epochs = {}
     for c in checks:
-        share = weights.get(c.source.path, 0.0) / total_weight
-        if trainer_cfg.packing:
-            kept = c.tokens * train_rows[c.source.path] / c.usable if c.usable else 0  # its training tokens
-            drawn = steps * per_step * trainer_cfg.max_length * share
-            epochs[c.source.path] = drawn / kept if kept else 0.0
+        key, share = c.source.key, shares.get(c.source.key, 0.0)
+        if trainer_cfg.packing:  # its training tokens; a step is per_step rows of max_length tokens
+            kept = c.tokens * train_rows[key] / c.usable if c.usable else 0
+            epochs[key] = steps * per_step * trainer_cfg.max_length * share / kept if kept else 0.0
         else:
-            drawn = steps * per_step * share
-            epochs[c.source.path] = drawn / train_rows[c.source.path] if train_rows[c.source.path] else 0.0
-    return Schedule(steps, per_step, processes, train_rows, epochs, note)
+            epochs[key] = steps * per_step * share / train_rows[key] if train_rows[key] else 0.0
+    return Schedule(steps, per_step, processes, train_rows, shares, epochs, note)
 
 
 def write_corrected(checks: list[SourceCheck], out: Path) -> dict[str, int]:
     """The usable rows, fixed, written to ``out``: one file (``.jsonl``, or a ``.json`` list) for one source;
     for several, ``out`` is a directory with one ``<name>.jsonl`` per source. Rows written per file written
     (a source with no usable row, even after the fixes, gets none)."""
-    targets = {out: checks} if len(checks) == 1 else {out / f"{Path(c.source.path).stem}.jsonl": [c] for c in checks}
+    targets = {out: checks} if len(checks) == 1 else {out / f"{Path(c.source.path.rstrip('/')).stem}.jsonl": [c] for c in checks}
     if len(targets) < len(checks):
         raise UserError(f"--write-corrected: two sources share a file name; write them one at a time.")
     written = {}

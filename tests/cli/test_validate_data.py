@@ -323,3 +323,33 @@ def test_gpu_eta_uses_the_dry_run_estimate_without_building_a_model(tmp_path, re
                       proc.stdout)  # fmt: skip
     assert found and found.group(2) == step, (proc.stdout, step)
     assert "torch imported: False" in proc.stdout  # no model stack for the check and the estimate
+
+
+def test_a_weighted_mixture_matches_what_training_uses(tmp_path):
+    chat_rows = write_lines(tmp_path / "chat.jsonl", [*good_rows(40), '{"messages": "oops"}'])
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) + "\n" for i in range(20)))
+    common = [f"data.path='{chat_rows}:3,{alpaca}:1'", "data.holdout=2", "data.eval_split=0.1", "data.on_error=skip",
+              "train.max_steps=6", "train.per_device_train_batch_size=4", "trainer.max_length=64"]  # fmt: skip
+    proc = check(common, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"{chat_rows}:41: missing_field: 'messages' is a str, not a list of messages" in out
+    assert f"source {chat_rows} (messages, data.path[0], weight 3 = 75.0% of the examples)" in out
+    assert f"source {alpaca} (alpaca, data.path[1], weight 1 = 25.0% of the examples)" in out
+    assert "rows       61: 60 usable, 1 unusable" in out  # the total
+    # chat: 40 - 2 held out = 38, 4 of them (0.1) for evaluation -> 34; alpaca: 20, 2 for evaluation -> 18
+    # 6 steps x 4 = 24 examples: 18 from chat (0.53 epochs), 6 from alpaca (0.33 epochs)
+    assert "epochs     0.53 over its 34 training rows" in out and "epochs     0.33 over its 18 training rows" in out
+
+    run = tmp_path / "run"
+    train = subprocess.run(
+        [sys.executable, "-m", "mistral_tune", "recipe=sft_lora", *common, "export=none", "export.num_samples=0",
+         f"output_dir={run}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    sources = read_summary(run)["data"]["sources"]
+    assert [s["used"] for s in sources] == [34, 18]  # the training rows validate-data counted
+    seen = [s["examples_seen"] for s in sources]
+    assert sum(seen) == 24 and 18 - 3 * 2.2 <= seen[0] <= 18 + 3 * 2.2  # binomial(24, 0.75): sd 2.1
