@@ -353,3 +353,17 @@ def test_a_weighted_mixture_matches_what_training_uses(tmp_path):
     assert [s["used"] for s in sources] == [34, 18]  # the training rows validate-data counted
     seen = [s["examples_seen"] for s in sources]
     assert sum(seen) == 24 and 18 - 3 * 2.2 <= seen[0] <= 18 + 3 * 2.2  # binomial(24, 0.75): sd 2.1
+
+
+def test_write_corrected_for_a_mixture_writes_one_file_per_source_and_the_data_path(tmp_path):
+    capital = json.dumps({"messages": [{"role": "User", "content": "Hi"}, {"role": "Assistant", "content": "Hey"}]})
+    a = write_lines(tmp_path / "a.jsonl", [*good_rows(6), capital])
+    b = write_lines(tmp_path / "b.jsonl", good_rows(3))
+    out = tmp_path / "fixed"
+    proc = check([f"data.path='{a}:2,{b}:1'", "data.holdout=0", f"--write-corrected={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out / 'a.jsonl'}: 7 rows" in proc.stdout and f"wrote {out / 'b.jsonl'}: 3 rows" in proc.stdout
+    mix = f"{out / 'a.jsonl'}:2,{out / 'b.jsonl'}:1"
+    assert f"train on them with data.path='{mix}'" in proc.stdout
+    again = check([f"data.path='{mix}'", "data.holdout=0"], tmp_path)
+    assert again.returncode == 0 and "problems: none" in again.stdout
