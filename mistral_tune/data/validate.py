@@ -192,10 +192,13 @@ def _tokenize(row: dict, fmt: str, tokenizer: Any, options: dict):
     return f"{reason}: {detail or reason}"
 
 
-def line_number(problem: str) -> int:
-    """The line (or index) a ``file:line: ...`` / ``file[i]: ...`` problem names, for sorting."""
-    found = re.match(r".*?(?::(\d+)|\[(\d+)\]): ", problem)
-    return int(found.group(1) or found.group(2)) if found else 0
+def line_number(problem: str) -> tuple[str, int]:
+    """(file, line or index) a ``file:line: ...`` / ``file[i]: ...`` / ``file#rowN: ...`` problem names, to sort
+    problems into file order (a directory source's files stay in their order: names sort as they are read)."""
+    found = re.match(r"(.*?)(?::(\d+)|\[(\d+)\]|#row(\d+)): ", problem)
+    if not found:
+        return "", 0
+    return found.group(1), int(found.group(2) or found.group(3) or found.group(4))
 
 
 def percentiles(values: list[int]) -> dict[str, int]:

@@ -367,3 +367,15 @@ def test_write_corrected_for_a_mixture_writes_one_file_per_source_and_the_data_p
     assert f"train on them with data.path='{mix}'" in proc.stdout
     again = check([f"data.path='{mix}'", "data.holdout=0"], tmp_path)
     assert again.returncode == 0 and "problems: none" in again.stdout
+
+
+def test_a_directory_source_names_each_file_and_line_in_order(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_lines(shards / "b.jsonl", [good_rows(1)[0], "{bad"])
+    write_lines(shards / "a.jsonl", ["{bad", good_rows(2)[1], json.dumps({"messages": []})])
+    proc = check([f"data.path={shards}", "data.on_error=skip", "data.holdout=0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = [line.split(": ")[0] for line in problem_lines(proc.stdout)]
+    assert got == [f"{shards}/a.jsonl:1", f"{shards}/a.jsonl:3", f"{shards}/b.jsonl:2"]
+    assert "rows       5: 2 usable, 3 unusable (2 malformed_json, 1 no_assistant_turn)" in proc.stdout
