@@ -258,7 +258,10 @@ def prepare_data(cfg: Any, tokenizer: Any):
     return prepare_preference_data(cfg.data, cfg.trainer, tokenizer)
 
 
-def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path, callbacks: list):
+def build_trainer(
+    cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path, callbacks: list, completion_logps: bool = True
+):
+    """``completion_logps=False`` keeps TRL's own fused LM head (``mistral-tune bench`` compares the two)."""
     cache = None
     if cfg.trainer.precompute_ref_log_probs:
         cache = Path(cfg.trainer.ref_cache_dir).expanduser() if cfg.trainer.ref_cache_dir else default_cache_dir()
@@ -273,6 +276,7 @@ def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path
         ref_cache_dir=cache,
         chat_template=tokenizer.jinja_chat_template,
         on_nan=cfg.on_nan,
+        completion_logps=completion_logps,
     )
 
 
