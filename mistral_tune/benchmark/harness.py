@@ -208,7 +208,12 @@ def usage_per_step(runs: list[dict], side: str, key: str) -> dict[str, float] | 
     usages = [r.get("usage", {}).get(side) for r in runs]
     if not steps or not all(usages):
         return None
-    return {k: sum(u[k] for u in usages) / steps for k in ("minor_faults", "system_seconds", "user_seconds")}
+    out = {k: sum(u[k] for u in usages) / steps for k in ("minor_faults", "system_seconds", "user_seconds")}
+    # Real tokens per CPU second (user + system): the cost of a token, whatever else shares the machine.
+    tokens = sum(sum(b["tokens"] for b in step) for r in runs for step in r["step_batches"][: len(r[key])])
+    cpu = sum(u["user_seconds"] + u["system_seconds"] for u in usages)
+    out["tokens_per_cpu_second"] = tokens / cpu if cpu > 0 else None
+    return out
 
 
 def hardware_info() -> dict[str, Any]:
@@ -286,7 +291,8 @@ def markdown_report(summary: dict) -> str:
         if usage:
             lines.append(
                 f"- {v['name']} ({v.get('recipe')}): per framework step {usage['minor_faults']:,.0f} minor page faults, "
-                f"{usage['system_seconds']:.2f} s system and {usage['user_seconds']:.2f} s user CPU time"
+                f"{usage['system_seconds']:.2f} s system and {usage['user_seconds']:.2f} s user CPU time; "
+                f"{_num(usage['tokens_per_cpu_second'], ',.0f')} real tokens per CPU second"
             )
     for v in summary["variants"]:
         loads = ", ".join(f"{a}->{b}" for a, b in (x or [None, None] for x in v["load_average"]))
