@@ -145,7 +145,17 @@ def test_lora_dpo_step_equals_stock_trl(lora_setup, tmp_path, loss_type):
         _perturb(trainer.model, ("lora_B.default",), seed=1, scale=0.05)
     batch = ours.data_collator([data.train[i] for i in range(4)])
     assert (batch["completion_mask"].sum() < batch["attention_mask"].sum()).item()  # prompts are left out
+    base, calls = ours.model.get_base_model(), []
+    routed = base.forward
+
+    def spy(*args, **kwargs):  # TRL's loss must call the head we routed, fused, with labels (canary)
+        calls.append((kwargs.get("fused_lm_head"), kwargs.get("labels") is not None))
+        return routed(*args, **kwargs)
+
+    base.forward = spy
     result = _step(ours, batch)
+    base.forward = routed
+    assert calls == [(True, True), (True, True)]  # the policy, then the reference (adapter "ref")
     _assert_same(result, _step(stock, batch))
     assert result[1]["rewards/margins"] != 0.0
 
