@@ -105,13 +105,17 @@ def data_fit(cfg: Any) -> tuple[dict[str, Any] | None, str]:
     import logging
 
     from mistral_tune.config.registry import PREFERENCE_TRAINERS
-    from mistral_tune.data.sources import resolve_local_path
+    from mistral_tune.data.sources import resolve_local_path, resolve_sources
     from mistral_tune.models.sources import resolve_source
     from mistral_tune.models.tokenizer import load_tokenizer
 
     skipped = "\n\ndata: not checked (a hub dataset or a tokenizer that needs a download)"
     source = resolve_source(cfg.model.name, cfg.model.path)
-    if resolve_local_path(cfg.data.path) is None or (source.local_dir is None and source.preset is None):
+    if cfg.trainer.name in PREFERENCE_TRAINERS:
+        hub_data = resolve_local_path(cfg.data.path) is None
+    else:
+        hub_data = any(spec.hub for spec in resolve_sources(cfg.data))
+    if hub_data or (source.local_dir is None and source.preset is None):
         return None, skipped
     try:
         tokenizer = load_tokenizer(source)
@@ -177,10 +181,16 @@ def render(cfg, origin, trainable, total, shape, memory, speed, moe: bool = Fals
         f"{' over all devices' if shape.num_devices > 1 else ''}",
     ]
     if moe and shape.adapter == "qlora":
-        lines.append(
-            "  note: bitsandbytes stores only nn.Linear layers in 4-bit; the experts (3D tensors in transformers 5) "
-            "stay unquantized, in fp32 after PEFT's k-bit preparation (docs/memory.md#mixture-of-experts)"
-        )
+        if not estimate.lora_on_experts(shape):
+            lines.append(
+                "  note: the experts (3D tensors in transformers 5, not nn.Linear) are stored in NF4 by mistral-tune, "
+                "one 4-bit weight per expert projection, dequantized per routed expert (docs/memory.md#mixture-of-experts)"
+            )
+        else:
+            lines.append(
+                "  note: LoRA on the experts keeps them unquantized, in fp32 after PEFT's k-bit preparation; drop "
+                "experts.* from adapter.target_modules to store them in NF4 (docs/memory.md#mixture-of-experts)"
+            )
     if cfg.trainer.name != "sft":
         lines.append(f"  note: estimated as one SFT sequence per example; trainer={cfg.trainer.name} may differ")
     return "\n".join(lines)
