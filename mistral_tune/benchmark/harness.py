@@ -196,8 +196,10 @@ def summarize(name: str, runs: list[dict], peak_tflops: float | None = None) -> 
         "memory_kind": first["memory_kind"],
         "rss_before_train_bytes": first["rss_before_train_bytes"],
         "process_peak_rss_bytes": max(r["process_peak_rss_bytes"] for r in runs),
-        "usage_per_step": {side: usage_per_step(runs, side, key) for side, key in
-                           (("framework", "framework_seconds"), ("bare", "bare_seconds"))},
+        "usage_per_step": {
+            side: usage_per_step(runs, side, key)
+            for side, key in (("framework", "framework_seconds"), ("bare", "bare_seconds"))
+        },
         "load_average": [r.get("load_average") for r in runs],
     }
 

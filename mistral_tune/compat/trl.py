@@ -155,7 +155,13 @@ def route_fused_lm_head(
     text_config = model.config.get_text_config()
     scaled = any(
         getattr(text_config, key, None) is not None
-        for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+        for key in (
+            "final_logit_softcapping",
+            "logit_scale",
+            "output_multiplier",
+            "lm_head_multiplier",
+            "logits_scaling",
+        )
     )
     if scaled or getattr(text_config, "output_router_logits", False):
         return False  # softcapping, logit scales, the MoE load-balancing loss: TRL's head handles them, ours does not

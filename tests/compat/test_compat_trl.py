@@ -167,4 +167,3 @@ def test_dpo_trainer_installs_the_fused_lm_head_we_route(probe_trainer):
     assert {"fused_lm_head", "labels", "shift_labels", "num_items_in_batch"} <= set(params) or any(
         p.kind is p.VAR_KEYWORD for p in params.values()
     ), broken("trl", compat.FUSED_FORWARD, f"takes {list(params)}")
-
