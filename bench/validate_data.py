@@ -38,7 +38,9 @@ def run_command(model: str) -> dict:
     proc = subprocess.run(command(model), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, check=True)  # fmt: skip
     wall = time.perf_counter() - started
-    found = re.search(r"checked (\d+) rows in ([\d.]+) s \(([\d,]+) rows/s.*?loading the tokenizer in ([\d.]+) s", proc.stdout)
+    found = re.search(
+        r"checked (\d+) rows in ([\d.]+) s \(([\d,]+) rows/s.*?loading the tokenizer in ([\d.]+) s", proc.stdout
+    )
     rows, check_s, _, tok_s = found.groups()
     return {"wall_s": wall, "rows": int(rows), "check_s": float(check_s), "tokenizer_s": float(tok_s)}
 
@@ -77,9 +79,14 @@ def main() -> int:
             print(f"round {r} {model}: {json.dumps(result)}", flush=True)
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "data": str(DATA), "cpu_count": os.cpu_count(),
                "command": " ".join(command("MODEL")[1:]), "rounds": rounds, "median": {}}  # fmt: skip
-    lines = ["| tokenizer | rows | command wall s | check s | rows/s (check) | prepare_sft_data s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| tokenizer | rows | command wall s | check s | rows/s (check) | prepare_sft_data s |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, rs in rounds.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "check_s", "tokenizer_s", "prepare_sft_data_s")}
+        med = {
+            k: statistics.median(x[k] for x in rs) for k in ("wall_s", "check_s", "tokenizer_s", "prepare_sft_data_s")
+        }
         med["rows_per_s"] = rs[0]["rows"] / med["check_s"]
         summary["median"][model] = med
         lines.append(f"| {model} | {rs[0]['rows']:,} | {med['wall_s']:.2f} | {med['check_s']:.2f} | "

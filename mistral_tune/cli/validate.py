@@ -9,9 +9,9 @@ per-source and total counts, token lengths, truncation, epochs per source and an
 from __future__ import annotations
 
 import statistics
-from collections import Counter
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,7 +94,9 @@ def validate(cfg: Any, recipe: str, overrides: list[str], *, out: Optional[Path]
     if out is not None:
         inputs = {Path(s.path).resolve() for s in sources}
         if out.resolve() in inputs or (len(sources) > 1 and out.is_file()):
-            raise UserError(f"--write-corrected {out}: that is a source (or a file, for several sources); name a new path.")
+            raise UserError(
+                f"--write-corrected {out}: that is a source (or a file, for several sources); name a new path."
+            )
     tokenizer, label = load_tokenizer(cfg)
     loaded = time.perf_counter()
     checks = [v.check_source(s, cfg.data, cfg.trainer, tokenizer, corrected=out is not None) for s in sources]
@@ -205,14 +207,21 @@ def source_lines(c: Any, plan: Any, cfg: Any) -> list[str]:
         kind = "data.eval_split: evaluation only"
     else:
         share = plan.shares.get(c.source.key)
-        kind = f"{c.source.key}, weight {c.source.weight:g}" + (f" = {share:.1%} of the examples" if share is not None and len(plan.shares) > 1 else "")
-    head = f"{'eval ' if c.source.eval else ''}source {c.source.path} (" + (f"{c.format}, " if c.format else "") + f"{kind})"
+        kind = f"{c.source.key}, weight {c.source.weight:g}" + (
+            f" = {share:.1%} of the examples" if share is not None and len(plan.shares) > 1 else ""
+        )
+    head = (
+        f"{'eval ' if c.source.eval else ''}source {c.source.path} ("
+        + (f"{c.format}, " if c.format else "")
+        + f"{kind})"
+    )
     if c.format is None and c.error:
         return [head, f"  UNUSABLE  {c.error}"]
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(c.reasons.items()))
     lines = [
         head,
-        f"  rows       {c.lines:,}: {c.usable:,} usable, {c.unusable:,} unusable" + (f" ({reasons})" if reasons else ""),
+        f"  rows       {c.lines:,}: {c.usable:,} usable, {c.unusable:,} unusable"
+        + (f" ({reasons})" if reasons else ""),
         f"  tokens     {c.tokens:,} total, {c.trained_tokens:,} trained (loss on them), as trained after truncation",
     ]
     if c.lengths:
@@ -220,7 +229,9 @@ def source_lines(c: Any, plan: Any, cfg: Any) -> list[str]:
         lines.append("  length     " + ", ".join(f"{k} {v:,}" for k, v in p.items()) + " tokens per row (whole)")
     lines.append(f"  truncated  {c.truncated:,} at trainer.max_length={cfg.trainer.max_length}")
     if c.assistant_turns:
-        turns = f"  turns      {c.assistant_turns:,} assistant turns, {c.skipped_turns:,} with \"weight\": 0 (not trained)"
+        turns = (
+            f'  turns      {c.assistant_turns:,} assistant turns, {c.skipped_turns:,} with "weight": 0 (not trained)'
+        )
         if c.tool_rows:
             turns += f"; {c.tool_rows:,} rows with tool use"
         if c.tool_call_ids_fixed:
@@ -302,7 +313,9 @@ def eta_lines(cfg: Any, checks: list, plan: Any, recipe: str, overrides: list[st
         if kept and not cfg.trainer.packing:
             mean = max(1, round(statistics.fmean(kept)))
             shape.seq_len = mean
-            short = estimate.estimate_speed(config, shape, trainable=trainable, gpu=cfg.dry_run_gpu, mfu=cfg.dry_run_mfu)
+            short = estimate.estimate_speed(
+                config, shape, trainable=trainable, gpu=cfg.dry_run_gpu, mfu=cfg.dry_run_mfu
+            )
             lines.append(
                 f"  {duration(short.step_seconds * plan.steps)} at the data's mean length of {mean} tokens "
                 f"({short.step_seconds:.3g} s/step; padding-free: a lower bound; trainer.packing=true gets close to it)"

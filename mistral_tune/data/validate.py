@@ -76,7 +76,8 @@ def sources_of(data_cfg: Any) -> list[Source]:
     """The training sources of ``data`` (``data.sources``, the ``data.path`` shorthand, or one path), resolved
     by ``resolve_sources`` exactly as a run resolves them; a bad entry is one ``UserError``."""
     return [
-        Source(spec.name, spec.key, source_format(spec, data_cfg), spec.weight, spec) for spec in resolve_sources(data_cfg)
+        Source(spec.name, spec.key, source_format(spec, data_cfg), spec.weight, spec)
+        for spec in resolve_sources(data_cfg)
     ]
 
 
@@ -129,7 +130,11 @@ def check_source(
             return result
         if isinstance(kept, str):  # the drop reason and detail
             fixed_kept = _tokenize(fixed, fmt, tokenizer, options) if fixes else kept
-            note = f" (fixable: --write-corrected applies {', '.join(sorted(fixes))})" if fixes and not isinstance(fixed_kept, str) else ""
+            note = (
+                f" (fixable: --write-corrected applies {', '.join(sorted(fixes))})"
+                if fixes and not isinstance(fixed_kept, str)
+                else ""
+            )
             result.problems.append(f"{where}: {kept}{note}")
             reason = kept.split(":", 1)[0]
             result.reasons[reason] += 1
@@ -183,7 +188,9 @@ def _tokenize(row: dict, fmt: str, tokenizer: Any, options: dict):
     reason = next(iter(report.dropped))
     detail = report.drop_examples.get(reason)
     if detail is None and reason == "too_long":
-        detail = f"{report.lengths[0]} tokens, over trainer.max_length={options['max_length']} (trainer.truncation=drop)"
+        detail = (
+            f"{report.lengths[0]} tokens, over trainer.max_length={options['max_length']} (trainer.truncation=drop)"
+        )
     elif detail is None and reason == "no_loss_tokens":
         detail = (
             f"{report.lengths[0]} tokens; truncation at trainer.max_length={options['max_length']} "
@@ -272,9 +279,13 @@ def write_corrected(checks: list[SourceCheck], out: Path) -> dict[str, int]:
     """The usable rows, fixed, written to ``out``: one file (``.jsonl``, or a ``.json`` list) for one source;
     for several, ``out`` is a directory with one ``<name>.jsonl`` per source. Rows written per file written
     (a source with no usable row, even after the fixes, gets none)."""
-    targets = {out: checks} if len(checks) == 1 else {out / f"{Path(c.source.path.rstrip('/')).stem}.jsonl": [c] for c in checks}
+    targets = (
+        {out: checks}
+        if len(checks) == 1
+        else {out / f"{Path(c.source.path.rstrip('/')).stem}.jsonl": [c] for c in checks}
+    )
     if len(targets) < len(checks):
-        raise UserError(f"--write-corrected: two sources share a file name; write them one at a time.")
+        raise UserError("--write-corrected: two sources share a file name; write them one at a time.")
     written = {}
     for path, group in targets.items():
         if path.suffix not in (".jsonl", ".json"):

@@ -119,8 +119,15 @@ def test_write_corrected_revalidates_cleanly_and_trains(tmp_path):
     rows += [
         json.dumps({"messages": [{"role": "User", "content": "Hi"}, {"role": "ASSISTANT", "content": "Hello"}]}),
         json.dumps({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Yo"}]}),
-        json.dumps({"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
-                                 {"role": "user", "content": "and then?"}]}),  # fmt: skip
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "A"},
+                    {"role": "assistant", "content": "B"},
+                    {"role": "user", "content": "and then?"},
+                ]
+            }
+        ),  # fmt: skip
         "{not json",
         chat("", "empty user turn: not fixable"),
     ]
@@ -278,7 +285,10 @@ def test_tool_call_ids_are_reported_fixed_and_weights_counted(tmp_path):
     weight0 = sum(1 for r in rows for m in r["messages"] if m["role"] == "assistant" and m.get("weight") == 0)
     answers = sum(1 for r in rows for m in r["messages"] if m["role"] == "assistant")
     assert weight0 > 0
-    assert f"turns      {answers} assistant turns, {weight0} with \"weight\": 0 (not trained); 8 rows with tool use" in again.stdout
+    assert (
+        f'turns      {answers} assistant turns, {weight0} with "weight": 0 (not trained); 8 rows with tool use'
+        in again.stdout
+    )
 
     # training's own repair, data.fix_tool_call_ids=true: nothing to report, the ids it generates counted
     repaired = check([f"data.path={data}", *v3, "data.fix_tool_call_ids=true"], tmp_path)
@@ -300,14 +310,23 @@ def test_an_eval_file_is_checked_too_and_a_fraction_comes_out_of_the_epochs(tmp_
     assert failing.returncode == 2 and f"first {evaluation}:4: malformed JSON" in flat(failing.stderr)
 
     # a fraction: 22 rows - 4 held out = 18; 0.1 of them (2) for evaluation leaves 16 training rows
-    frac = check([f"data.path={train}", "data.eval_split=0.1", "train.max_steps=4", "train.per_device_train_batch_size=4"], tmp_path)
+    frac = check(
+        [f"data.path={train}", "data.eval_split=0.1", "train.max_steps=4", "train.per_device_train_batch_size=4"],
+        tmp_path,
+    )
     assert "epochs     1.00 over its 16 training rows" in frac.stdout, frac.stdout
     assert "training rows exclude data.holdout=4 and data.eval_split=0.1" in frac.stdout
 
 
 @pytest.mark.parametrize("recipe", ["sft_qlora", "sft_full"])
 def test_gpu_eta_uses_the_dry_run_estimate_without_building_a_model(tmp_path, recipe):
-    args = [f"recipe={recipe}", "model=mistral_7b_en", "trainer.max_length=2048", "dry_run_gpu=A100", "train.max_steps=40"]
+    args = [
+        f"recipe={recipe}",
+        "model=mistral_7b_en",
+        "trainer.max_length=2048",
+        "dry_run_gpu=A100",
+        "train.max_steps=40",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     dry = subprocess.run([sys.executable, "-m", "mistral_tune", *args, "dry_run=true"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
