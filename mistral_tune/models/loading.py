@@ -140,6 +140,13 @@ def load_model(
         )
         for key, value in moe_overrides(model_cfg, config).items():
             setattr(config, key, value)
+        if quantization_config is not None and not keras:
+            # bitsandbytes quantizes while loading, so the base goes through a save; written tensor by
+            # tensor (the same weights as from_config), a 7B base never sits in memory unquantized.
+            quantized = load_random_quantized(config, auto_class, seed, dtype, attn, quantization_config, model_cfg)
+            if quantized is not None:
+                return quantized
+            torch.manual_seed(seed)
         model = auto_class.from_config(config, attn_implementation=attn).to(dtype)
         if keras:
             from mistral_tune.models.keras_weights import load_keras_weights
@@ -175,3 +182,23 @@ def load_model(
         trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=not model_cfg.allow_pickle,
     )
+
+
+def load_random_quantized(config: Any, auto_class: Any, seed: int, dtype: Any, attn: str, quantization_config: Any, model_cfg: Any):
+    """A random-init base loaded in 4-bit, through a checkpoint written tensor by tensor
+    (``random_init.save_random_checkpoint``); None when the architecture's init is not replayed there."""
+    import tempfile
+
+    from mistral_tune.models.random_init import build_meta, replayable, save_random_checkpoint
+
+    if not replayable(build_meta(config, auto_class, attn)):
+        return None
+    with tempfile.TemporaryDirectory(prefix="mistral-tune-base-") as tmp:
+        save_random_checkpoint(config, Path(tmp), seed=seed, dtype=dtype, auto_class=auto_class)
+        return auto_class.from_pretrained(
+            tmp,
+            dtype=dtype,
+            attn_implementation=attn,
+            quantization_config=quantization_config,
+            **moe_overrides(model_cfg, config),
+        )
