@@ -10,9 +10,10 @@ Sections, each recorded as it finishes (a timeout still leaves the ones before i
 1. ``packing``: the ``mistral_7b_en`` architecture (random weights, sliding window set to 512 so that
    every example runs past it: the preset's own window, 4096, is longer than the 2,048-token batch),
    one packed row of 2,048 tokens made of three examples of 758, 676 and 614 tokens, against the
-   same examples padded in a batch. The loss must be equal: fp32 to 1e-5 relative, bf16 to 1e-2
+   same examples padded in a batch. The loss must be equal: fp32 to 1e-5 relative, bf16 to 2e-3
    (bf16 rounds differently in a packed row), per attention backend (sdpa, flex_attention, eager,
-   flash_attention_2 when installed). A control with positions not reset per example must differ.
+   flash_attention_2 when installed). A control with positions not reset per example must differ
+   by more than 10x the packed-vs-unpacked difference (random weights move the loss only a little).
 2. ``lora``: ``mistral-tune bench`` of LoRA r=16 on q_proj/v_proj, bf16, seq 2,048, packing on
    (synthetic examples of 1,024 tokens, two per row), batch 1: tokens/s and MFU per attention
    backend (sdpa, flex_attention, flash_attention_2 when installed) x loss (chunked, liger).
@@ -168,7 +169,7 @@ def packing_check(device: str, tiny: bool) -> dict:
         skipped["flex_attention"] = "GPU only in the campaign (on CPU inductor compiles it to C++: minutes)"
     if not fa2:
         skipped["flash_attention_2"] = "needs CUDA and flash-attn" if device == "cuda" else "needs CUDA"
-    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-3)):
         model.to(dtype)
         for attn in backends + (["flash_attention_2"] if fa2 and dtype == torch.bfloat16 else []):
             try:
@@ -182,12 +183,15 @@ def packing_check(device: str, tiny: bool) -> dict:
                 rows.append({"attn": attn, "dtype": str(dtype)[6:], "error": f"{type(e).__name__}: {e}"[:500]})
                 continue
             rel = abs(got - ref) / abs(ref)
+            control_rel = abs(control - ref) / abs(ref)
             rows.append({
                 "attn": attn, "dtype": str(dtype)[6:], "layout": "flat" if attn == "flash_attention_2" else "rows",
                 "unpacked_loss": ref, "packed_loss": got, "relative_difference": rel, "tolerance": rtol,
                 "equal": rel <= rtol,
-                # attending across examples must change the loss, or the check could not fail
-                "control_without_position_reset": control, "control_differs": abs(control - ref) / abs(ref) > rtol,
+                # Attending across examples must change the loss well beyond the packed-vs-unpacked
+                # difference (10x), or the check could not fail: random weights move it only a little.
+                "control_without_position_reset": control, "control_relative_difference": control_rel,
+                "control_differs": control_rel > 10 * rel and control_rel > 1e-6,
             })  # fmt: skip
     del model
     if device == "cuda":

@@ -83,7 +83,8 @@ def check(workdir: Path) -> None:
     from mistral_tune.export.stream_merge import base_shards
 
     def find(directory: Path, name: str):
-        for shard in base_shards(directory):
+        shards = [directory / "adapter_model.safetensors"] if directory.name == "adapter" else base_shards(directory)
+        for shard in shards:
             with safe_open(str(shard), framework="pt") as f:
                 if name in f.keys():
                     return f.get_tensor(name)

@@ -12,7 +12,7 @@ millisecond (mistral_tune/benchmark/memory.py), so each phase gets its peak:
 
 Prints and writes one JSON object: RSS after imports (baseline), after loading the 4-bit base, after
 the adapter, the peak during the step, after the step; the dry run's terms for the same config
-(``mistral-tune recipe=sft_qlora model.path=BASE trainer.max_length=128 ... dry_run=true``), and the
+(``mistral-tune recipe=sft_qlora model=mistral_7b_en model.path=BASE trainer.max_length=128 ... dry_run=true``), and the
 measured terms beside them.
 """
 
@@ -33,7 +33,7 @@ GiB = 1024**3
 def overrides(base: Path, seq: int) -> list[str]:
     return [
         f"model.path={base}",
-        "model.name=null",
+        "model=mistral_7b_en",  # its tokenizer and chat format; the weights come from model.path
         f"trainer.max_length={seq}",
         "train.per_device_train_batch_size=1",
         "train.gradient_checkpointing=true",
@@ -76,7 +76,7 @@ def main() -> None:
     r["rss_baseline"] = current_rss()
     peaks.enter("load")
     t = time.perf_counter()
-    source = resolve_source(None, str(args.base))
+    source = resolve_source("mistral_7b_en", str(args.base))
     tokenizer = load_tokenizer(resolve_source("mistral_7b_en", None))
     quant = quantization_config(cfg.adapter, models.resolve_dtype(cfg.model.dtype))
     model = models.load_model(cfg.model, source, seed=cfg.train.seed, quantization_config=quant)

@@ -118,6 +118,13 @@ class ShardReader:
         self.data_start = 8 + length
         self.metadata = header.pop("__metadata__", None) or {}
         self.header = header
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        size = os.fstat(self.fd).st_size
+        if self.data_start + end > size:
+            os.close(self.fd)
+            raise UserError(
+                f"{self.path} is truncated: its header describes {self.data_start + end:,} bytes, the file has {size:,}."
+            )
 
     def keys(self) -> list[str]:
         """Tensor names in file order (the order safetensors' own ``keys()`` returns them)."""
