@@ -18,6 +18,7 @@ Files written:
 * ``preference_sample.jsonl`` -- ``{"prompt", "chosen", "rejected"}`` pairs
 * ``alpaca_sample.jsonl``     -- ``{"instruction", "input", "output"}`` rows
 * ``text_sample.jsonl``       -- ``{"text"}`` plain language-model lines
+* ``tools_sample.jsonl``      -- function calling ``{"messages": [...], "tools": [...]}``
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ N_SFT = 400
 N_PREFERENCE = 200
 N_ALPACA = 50
 N_TEXT = 50
+N_TOOLS = 32
 SYSTEM_FRACTION = 0.10
 TWO_TURN_FRACTION = 0.10
 ALPACA_EMPTY_INPUT_FRACTION = 0.4
@@ -675,6 +677,151 @@ def build_text(rng: random.Random, n: int = N_TEXT) -> list[dict]:
 
 
 # --------------------------------------------------------------------------
+# Function calling (tools_sample.jsonl)
+# --------------------------------------------------------------------------
+
+TOOL_SPECS = {
+    "get_weather": {
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+        },
+    },
+    "convert_currency": {
+        "description": "Convert an amount of money from one currency to another",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "amount": {"type": "number"},
+                "source": {"type": "string", "description": "ISO code, e.g. EUR"},
+                "target": {"type": "string", "description": "ISO code, e.g. USD"},
+            },
+            "required": ["amount", "source", "target"],
+        },
+    },
+    "set_timer": {
+        "description": "Start a countdown timer",
+        "parameters": {
+            "type": "object",
+            "properties": {"minutes": {"type": "integer"}, "label": {"type": "string"}},
+            "required": ["minutes"],
+        },
+    },
+}
+
+WEATHER_CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Perth", "Dakar", "Hanoi", "Bergen"]
+SKIES = ["sunny", "cloudy", "rainy", "windy", "foggy", "snowy"]
+CURRENCIES = {"EUR": 1.0, "USD": 1.1, "GBP": 0.85, "JPY": 160.0, "CHF": 0.95}
+TIMER_LABELS = ["tea", "pasta", "laundry", "a break", "the oven"]
+GENERAL_QA = [
+    ("What is 4 plus 3?", "4 plus 3 is 7."),
+    ("Spell the word cat.", "c-a-t."),
+    ("What colour is the sky on a clear day?", "The sky is blue on a clear day."),
+    ("Name the day after Monday.", "The day after Monday is Tuesday."),
+]
+
+
+def _call_id(rng: random.Random) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(9))
+
+
+def _tools(*names: str) -> list[dict]:
+    return [{"type": "function", "function": {"name": n, **TOOL_SPECS[n]}} for n in names]
+
+
+def _call(rng: random.Random, name: str, arguments: dict) -> dict:
+    return {"id": _call_id(rng), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _weather_turn(rng: random.Random, cities: list[str]) -> list[dict]:
+    """user asks, assistant calls get_weather once per city, one tool result each, assistant answers."""
+    ask = " and ".join(cities)
+    calls = [_call(rng, "get_weather", {"city": c}) for c in cities]
+    reports = [(c, rng.randint(-5, 32), rng.choice(SKIES)) for c in cities]
+    out = [{"role": "user", "content": rng.choice(["What is the weather in {}?", "How warm is it in {} now?",
+                                                   "Weather report for {}, please."]).format(ask)},
+           {"role": "assistant", "content": "", "tool_calls": calls}]  # fmt: skip
+    for call, (city, temp, sky) in zip(calls, reports):
+        result = json.dumps({"city": city, "temperature": temp, "sky": sky})
+        out.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+    answer = " ".join(f"{city}: {temp} degrees and {sky}." for city, temp, sky in reports)
+    out.append({"role": "assistant", "content": answer})
+    return out
+
+
+def _currency_turn(rng: random.Random) -> list[dict]:
+    source, target = rng.sample(sorted(CURRENCIES), 2)
+    amount = rng.choice([5, 10, 20, 50, 100, 250])
+    value = round(amount * CURRENCIES[target] / CURRENCIES[source], 2)
+    # arguments as a JSON string, as the OpenAI API writes them
+    call = _call(rng, "convert_currency", {"amount": amount, "source": source, "target": target})
+    call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+    return [
+        {"role": "user", "content": f"How much is {amount} {source} in {target}?"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": str(value)},
+        {"role": "assistant", "content": f"{amount} {source} is about {value} {target}."},
+    ]
+
+
+def _timer_turn(rng: random.Random) -> list[dict]:
+    minutes, label = rng.randint(2, 45), rng.choice(TIMER_LABELS)
+    call = _call(rng, "set_timer", {"minutes": minutes, "label": label})
+    return [
+        {"role": "user", "content": f"Set a {minutes} minute timer for {label}."},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": f"Timer started: {minutes} min ({label})."},
+        {"role": "assistant", "content": f"Your {minutes} minute timer for {label} is running."},
+    ]
+
+
+def build_tools(rng: random.Random, n: int = N_TOOLS) -> list[dict]:
+    """Function-calling conversations: one call, parallel calls, no call needed (tools listed anyway),
+    two user turns, a system prompt, and turns with "weight": 0 (kept as context, not trained)."""
+    rows = []
+    for i in range(n):
+        kind = i % 8
+        if kind in (0, 1):
+            messages, tools = _weather_turn(rng, rng.sample(WEATHER_CITIES, 1)), _tools("get_weather")
+        elif kind == 2:
+            messages, tools = _weather_turn(rng, rng.sample(WEATHER_CITIES, 2)), _tools("get_weather")
+        elif kind == 3:
+            messages, tools = _currency_turn(rng), _tools("convert_currency", "get_weather")
+        elif kind == 4:
+            messages, tools = _timer_turn(rng), _tools("set_timer")
+        elif kind == 5:  # no tool fits: a plain answer with the tools listed
+            question, answer = GENERAL_QA[(i // 8) % len(GENERAL_QA)]
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            tools = _tools("get_weather", "set_timer")
+        elif kind == 6:  # two user turns; the first turn's answers are context only (weight 0)
+            messages = _weather_turn(rng, rng.sample(WEATHER_CITIES, 1)) + _currency_turn(rng)
+            for m in messages[:4]:
+                if m["role"] == "assistant":
+                    m["weight"] = 0
+            tools = _tools("get_weather", "convert_currency")
+        else:
+            messages = [{"role": "system", "content": "You can call tools. Answer in one sentence."}]
+            messages += _timer_turn(rng)
+            tools = _tools("set_timer", "get_weather")
+        rows.append({"messages": messages, "tools": tools})
+    return rows
+
+
+def validate_tools(rows: list[dict]) -> None:
+    for i, row in enumerate(rows):
+        msgs = [m for m in row["messages"] if m["role"] != "system"]
+        assert msgs[0]["role"] == "user" and msgs[-1]["role"] == "assistant", f"tools row {i}: ends"
+        ids = [c["id"] for m in msgs for c in m.get("tool_calls", [])]
+        results = [m["tool_call_id"] for m in msgs if m["role"] == "tool"]
+        assert ids == results and all(len(x) == 9 and x.isalnum() for x in ids), f"tools row {i}: ids"
+
+
+# --------------------------------------------------------------------------
 # Validation and output
 # --------------------------------------------------------------------------
 
@@ -723,15 +870,18 @@ def main(argv: list[str] | None = None) -> None:
     pref = build_preference(random.Random(f"{args.seed}-preference"))
     alpaca = build_alpaca(random.Random(f"{args.seed}-alpaca"))
     text = build_text(random.Random(f"{args.seed}-text"))
+    tools = build_tools(random.Random(f"{args.seed}-tools"))
 
     validate_sft(sft)
     validate_preference(pref)
+    validate_tools(tools)
 
     outputs = {
         "sft_sample.jsonl": sft,
         "preference_sample.jsonl": pref,
         "alpaca_sample.jsonl": alpaca,
         "text_sample.jsonl": text,
+        "tools_sample.jsonl": tools,
     }
     for name, rows in outputs.items():
         path = args.out_dir / name

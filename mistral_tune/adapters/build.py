@@ -85,6 +85,31 @@ def is_moe_model(model: Any) -> bool:
     return bool(getattr(getattr(model, "config", None), "num_local_experts", None))
 
 
+def expert_lora_targets(adapter_cfg: Any) -> list[str]:
+    """The experts' parameters the adapter puts LoRA on (its saved config's, when continuing one)."""
+    if adapter_cfg.resume_from:
+        path = Path(adapter_cfg.resume_from) / "adapter_config.json"
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        return list(saved.get("target_parameters") or [])
+    return split_targets(list(adapter_cfg.target_modules), moe=True)[1]
+
+
+def store_experts_4bit(model: Any, adapter_cfg: Any) -> int:
+    """QLoRA on Mixtral: store the experts in NF4 too (bitsandbytes only quantizes nn.Linear), unless the
+    adapter puts LoRA on them: PEFT's LoRA on parameters needs them as 16-bit parameters, so then they stay."""
+    from mistral_tune.adapters.experts4bit import quantize_experts
+
+    targeted = expert_lora_targets(adapter_cfg)
+    if targeted:
+        log.warning(
+            "QLoRA with LoRA on the experts (%s): the experts stay in 16-bit (upcast to fp32 for training), "
+            "not 4-bit; drop them from adapter.target_modules to store them in NF4.",
+            ", ".join(targeted),
+        )
+        return 0
+    return quantize_experts(model)
+
+
 def changes_base(adapter_cfg: Any) -> bool:
     """PiSSA/OLoRA initialize by moving part of the base weights into the adapter."""
     return (
@@ -113,6 +138,8 @@ def apply_adapter(
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
+        if is_moe_model(model):
+            store_experts_4bit(model, adapter_cfg)
         # Freezes the base, casts 16-bit norms/embeddings to fp32 and enables input grads, so gradients
         # flow through the frozen 4-bit layers into the adapter.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

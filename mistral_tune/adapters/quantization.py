@@ -110,14 +110,29 @@ def is_4bit_linear(module: Any) -> bool:
 
 
 def quantized_modules(model: Any) -> list[str]:
-    """Names (as in the plain base model) of the linear layers stored in 4-bit."""
+    """Names of the weights stored in 4-bit, as the base checkpoint names them (without ``.weight``):
+    the linear layers, and each expert's w1/w2/w3 where Mixtral's experts are 4-bit (``Experts4bit``)."""
+    from mistral_tune.adapters.experts4bit import PROJECTIONS, is_experts4bit
     from mistral_tune.compat.peft import base_module_name
+    from mistral_tune.compat.transformers import expert_checkpoint_name
 
     names = []
     for name, module in model.named_modules():
         if is_4bit_linear(module):
             names.append(base_module_name(name))
+        elif is_experts4bit(module):
+            base = base_module_name(name)
+            names.extend(
+                expert_checkpoint_name(base, e, p) for e in range(module.num_experts) for p in PROJECTIONS
+            )
     return names
+
+
+def experts_were_4bit(record: dict[str, Any]) -> bool:
+    """Whether a quantization record (below) lists Mixtral experts stored in 4-bit."""
+    from mistral_tune.compat.transformers import EXPERT_CHECKPOINT_INFIX
+
+    return any(EXPERT_CHECKPOINT_INFIX in name for name in record.get("modules", ()))
 
 
 def quantization_record(model: Any) -> Optional[dict[str, Any]]:

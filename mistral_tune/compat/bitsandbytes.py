@@ -33,3 +33,25 @@ def dequantize(param: Any) -> Any:
     import bitsandbytes as bnb
 
     return bnb.functional.dequantize_4bit(param.data, param.quant_state)
+
+
+def matmul_4bit(x: Any, param: Any) -> Any:
+    """``x @ W.T`` for a 4-bit weight ``W`` [out, in], as ``Linear4bit`` computes it (``x`` in the compute dtype)."""
+    import bitsandbytes as bnb
+
+    return bnb.matmul_4bit(x, param.t(), quant_state=param.quant_state)
+
+
+# Params4bit's attributes that say how it was (or will be) quantized: its constructor's keywords.
+PARAMS4BIT_SETTINGS = ("quant_type", "blocksize", "compress_statistics", "quant_storage")
+
+
+def linear4bit_settings(model: Any) -> tuple[Any, Any]:
+    """(Params4bit keyword arguments, compute dtype) of the model's first ``Linear4bit``: the NF4 settings
+    bitsandbytes used when loading it, so other weights can be quantized alike. (None, None) without one."""
+    for module in model.modules():
+        if is_linear4bit(module):
+            w = module.weight
+            settings = {name: getattr(w, name) for name in PARAMS4BIT_SETTINGS}
+            return settings, module.compute_dtype or w.quant_state.dtype
+    return None, None

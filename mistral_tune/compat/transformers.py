@@ -90,6 +90,44 @@ def drop_quantization(config: Any) -> None:
             delattr(config, attr)
 
 
+# --- Mixtral experts ---------------------------------------------------------------------------------
+
+# transformers 5 keeps each Mixtral layer's experts as two 3D parameters of one MixtralExperts module:
+# gate_up_proj [experts, 2 x intermediate, hidden] (gate rows first, then up: the checkpoint's w1 then w3)
+# and down_proj [experts, hidden, intermediate] (w2); its forward is called as
+# experts(hidden_states [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k]).
+# On disk (the hub's checkpoints and what save_pretrained writes) each expert keeps one tensor per projection.
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+EXPERT_CHECKPOINT_TENSORS = {"gate": "w1", "up": "w3", "down": "w2"}
+EXPERT_CHECKPOINT_INFIX = ".block_sparse_moe.experts."
+
+
+def experts_modules(model: Any) -> list[str]:
+    """Names of the Mixtral experts modules of ``model`` (one per MoE layer, e.g. ``model.layers.0.mlp.experts``)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    return [name for name, module in model.named_modules() if isinstance(module, MixtralExperts)]
+
+
+def expert_weights(experts: Any) -> tuple[Any, Any]:
+    """(gate_up_proj, down_proj) of a MixtralExperts module, checked against the layout above."""
+    gate_up, down = (getattr(experts, name) for name in EXPERT_PARAMETERS)
+    n, h, i = down.shape
+    if tuple(gate_up.shape) != (n, 2 * i, h) or getattr(experts, "is_transposed", False):
+        raise RuntimeError(
+            f"MixtralExperts layout changed: gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}; "
+            "mistral_tune.compat.transformers expects [E, 2I, H] and [E, H, I]."
+        )
+    return gate_up, down
+
+
+def expert_checkpoint_name(module_name: str, expert: int, projection: str) -> str:
+    """The checkpoint tensor (without ``.weight``) of one expert's gate/up/down in the MixtralExperts
+    module ``module_name`` (``model.layers.0.mlp.experts`` -> ``model.layers.0.block_sparse_moe.experts.0.w1``)."""
+    layer = module_name.removesuffix(".mlp.experts")
+    return f"{layer}{EXPERT_CHECKPOINT_INFIX}{expert}.{EXPERT_CHECKPOINT_TENSORS[projection]}"
+
+
 # --- generation --------------------------------------------------------------------------------------
 
 # generate() hands a custom decoding method the cache under this keyword: ``cache`` from 5.24 on,

@@ -121,6 +121,9 @@ class DataConfig:
     # Evaluation data: a fraction of the training rows (e.g. "0.05") or a file in any supported format.
     # Eval loss and perplexity are logged every train.eval_steps (default: train.logging_steps).
     eval_split: Optional[str] = None
+    # Function-calling rows: tool-call ids that are not 9 letters/digits are replaced by generated ones
+    # (and the matching tool results updated); false: such a row is a bad row (bad_tool_call_id).
+    fix_tool_call_ids: bool = False
 
 
 LAUNCHERS = tuple(registry.LAUNCHERS)  # the names; config/registry.py is the one list

@@ -18,6 +18,35 @@ from mistral_tune.data.sources import load_records
 log = logging.getLogger(__name__)
 
 
+# Function-calling and weight errors: the line is wrong as written (not merely unusable, as an empty answer is),
+# so with data.on_error=fail they stop the run at file:line, like a malformed line; with skip they are counted.
+STRICT_REASONS = ("bad_tool_call_id", "bad_tool_call", "bad_tools", "bad_weight")
+
+
+def row_location(path: str, index: int) -> str:
+    """``file:line`` of the ``index``-th row (1-based) of a local .jsonl file read with data.on_error=fail
+    (every non-blank line is then a row), ``file[i]`` of a .json list, else ``path row i``."""
+    from mistral_tune.data.sources import resolve_local_path
+
+    try:
+        local = resolve_local_path(path)
+    except UserError:
+        local = None
+    if local is not None and local.suffix == ".jsonl":
+        seen = 0
+        with local.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if raw.strip():
+                    seen += 1
+                    if seen == index:
+                        return f"{local}:{lineno}"
+    if local is not None and local.suffix == ".json":
+        return f"{local}[{index - 1}]"
+    return f"{path} row {index}"
+
+
 def check_data(data_cfg: Any, preference: bool) -> dict[str, Any]:
     """Check every row of ``data.path`` and of an eval file; returns ``{"format", "rows", "usable", "seconds"}``.
 
@@ -55,8 +84,10 @@ def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[st
 
         fmt = detect_format(rows, data_cfg.format)
 
+        fix_ids = getattr(data_cfg, "fix_tool_call_ids", False)
+
         def check(row: dict) -> Any:
-            return check_row(row, fmt, data_cfg.system_prompt)
+            return check_row(row, fmt, data_cfg.system_prompt, fix_ids)
 
     usable = 0
     for i, row in enumerate(rows, 1):
@@ -64,6 +95,11 @@ def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[st
             check(row)
             usable += 1
         except BadRow as exc:
+            if exc.reason in STRICT_REASONS and data_cfg.on_error != "skip":
+                raise UserError(
+                    f"{row_location(path, i)}: {exc.detail}. Fix the line, or set data.on_error=skip to skip "
+                    f"and count such lines ({exc.reason})."
+                ) from None
             report.drop(exc.reason, f"row {i}: {exc.detail}")
     if not usable:
         raise UserError(

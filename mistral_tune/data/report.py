@@ -32,6 +32,10 @@ class DataReport:
     lengths: list = field(default_factory=list)  # tokens each example needs whole (for the length notice)
     prompt_lengths: list = field(default_factory=list)  # preference pairs: tokens of each prompt
     length_notice: Optional[dict] = None  # set by check_lengths when many examples did not fit
+    assistant_turns: int = 0  # assistant turns of the training examples (chat data)
+    skipped_turns: int = 0  # of those, turns with "weight": 0 (not trained)
+    tool_rows: int = 0  # training examples with function calling (tools or tool results)
+    tool_call_ids_fixed: int = 0  # tool-call id fields generated (data.fix_tool_call_ids=true)
 
     MAX_BAD_LINES = 20
     NOTICE_SHARE = 0.05  # more than this share of examples cut or dropped for length gets the one-line notice
@@ -57,8 +61,9 @@ class DataReport:
         return ", ".join(parts) or "none"
 
     def reset_length_counts(self) -> None:
-        """Forget truncations and lengths counted so far (those of held-out rows): they describe training data."""
+        """Forget truncations, lengths and turn counts so far (those of held-out rows): they describe training data."""
         self.truncated = 0
+        self.assistant_turns = self.skipped_turns = self.tool_rows = self.tool_call_ids_fixed = 0
         self.truncated_parts.clear()
         self.lengths.clear()
         self.prompt_lengths.clear()
@@ -105,6 +110,11 @@ class DataReport:
             log.warning("data: skipped %s", where)
         if self.duplicates and not dedup:
             log.warning("data: %d exact duplicate row(s) kept; set data.dedup=true to drop them", self.duplicates)
+        if self.skipped_turns:
+            log.info("data: %d of %d assistant turns have weight 0 and are not trained", self.skipped_turns,
+                     self.assistant_turns)  # fmt: skip
+        if self.tool_call_ids_fixed:
+            log.info("data: generated %d tool-call id(s) (data.fix_tool_call_ids=true)", self.tool_call_ids_fixed)
         if self.truncated and not self.length_notice:  # the notice already says it, with the key to change
             log.warning("data: truncated %d %s to trainer.max_length=%d", self.truncated, unit, max_length)
 
@@ -125,6 +135,10 @@ class DataReport:
             "truncated_parts": dict(self.truncated_parts),
             "drop_examples": dict(self.drop_examples),
             "length_notice": self.length_notice,
+            "assistant_turns": self.assistant_turns,
+            "assistant_turns_skipped": self.skipped_turns,
+            "tool_rows": self.tool_rows,
+            "tool_call_ids_fixed": self.tool_call_ids_fixed,
         }
 
 

@@ -6,6 +6,7 @@ nothing is dropped silently.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from typing import Any, Iterable, Optional
@@ -15,6 +16,8 @@ from mistral_tune.data.messages import BadRow, read_messages
 from mistral_tune.data.report import DataReport, PreparedData
 from mistral_tune.data.sources import load_records
 from mistral_tune.data.splits import find_duplicates, load_eval_file, split_eval_and_train
+from mistral_tune.data.tools import check_tool_conversation, read_tools
+from mistral_tune.data.tools import fix_tool_call_ids as fix_ids
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ FORMATS = {
 }
 
 FORMAT_FIELDS = {
-    "messages": {"messages"},
+    "messages": {"messages", "tools"},
     "sharegpt": {"conversations"},
     "alpaca": {"instruction", "input", "output"},
     "text": {"text"},
@@ -53,8 +56,35 @@ def detect_format(rows: list[dict[str, Any]], requested: str = "auto") -> str:
     )
 
 
-def to_messages(row: dict[str, Any], fmt: str, system_prompt: Optional[str]) -> Optional[list[dict[str, str]]]:
-    """Chat messages for a row, or None for plain text; raises ``BadRow`` (naming the field) on unusable rows."""
+def to_messages(
+    row: dict[str, Any], fmt: str, system_prompt: Optional[str], fix_tool_call_ids: bool = False
+) -> Optional[list[dict[str, Any]]]:
+    """Chat messages for a row, or None for plain text; raises ``BadRow`` (naming the field) on unusable rows.
+
+    Function-calling rows (``tool_calls``, ``tool`` messages) are checked here (mistral_tune.data.tools):
+    bad tool-call ids are generated with ``fix_tool_call_ids``, else the row is a ``bad_tool_call_id``."""
+    return conversation(row, fmt, system_prompt, fix_tool_call_ids)[0]
+
+
+def conversation(
+    row: dict[str, Any], fmt: str, system_prompt: Optional[str], fix_tool_call_ids: bool = False
+) -> tuple[Optional[list[dict[str, Any]]], list[dict[str, Any]], int]:
+    """(messages or None for text, the row's tools, how many tool-call ids were generated)."""
+    if fmt == "messages":
+        tools = read_tools(row.get("tools"))
+        messages = read_messages(row.get("messages"), "messages")
+        fixed = 0
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            if fix_tool_call_ids:
+                messages, fixed = fix_ids(messages)
+            check_tool_conversation(messages)
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        return messages, tools, fixed
+    return _plain_messages(row, fmt, system_prompt), [], 0
+
+
+def _plain_messages(row: dict[str, Any], fmt: str, system_prompt: Optional[str]) -> Optional[list[dict[str, str]]]:
     if fmt == "text":
         return None
     if fmt == "alpaca":
@@ -86,13 +116,17 @@ def tokenize_rows(
     system_prompt: Optional[str],
     report: DataReport,
     completion_only_loss: bool = True,
+    fix_tool_call_ids: bool = False,
 ) -> list[dict[str, list[int]]]:
-    """Rows to ``input_ids`` + ``labels``: -100 outside the assistant turns for chat data, unless
-    ``completion_only_loss`` is false (TRL SFTConfig's name): then every token of the conversation counts."""
+    """Rows to ``input_ids`` + ``labels``: -100 outside the assistant turns for chat data (and on turns with
+    ``"weight": 0``), unless ``completion_only_loss`` is false (TRL SFTConfig's name): then every token of the
+    conversation counts."""
     out = []
     for row in rows:
         try:
-            ids, mask = encode_row(row, fmt, tokenizer, system_prompt)
+            messages, tools, fixed = conversation(row, fmt, system_prompt, fix_tool_call_ids)
+            check_messages(messages, row)
+            ids, mask = encode_messages(row, messages, tools, tokenizer)
         except BadRow as exc:  # rows arrive split and shuffled: the data check before this names their file line
             report.drop(exc.reason, exc.detail)
             continue
@@ -109,19 +143,36 @@ def tokenize_rows(
                 continue
             ids, mask = ids[:max_length], mask[:max_length]
         if not any(mask[1:]):
-            report.dropped["no_loss_tokens"] += 1  # truncation cut every assistant token
+            report.dropped["no_loss_tokens"] += 1  # truncation cut every trained token (or all turns have weight 0)
             continue
         report.truncated += truncated  # counts kept examples only; a dropped one is counted above
+        if messages is not None:  # turns, weights and tool use of the kept examples
+            answers = [m for m in messages if m["role"] == "assistant"]
+            report.assistant_turns += len(answers)
+            if completion_only_loss:  # else every token is trained, weights included
+                report.skipped_turns += sum(1 for m in answers if m.get("weight") == 0)
+            report.tool_call_ids_fixed += fixed
+            report.tool_rows += bool(tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages))
         # labels[i] is the token at i; the model shifts internally. The first token never counts.
         out.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
     return out
 
 
-def check_row(row: dict[str, Any], fmt: str, system_prompt: Optional[str] = None) -> Optional[list[dict[str, str]]]:
+def check_row(
+    row: dict[str, Any], fmt: str, system_prompt: Optional[str] = None, fix_tool_call_ids: bool = False
+) -> Optional[list[dict[str, Any]]]:
     """The row's messages (None for text); raises ``BadRow`` when it cannot become an example. Needs no
     tokenizer, so the data preflight runs it on every row before the model loads."""
-    messages = to_messages(row, fmt, system_prompt)
+    messages = to_messages(row, fmt, system_prompt, fix_tool_call_ids)
+    check_messages(messages, row)
+    return messages
+
+
+def check_messages(messages: Optional[list[dict[str, Any]]], row: Optional[dict[str, Any]] = None) -> None:
+    """``BadRow`` for a text row without text, or a conversation that does not end with an assistant turn."""
     if messages is None:
+        if row is None:
+            return
         text = row.get("text")
         if not isinstance(text, str):
             raise BadRow("missing_field", "no 'text'" if text is None else f"'text' is a {type(text).__name__}")
@@ -129,15 +180,31 @@ def check_row(row: dict[str, Any], fmt: str, system_prompt: Optional[str] = None
             raise BadRow("empty_field", "'text' is empty")
     elif messages[-1]["role"] != "assistant":
         raise BadRow("no_assistant_turn", f"the last message is {messages[-1]['role']!r}, not 'assistant'")
-    return messages
 
 
 def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, system_prompt: Optional[str]):
     """(ids, loss mask) of one row; raises ``BadRow``, or ``ValueError`` from the chat template."""
-    messages = check_row(row, fmt, system_prompt)
+    messages, tools, _ = conversation(row, fmt, system_prompt)
+    check_messages(messages, row)
+    return encode_messages(row, messages, tools, tokenizer)
+
+
+def encode_messages(row: dict[str, Any], messages: Optional[list], tools: list, tokenizer: Any):
+    """(ids, loss mask): the text row's tokens, or the conversation through the tokenizer's chat format.
+
+    Tool data on a tokenizer whose format has no tools (v1) stops the run with one error: every such
+    row would be lost, and the cure is a different model, not different rows."""
     if messages is None:
         ids = tokenizer.encode(row["text"], add_bos=True, add_eos=True)
         return ids, [1] * len(ids)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        if not getattr(tokenizer, "supports_tools", False):
+            raise UserError(
+                f"This data has function calling (tools, tool_calls, tool messages), but the model's chat format "
+                f"{getattr(tokenizer, 'chat_format', '?')!r} has no tool calls. Use a preset with the v3 tokenizer "
+                "or later (e.g. model=mistral_0.3_tiny, mistral_nemo_tiny, mistral_0.3_instruct_7b_en)."
+            )
+        return tokenizer.encode_chat(messages, tools=tools or None)
     return tokenizer.encode_chat(messages)
 
 
@@ -164,6 +231,7 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
         truncation=trainer_cfg.truncation,
         system_prompt=data_cfg.system_prompt,
         completion_only_loss=trainer_cfg.completion_only_loss,
+        fix_tool_call_ids=getattr(data_cfg, "fix_tool_call_ids", False),
     )
     holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
     report.reset_length_counts()  # counted for training examples only
@@ -217,4 +285,7 @@ def prompt_and_reference(row: dict[str, Any], fmt: str, system_prompt: Optional[
         words = row["text"].split()
         half = max(1, len(words) // 2)
         return " ".join(words[:half]), " ".join(words[half:])
-    return messages[:-1], messages[-1]["content"]
+    last = messages[-1]
+    if last.get("tool_calls") and not last["content"]:  # the reference is the call itself
+        return messages[:-1], json.dumps([c["function"] for c in last["tool_calls"]], ensure_ascii=False)
+    return messages[:-1], last["content"]

@@ -3,7 +3,8 @@
 QLoRA is never merged into 4-bit rounding: the merge streams from the original 16/32-bit base,
 round-tripped through NF4 as bitsandbytes loaded it (``stream_merge``), and the reference it is
 verified against is the 4-bit base dequantized exactly as the forward pass dequantizes it, with the
-trained adapter attached (``dequantized_copy``). See docs/export.md.
+trained adapter attached (``dequantized_copy``); Mixtral's 4-bit experts (``adapters.experts4bit``)
+come back as transformers' 3D expert tensors. See docs/export.md.
 """
 
 from __future__ import annotations
@@ -25,15 +26,22 @@ def dequantized_copy(model: Any, dtype: Any):
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
+    from mistral_tune.adapters.experts4bit import is_experts4bit
     from mistral_tune.compat.bitsandbytes import dequantize, is_params4bit
     from mistral_tune.compat.transformers import drop_quantization
 
     is_peft = isinstance(model, PeftModel)
     base = model.get_base_model() if is_peft else model
     tensors = {}
+    experts_4bit = [name for name, module in base.named_modules() if is_experts4bit(module)]
+    for name in experts_4bit:  # Mixtral's 4-bit experts: back to transformers' 3D gate_up_proj/down_proj
+        for leaf, value in base.get_submodule(name).dequantized().items():
+            tensors[f"{name}.{leaf}"] = value.detach().to("cpu", dtype)
     for name, p in base.named_parameters():
         if ".lora_" in name or ".modules_to_save." in name:
             continue  # adapter weights come back through the PEFT state dict below
+        if any(name.startswith(prefix + ".") for prefix in experts_4bit):
+            continue
         clean = name.replace(".base_layer.", ".").replace(".original_module.", ".")
         if is_params4bit(p):
             value = dequantize(p)

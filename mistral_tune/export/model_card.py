@@ -115,6 +115,12 @@ def gguf_lines(gguf: Optional[dict[str, Any]]) -> list[str]:
         lines.append(f"- `{Path(f['path']).name}` ({f['type']}, {_fmt(f['bytes'])} bytes): {status}")
     if gguf.get("sliding_window_honoured") is False:
         lines.append(f"- Sliding window: {gguf['sliding_window_note']}.")
+    if any(f.get("architecture") == "granite_swa" for f in gguf.get("files", [])):
+        lines.append(
+            "- Architecture: written as llama.cpp's `granite_swa` (its Granite scales and attention sinks set to "
+            "no-ops), the llama.cpp graph that applies Ministral's per-layer sliding windows; a llama.cpp build "
+            "without `granite_swa` refuses the file."
+        )
     return lines
 
 

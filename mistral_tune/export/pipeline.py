@@ -168,7 +168,8 @@ def reference_from_files(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mistral_tune.adapters.quantization import keep_cpu_4bit_numerics, quantization_config
+    from mistral_tune.adapters.experts4bit import quantize_experts
+    from mistral_tune.adapters.quantization import experts_were_4bit, keep_cpu_4bit_numerics, quantization_config
     from mistral_tune.export.merged import dequantized_copy
     from mistral_tune.export.verify import fine_tune_shift, reference_logits
 
@@ -185,6 +186,8 @@ def reference_from_files(
         kwargs = {"dtype": base_dtype, "quantization_config": quantization_config(record, base_dtype)}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if quantization:
+        if experts_were_4bit(quantization):
+            quantize_experts(model)  # as the run stored Mixtral's experts (adapters.experts4bit)
         keep_cpu_4bit_numerics(model)
     if adapter_dir is not None:
         from peft import PeftModel

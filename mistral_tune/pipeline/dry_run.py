@@ -177,10 +177,16 @@ def render(cfg, origin, trainable, total, shape, memory, speed, moe: bool = Fals
         f"{' over all devices' if shape.num_devices > 1 else ''}",
     ]
     if moe and shape.adapter == "qlora":
-        lines.append(
-            "  note: bitsandbytes stores only nn.Linear layers in 4-bit; the experts (3D tensors in transformers 5) "
-            "stay unquantized, in fp32 after PEFT's k-bit preparation (docs/memory.md#mixture-of-experts)"
-        )
+        if not estimate.lora_on_experts(shape):
+            lines.append(
+                "  note: the experts (3D tensors in transformers 5, not nn.Linear) are stored in NF4 by mistral-tune, "
+                "one 4-bit weight per expert projection, dequantized per routed expert (docs/memory.md#mixture-of-experts)"
+            )
+        else:
+            lines.append(
+                "  note: LoRA on the experts keeps them unquantized, in fp32 after PEFT's k-bit preparation; drop "
+                "experts.* from adapter.target_modules to store them in NF4 (docs/memory.md#mixture-of-experts)"
+            )
     if cfg.trainer.name != "sft":
         lines.append(f"  note: estimated as one SFT sequence per example; trainer={cfg.trainer.name} may differ")
     return "\n".join(lines)

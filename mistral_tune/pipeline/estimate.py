@@ -94,8 +94,27 @@ def dims(c: dict[str, Any]) -> dict[str, int]:
 def linear_modules(c: dict[str, Any]) -> tuple:
     """The ``nn.Linear`` modules of one decoder layer: what LoRA can target by module name and what
     bitsandbytes stores in 4-bit. Mixtral's experts are not among them: transformers 5 keeps each
-    layer's experts as two 3D parameters (``experts.gate_up_proj``, ``experts.down_proj``)."""
+    layer's experts as two 3D parameters (``experts.gate_up_proj``, ``experts.down_proj``), which
+    QLoRA quantizes itself (:func:`experts_in_4bit`)."""
     return ATTENTION_MODULES if (c.get("num_local_experts") or 0) > 1 else LINEAR_MODULES
+
+
+EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")  # adapters.build.EXPERT_PARAMETERS
+
+
+def expert_parameter_count(c: dict[str, Any]) -> int:
+    """Weights of every expert of every layer (gate, up and down of each), 0 for a dense model."""
+    d = dims(c)
+    return 3 * d["h"] * d["i"] * d["experts"] * d["layers"] if d["experts"] > 1 else 0
+
+
+def lora_on_experts(s: "RunShape") -> bool:
+    return bool(set(s.target_modules) & set(EXPERT_TARGETS))
+
+
+def experts_in_4bit(c: dict[str, Any], s: "RunShape") -> bool:
+    """QLoRA stores Mixtral's experts in NF4 unless LoRA targets them (PEFT's LoRA on parameters needs 16-bit)."""
+    return s.adapter == "qlora" and dims(c)["experts"] > 1 and not lora_on_experts(s)
 
 
 def module_shapes(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -160,6 +179,9 @@ def layer_activation_terms(c: dict[str, Any], s: RunShape) -> dict[str, float]:
         # output (scaled by its routing weight) and the fp32 router logits and softmax. Approximate:
         # the tests check dense layers to the byte, not this.
         terms["experts (swiglu + output per active expert)"] = d["active"] * (3 * d["i"] + d["h"]) * a
+        if experts_in_4bit(c, s):
+            # bitsandbytes' 4-bit matmul keeps its input for backward: each active expert's gathered tokens.
+            terms["4-bit experts (gathered inputs)"] = d["active"] * d["h"] * a
         terms["router (fp32 logits, softmax)"] = 2 * 4 * d["experts"]
     else:
         terms["swiglu (gate, silu, up)"] = 3 * d["i"] * a
@@ -222,13 +244,18 @@ def estimate_memory(c: dict[str, Any], s: RunShape, *, trainable: int, total: in
     est = MemoryEstimate()
     a = s.compute_bytes
     if s.adapter == "qlora":
-        # Every decoder-layer nn.Linear is NF4; embeddings, norms and lm_head stay, and PEFT's
-        # prepare_model_for_kbit_training upcasts them to fp32. bitsandbytes quantizes nn.Linear only,
-        # so Mixtral's experts (3D parameters in transformers 5) stay unquantized and are upcast too.
+        # Every decoder-layer nn.Linear is NF4, and so are Mixtral's experts (adapters/experts4bit.py)
+        # unless LoRA targets them; embeddings, norms, the router and lm_head stay, and PEFT's
+        # prepare_model_for_kbit_training upcasts them to fp32.
         shapes = module_shapes(c)
         quantized = sum(shapes[m][0] * shapes[m][1] for m in linear_modules(c)) * d["layers"]
+        experts = expert_parameter_count(c)
+        if experts_in_4bit(c, s):
+            quantized += experts
         rest = total - trainable - quantized
-        what = "experts, router, embeddings, norms, lm_head" if d["experts"] > 1 else "embeddings, norms, lm_head"
+        what = "router, embeddings, norms, lm_head" if experts_in_4bit(c, s) else "embeddings, norms, lm_head"
+        if experts and not experts_in_4bit(c, s):
+            what = "experts (LoRA on them keeps them 16-bit), router, embeddings, norms, lm_head"
         est.add(
             "weights",
             quantized * NF4_BITS_PER_PARAM / 8 + rest * 4,

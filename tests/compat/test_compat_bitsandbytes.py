@@ -65,3 +65,27 @@ def test_dequantize_gives_what_the_forward_pass_computes_with(layer):
             "bitsandbytes", "bitsandbytes.functional.dequantize_4bit", "differs from Linear4bit's forward"
         )
         assert (weight.float() - dense.weight).abs().max() < 0.2  # NF4 rounding of the original
+
+
+def test_linear4bit_settings_and_matmul_4bit(layer):
+    """What Mixtral's 4-bit experts copy from the model's Linear4bit layers, and the matmul they run."""
+    dense, quant = layer
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = quant
+
+    settings, compute_dtype = compat.linear4bit_settings(Holder())
+    assert settings == {"quant_type": "nf4", "blocksize": 64, "compress_statistics": True, "quant_storage": torch.uint8}, (
+        broken("bitsandbytes", "Params4bit", f"settings read back as {settings}")
+    )
+    assert compute_dtype == torch.float32
+    assert compat.linear4bit_settings(torch.nn.Linear(2, 2)) == (None, None)
+    again = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, **settings).to("cpu")
+    assert torch.equal(compat.dequantize(again), compat.dequantize(quant.weight))
+    x = torch.randn(3, 16, requires_grad=True)
+    out = compat.matmul_4bit(x, quant.weight)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, compat.dequantize(quant.weight)), rtol=0, atol=1e-6)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, compat.dequantize(quant.weight).sum(0).expand(3, -1), rtol=0, atol=1e-6)

@@ -227,3 +227,55 @@ def test_tekken_converter(tmp_path):
         assert tok.encode(text, add_special_tokens=False).ids == reference.encode(text, bos=False, eos=False), broken(
             "transformers", "integrations.mistral.MistralConverter", f"encodes {text!r} differently"
         )
+
+
+# --- Mixtral experts (QLoRA stores them in 4-bit itself: adapters/experts4bit.py) ---------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return MixtralForCausalLM(config).eval()
+
+
+def test_mixtral_experts_are_one_module_of_two_3d_parameters_per_layer(tiny_mixtral):
+    names = compat.experts_modules(tiny_mixtral)
+    assert names == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"], broken(
+        "transformers", "MixtralExperts", f"is found at {names}"
+    )
+    experts = tiny_mixtral.get_submodule(names[0])
+    gate_up, down = compat.expert_weights(experts)  # raises on another layout
+    assert tuple(gate_up.shape) == (3, 48, 16) and tuple(down.shape) == (3, 16, 24)
+    # the forward's contract: experts(hidden [tokens, hidden], top_k_index, top_k_weights), gate rows before up
+    x, index, weights = torch.randn(5, 16), torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]]), torch.rand(5, 2)
+    expected = torch.zeros(5, 16)
+    for t in range(5):
+        for k in range(2):
+            e = int(index[t, k])
+            gate, up = gate_up[e, :24] @ x[t], gate_up[e, 24:] @ x[t]
+            expected[t] += weights[t, k] * (down[e] @ (experts.act_fn(gate) * up))
+    with torch.no_grad():
+        got = experts(x, index, weights)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), broken(
+        "transformers", "MixtralExperts.forward", "no longer computes down(act(gate x) * up x) per routed expert"
+    )
+
+
+def test_mixtral_checkpoints_keep_w1_gate_w3_up_w2_down_per_expert(tiny_mixtral, tmp_path):
+    from safetensors.torch import load_file
+
+    tiny_mixtral.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    gate_up, down = compat.expert_weights(tiny_mixtral.get_submodule("model.layers.1.mlp.experts"))
+    for e in range(3):
+        for projection, expected in (("gate", gate_up[e, :24]), ("up", gate_up[e, 24:]), ("down", down[e])):
+            key = compat.expert_checkpoint_name("model.layers.1.mlp.experts", e, projection) + ".weight"
+            assert key in saved, broken("transformers", "Mixtral's checkpoint layout", f"has no {key}")
+            assert torch.equal(saved[key], expected), broken("transformers", key, f"is not expert {e}'s {projection}")
+    assert compat.EXPERT_CHECKPOINT_INFIX in key

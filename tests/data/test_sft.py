@@ -124,6 +124,10 @@ def test_prepare_holds_out_and_reports(tmp_path, tok, compose):
         "truncated_parts": {},
         "drop_examples": {},
         "length_notice": None,
+        "assistant_turns": 7,
+        "assistant_turns_skipped": 0,
+        "tool_rows": 0,
+        "tool_call_ids_fixed": 0,
     }
 
 

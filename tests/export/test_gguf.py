@@ -129,6 +129,135 @@ def test_a_non_sentencepiece_tokenizer_or_a_vocab_mismatch_is_refused(tmp_path, 
         gguf_file.tokenizer_metadata(None, object())
 
 
+@pytest.fixture(scope="module")
+def tiny_bases(tmp_path_factory):
+    """mixtral_tiny and ministral_tiny as a run builds them (random init from seed 0), with their tokenizers."""
+    from mistral_tune.export.pipeline import materialize_base
+    from mistral_tune.models.tokenizer import load_tokenizer
+
+    bases = {}
+    for preset in ("mixtral_tiny", "ministral_tiny"):
+        base, source = materialize_base({"name": preset, "path": None, "seed": 0}, tmp_path_factory.mktemp(preset))
+        bases[preset] = (base, load_tokenizer(source))
+    return bases
+
+
+def test_mixtral_experts_are_stacked_per_layer_with_the_router_in_f32(tmp_path, tiny_bases):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    base, tokenizer = tiny_bases["mixtral_tiny"]
+    config = json.loads((base / "config.json").read_text())
+    experts = config["num_local_experts"]
+    gguf_file.write_gguf(base, tmp_path / "x-f32.gguf", tokenizer, "f32", name="x")
+    reader, fields = read(tmp_path / "x-f32.gguf")
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.expert_count"] == experts and fields["llama.expert_used_count"] == 2
+    tensors = {t.name: t for t in reader.tensors}
+    state = load_file(str(base / "model.safetensors"))
+    for layer in range(config["num_hidden_layers"]):
+        for kind, w in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+            stacked = np.stack(
+                [state[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"].numpy() for e in range(experts)]
+            )
+            np.testing.assert_array_equal(tensors[f"blk.{layer}.ffn_{kind}_exps.weight"].data, stacked)
+        router = state[f"model.layers.{layer}.block_sparse_moe.gate.weight"].numpy()
+        np.testing.assert_array_equal(tensors[f"blk.{layer}.ffn_gate_inp.weight"].data, router)
+    assert not any(name.startswith("blk.0.ffn_gate.") for name in tensors)  # no dense MLP
+    gguf_file.write_gguf(base, tmp_path / "x-q4_0.gguf", tokenizer, "q4_0", name="x")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "x-q4_0.gguf")).tensors}
+    assert types["blk.1.ffn_gate_inp.weight"] == "F32" and types["blk.1.ffn_down_exps.weight"] == "Q4_0"
+    assert types["output.weight"] == "Q8_0"
+
+
+def test_transformers_5s_fused_expert_layout_writes_the_same_file(tmp_path, tiny_bases):
+    """gate_up_proj [experts, 2*ff, hidden] (gate rows first) and down_proj [experts, hidden, ff], as
+    transformers 5 holds Mixtral in memory, give the file the per-expert w1/w3/w2 checkpoint gives."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, tokenizer = tiny_bases["mixtral_tiny"]
+    config = json.loads((base / "config.json").read_text())
+    experts = config["num_local_experts"]
+    state = load_file(str(base / "model.safetensors"))
+    fused = {}
+    for name, tensor in state.items():
+        if ".experts." in name:
+            continue
+        fused[name.replace(".block_sparse_moe.", ".mlp.")] = tensor
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+        gate = torch.stack([state[f"{prefix}.{e}.w1.weight"] for e in range(experts)])
+        up = torch.stack([state[f"{prefix}.{e}.w3.weight"] for e in range(experts)])
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
+            [state[f"{prefix}.{e}.w2.weight"] for e in range(experts)]
+        )
+    (tmp_path / "fused").mkdir()
+    shutil.copy(base / "config.json", tmp_path / "fused" / "config.json")
+    save_file(fused, str(tmp_path / "fused" / "model.safetensors"))
+    gguf_file.write_gguf(base, tmp_path / "a.gguf", tokenizer, "q8_0", name="x")
+    gguf_file.write_gguf(tmp_path / "fused", tmp_path / "b.gguf", tokenizer, "q8_0", name="x")
+    a = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors}
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type and bytes(a[name].data) == bytes(b[name].data), name
+
+
+def test_a_mixtral_checkpoint_missing_an_expert_is_refused(tmp_path, tiny_bases):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mistral_tune.core.errors import UserError
+
+    base, tokenizer = tiny_bases["mixtral_tiny"]
+    state = load_file(str(base / "model.safetensors"))
+    del state["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    (tmp_path / "m").mkdir()
+    shutil.copy(base / "config.json", tmp_path / "m" / "config.json")
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(UserError, match=r"layer 1 .* has w2 for experts \[0, 1, 2\]; .*num_local_experts=4"):
+        gguf_file.write_gguf(tmp_path / "m", tmp_path / "x.gguf", tokenizer, "f32", name="x")
+
+
+def test_ministral_is_written_with_its_per_layer_windows_as_granite_swa(tmp_path, tiny_bases):
+    import numpy as np
+
+    base, tokenizer = tiny_bases["ministral_tiny"]
+    info = gguf_file.write_gguf(base, tmp_path / "x-f32.gguf", tokenizer, "f32", name="x")
+    assert info["architecture"] == "granite_swa" and info["sliding_window"] is None  # carried, not dropped
+    reader, fields = read(tmp_path / "x-f32.gguf")
+    assert fields["general.architecture"] == "granite_swa"
+    assert fields["granite_swa.attention.sliding_window"] == 16
+    assert fields["granite_swa.attention.sliding_window_pattern"] == [False, True, True, True]
+    assert fields["granite_swa.logit_scale"] == 1.0 and fields["granite_swa.residual_scale"] == 1.0
+    assert fields["granite_swa.embedding_scale"] == 1.0
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "tekken"
+    tensors = {t.name: t for t in reader.tensors}
+    assert info["tensors"] == len(tensors)
+    for layer in range(4):
+        sinks = tensors[f"blk.{layer}.attn_sinks.weight"]
+        assert sinks.tensor_type.name == "F32" and np.all(np.isneginf(sinks.data)) and sinks.data.size == 4
+
+
+def test_a_ministral_config_without_a_pattern_per_layer_is_refused(tmp_path, tiny_bases):
+    from mistral_tune.core.errors import UserError
+
+    base, _ = tiny_bases["ministral_tiny"]
+    config = json.loads((base / "config.json").read_text())
+    with pytest.raises(UserError, match="must name each of the 4 layers"):  # 2 entries for 4 layers
+        gguf_file.layer_windows({**config, "layer_types": ["full_attention", "sliding_attention"]})
+    assert gguf_file.layer_windows({**config, "layer_types": ["full_attention"] * 4}) is None
+    assert gguf_file.architecture({**config, "layer_types": ["full_attention"] * 4}) == "llama"
+    assert gguf_file.sliding_window({**config, "layer_types": ["full_attention"] * 4}) is None  # no windowed layer
+    # Ministral 8B's window equals its configured context; llama.cpp runs longer ones, so it is still written
+    assert gguf_file.layer_windows({**config, "sliding_window": 2048}) == [False, True, True, True]
+
+
 # ---- verification in llama.cpp ----------------------------------------------------------------------
 
 xllamacpp = pytest.importorskip("xllamacpp")
@@ -151,10 +280,12 @@ def test_f32_and_q8_0_exports_verify_in_llama_cpp_with_the_window_warning(tmp_pa
     assert q8["rounding_max_abs_logprob_shift"] > 0  # the rounded reference differs from the exact one
 
 
-@pytest.mark.parametrize("preset", ["mistral_0.3_tiny", "mistral_nemo_tiny"])
+@pytest.mark.parametrize("preset", ["mistral_0.3_tiny", "mistral_nemo_tiny", "mixtral_tiny", "ministral_tiny"])
 def test_the_tiny_presets_of_the_other_families_verify_in_llama_cpp(tmp_path, preset):
-    """v3 SentencePiece (mistral_0.3_tiny) and Tekken with head_dim != hidden/heads (mistral_nemo_tiny),
-    as a run builds them (random init from the seed); f32 verifies to 1e-4, prompt counts included."""
+    """v3 SentencePiece (mistral_0.3_tiny), Tekken with head_dim != hidden/heads (mistral_nemo_tiny),
+    experts (mixtral_tiny, v1) and interleaved sliding windows with Tekken (ministral_tiny: window 16, and
+    every verified sequence is longer), as a run builds them (random init from the seed); f32 verifies
+    to 1e-4, prompt counts included."""
     from mistral_tune.export.pipeline import materialize_base
     from mistral_tune.models.tokenizer import load_tokenizer
 
@@ -170,13 +301,45 @@ def test_the_tiny_presets_of_the_other_families_verify_in_llama_cpp(tmp_path, pr
     assert check["greedy_tokens"] == check["greedy_tokens_expected"] >= 55
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "ministral"])
-def test_architectures_llama_cpp_would_run_differently_are_refused(tmp_path, tiny_tokenizer, model_type):
+@pytest.mark.parametrize(
+    "config",
+    [{"model_type": "gemma2"}, {"model_type": "mistral", "architectures": ["MistralForSequenceClassification"]}],
+)
+def test_architectures_the_writer_does_not_know_are_refused(tmp_path, tiny_tokenizer, config):
     from mistral_tune.core.errors import UserError
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 32000}))
-    with pytest.raises(UserError, match="GGUF export writes Mistral causal LMs"):
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 32000}))
+    with pytest.raises(UserError, match="GGUF export writes Mistral, Mixtral and Ministral causal LMs"):
         gguf_file.write_gguf(tmp_path, tmp_path / "x.gguf", tiny_tokenizer, "f32", name="x")
+
+
+def test_ministral_with_the_windows_on_the_wrong_layers_fails_verification(tmp_path, tiny_bases, monkeypatch):
+    """The dense-last pattern (llama.cpp's own convention for Gemma-style models) instead of Ministral's
+    dense-first loads and runs, but past the 16-token window it computes something else."""
+    base, tokenizer = tiny_bases["ministral_tiny"]
+    right = gguf_file.swa_metadata
+    monkeypatch.setattr(
+        gguf_file, "swa_metadata", lambda w, config, pattern: right(w, config, pattern[1:] + pattern[:1])
+    )
+    gguf_file.write_gguf(base, tmp_path / "bad.gguf", tokenizer, "f32", name="bad")
+    _, fields = read(tmp_path / "bad.gguf")
+    assert fields["granite_swa.attention.sliding_window_pattern"] == [True, True, True, False]
+    with pytest.raises(GGUFMismatch, match="log-prob diff"):
+        verify_gguf(tmp_path / "bad.gguf", base, tokenizer, "f32")
+
+
+def test_mixtral_q8_0_verifies_and_swapped_expert_matrices_fail(tmp_path, tiny_bases, monkeypatch):
+    base, tokenizer = tiny_bases["mixtral_tiny"]
+    result = export_gguf(base, tmp_path / "gguf", tokenizer, ["q8_0"], name="mixtral")
+    check = result["files"][0]["verification"]
+    assert check["tolerance"] == 1.5 and check["max_abs_logprob_diff"] <= 1.5 and check["prompt_tokens_equal"]
+    assert check["greedy_tokens"] == check["greedy_tokens_expected"] >= 55
+    # the experts' gate (w1) and up (w3) matrices swapped: silu(up) * gate instead of silu(gate) * up
+    monkeypatch.setitem(gguf_file._EXPERT_GGUF, "w1", "ffn_up_exps")
+    monkeypatch.setitem(gguf_file._EXPERT_GGUF, "w3", "ffn_gate_exps")
+    gguf_file.write_gguf(base, tmp_path / "bad.gguf", tokenizer, "f32", name="bad")
+    with pytest.raises(GGUFMismatch, match="log-prob diff"):
+        verify_gguf(tmp_path / "bad.gguf", base, tokenizer, "f32")
 
 
 def test_a_wrong_file_fails_verification(tmp_path, merged_v1, tiny_tokenizer, monkeypatch):
@@ -227,3 +390,13 @@ def test_a_run_with_export_gguf_and_the_standalone_command_record_verified_files
     ] == 1e-4
     assert sorted(p.name for p in (run_dir / "gguf").iterdir()) == [OWNER_MARKER, "run-f32.gguf"]
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
+
+
+def test_the_model_card_says_a_ministral_file_is_written_as_granite_swa():
+    from mistral_tune.export.model_card import gguf_lines
+
+    entry = {"type": "f32", "path": "/r/gguf/r-f32.gguf", "bytes": 1, "verification": None}
+    ministral = {"files": [{**entry, "architecture": "granite_swa"}], "sliding_window_honoured": True}
+    assert any("`granite_swa`" in line and "sliding windows" in line for line in gguf_lines(ministral))
+    mistral = {"files": [{**entry, "architecture": "llama"}], "sliding_window_honoured": True}
+    assert not any("granite_swa" in line for line in gguf_lines(mistral))

@@ -329,3 +329,115 @@ def test_lora_on_mixtral_experts_trains_only_the_adapter():
     per_layer = 4 * ((h + q) + (h + kv)) + 4 * experts * ((h + 2 * i) + (i + h))  # r * (in + out), per expert
     assert trainable == layers * per_layer
     assert total == PRESETS["mixtral_tiny"].parameter_count + trainable
+
+
+# -- QLoRA on Mixtral: the experts in NF4 -----------------------------------------------------------------
+
+
+def mixtral_tiny_4bit():
+    """mixtral_tiny (seed 42) loaded as QLoRA loads it: bitsandbytes NF4 for the linear layers, fp32 compute."""
+    import mistral_tune.models.loading as models
+    from mistral_tune.adapters.quantization import quantization_config
+    from mistral_tune.models.sources import resolve_source
+
+    cfg = compose("sft_qlora", ["model=mixtral_tiny"])
+    quant = quantization_config(cfg.adapter, torch.float32)
+    return models.load_model(cfg.model, resolve_source("mixtral_tiny"), seed=42, quantization_config=quant), cfg
+
+
+def test_qlora_stores_mixtral_experts_in_nf4_and_computes_as_the_dequantized_weights():
+    """The forward with 4-bit experts equals transformers' own MixtralExperts on the dequantized weights,
+    inputs' gradients too; nothing of the experts is left in 16/32-bit after PEFT's k-bit preparation."""
+    from mistral_tune.adapters.build import apply_adapter, count_parameters
+    from mistral_tune.adapters.experts4bit import Experts4bit
+    from mistral_tune.compat.transformers import experts_modules
+    from mistral_tune.export.merged import dequantized_copy
+
+    model, cfg = mixtral_tiny_4bit()
+    c = PRESETS["mixtral_tiny"].config
+    assert len(experts_modules(model)) == c["num_hidden_layers"]  # bitsandbytes left them as 3D fp32 parameters
+    peft_model = apply_adapter(model, cfg.adapter)
+    assert experts_modules(peft_model) == []
+    experts = [m for m in peft_model.modules() if isinstance(m, Experts4bit)]
+    assert len(experts) == c["num_hidden_layers"]
+    for module in experts:
+        for p in module.parameters():
+            assert p.dtype == torch.uint8 and not p.requires_grad and p.quant_state.quant_type == "nf4"
+            assert p.quant_state.nested  # double quantization, as the linear layers
+    # 4 bits per weight: each expert's gate, up and down (64 x 128 each) pack into 4096 bytes
+    assert sum(p.numel() for p in experts[0].parameters()) == c["num_local_experts"] * 3 * 64 * 128 // 2
+    assert not [n for n, p in peft_model.named_parameters() if p.ndim == 3]
+    trainable, total = count_parameters(peft_model)
+    assert total == PRESETS["mixtral_tiny"].parameter_count + trainable  # 4-bit weights count what they encode
+
+    # one layer's experts against transformers' module holding the dequantized weights
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    reference = MixtralExperts(peft_model.get_base_model().config)
+    for name, value in experts[0].dequantized().items():
+        setattr(reference, name, torch.nn.Parameter(value, requires_grad=False))
+    torch.manual_seed(0)
+    x = torch.randn(40, 64, requires_grad=True)
+    top_k = torch.stack([torch.randperm(4)[:2] for _ in range(40)])
+    weights = torch.rand(40, 2)
+    ours = experts[0](x, top_k, weights)
+    ours.square().sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    theirs = reference(x, top_k, weights)
+    theirs.square().sum().backward()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, x.grad, rtol=0, atol=1e-6)
+    assert ours.abs().max() > 0.01  # not a vacuous match
+
+    # the whole model: 4-bit logits equal the dequantized copy's (the export's reference)
+    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain = dequantized_copy(peft_model, torch.float32)
+    assert not [m for m in plain.modules() if isinstance(m, Experts4bit)]
+    torch.testing.assert_close(logits(peft_model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+
+
+def test_qlora_record_lists_each_experts_checkpoint_tensors(tmp_path):
+    """The sidecar's record names each expert's w1/w3/w2, so the streamed merge rounds each through NF4
+    exactly as the run stored it: merged base tensors equal the 4-bit experts dequantized, bit for bit."""
+    import mistral_tune.models.loading as models
+    from mistral_tune.adapters.build import apply_adapter
+    from mistral_tune.adapters.experts4bit import Experts4bit
+    from mistral_tune.adapters.quantization import experts_were_4bit, quantization_record
+    from mistral_tune.export.stream_merge import stream_merge
+    from mistral_tune.models.sources import resolve_source
+
+    base_dir = tmp_path / "base"
+    plain = models.load_model(compose("sft_lora", ["model=mixtral_tiny"]).model, resolve_source("mixtral_tiny"), seed=42)
+    plain.save_pretrained(base_dir)  # the hub's layout: one w1/w2/w3 tensor per expert
+    model, cfg = mixtral_tiny_4bit()
+    peft_model = apply_adapter(model, cfg.adapter)
+    record = quantization_record(peft_model)
+    assert experts_were_4bit(record)
+    experts_names = [n for n in record["modules"] if ".experts." in n]
+    assert len(experts_names) == 2 * 4 * 3 and "model.layers.1.block_sparse_moe.experts.3.w3" in experts_names
+    stream_merge(base_dir, None, tmp_path / "out", quantization=record)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    original = load_file(base_dir / "model.safetensors")
+    layer0 = peft_model.get_base_model().model.layers[0].mlp.experts
+    assert isinstance(layer0, Experts4bit)
+    for e in range(4):
+        for proj, w in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+            key = f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"
+            assert torch.equal(merged[key], layer0.weight(proj, e)), key
+            assert not torch.equal(merged[key], original[key])  # the NF4 round trip did happen
+
+
+def test_qlora_with_lora_on_the_experts_keeps_them_16bit(caplog):
+    """PEFT's LoRA on parameters needs the experts as parameters: then they stay (one warning says so)."""
+    from mistral_tune.adapters.build import apply_adapter
+    from mistral_tune.adapters.experts4bit import Experts4bit
+
+    model, cfg = mixtral_tiny_4bit()
+    cfg.adapter.target_modules = ["q_proj", "experts.down_proj"]
+    cfg.adapter.lora_dropout = 0.0
+    with caplog.at_level("WARNING"):
+        peft_model = apply_adapter(model, cfg.adapter)
+    assert "the experts stay in 16-bit" in caplog.text
+    assert not [m for m in peft_model.modules() if isinstance(m, Experts4bit)]
+    expert_lora = [n for n, p in peft_model.named_parameters() if ".experts." in n and "lora_" in n]
+    assert expert_lora and all(p.requires_grad for n, p in peft_model.named_parameters() if n in expert_lora)

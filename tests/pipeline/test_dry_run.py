@@ -99,12 +99,18 @@ def test_every_preset_dry_runs_offline(preset, compose):
     assert result["step_seconds"] > 0
 
 
-def test_mixtral_qlora_dry_run_names_what_stays_unquantized(capsys):
+def test_mixtral_qlora_dry_run_counts_the_experts_in_nf4(capsys):
     assert cli.main([*QLORA_2048, "model=mixtral_8x7b_en", "dry_run_gpu=H100"]) == 0
     out = capsys.readouterr().out
     # all-linear on a MoE model is the attention projections: 4 modules x 32 layers, r=16
     lora = 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096))
     assert f"{46_702_792_704 + lora:,} total, {lora:,} trainable" in out
-    assert "in fp32 (experts, router, embeddings, norms, lm_head)" in out
-    assert "fits one H100 SXM 80GB: no" in out
-    assert "note: bitsandbytes stores only nn.Linear layers in 4-bit" in out
+    assert "46.44B params in NF4 (4.127 bits) + 263M in fp32 (router, embeddings, norms, lm_head)" in out
+    assert "fits one H100 SXM 80GB: yes" in out
+    assert "note: the experts (3D tensors in transformers 5, not nn.Linear) are stored in NF4" in out
+    # LoRA on the experts keeps them 16-bit (PEFT's LoRA on parameters), and the estimate says so
+    args = [*QLORA_2048, "model=mixtral_8x7b_en", "dry_run_gpu=H100", "adapter.lora_dropout=0"]
+    assert cli.main([*args, "adapter.target_modules=[q_proj,experts.down_proj]"]) == 0
+    out = capsys.readouterr().out
+    assert "in fp32 (experts (LoRA on them keeps them 16-bit), router, embeddings, norms, lm_head)" in out
+    assert "fits one H100 SXM 80GB: no" in out and "note: LoRA on the experts keeps them unquantized" in out

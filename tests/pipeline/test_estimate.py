@@ -186,14 +186,23 @@ def test_moe_memory_counts_every_expert_and_flops_only_the_active_ones():
     assert f == pytest.approx(6 * active, rel=0.05)
 
 
-def test_moe_qlora_quantizes_only_linear_layers():
-    """bitsandbytes replaces nn.Linear; Mixtral's experts (3D parameters) stay and are upcast to fp32."""
+def test_moe_qlora_stores_experts_in_nf4_unless_lora_targets_them():
+    """bitsandbytes quantizes nn.Linear (attention here); mistral-tune quantizes the experts (3D parameters) too,
+    except when LoRA is on them: then they stay and are upcast to fp32."""
     shape = E.RunShape(batch_size=1, seq_len=2048, adapter="qlora", target_modules=("all-linear",), lora_r=16)
     n = PRESETS["mixtral_8x7b_en"].parameter_count
-    quantized = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2)  # q, o, k, v
+    attention = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2)  # q, o, k, v
+    experts = 32 * 8 * 3 * 4096 * 14336
+    assert E.expert_parameter_count(MIXTRAL) == experts and E.expert_parameter_count(SEVEN_B) == 0
     weights = E.estimate_memory(MIXTRAL, shape, trainable=0, total=n).terms["weights"][0]
+    quantized = attention + experts
     assert weights == int(quantized * E.NF4_BITS_PER_PARAM / 8 + (n - quantized) * 4)
+    assert weights / E.GiB == pytest.approx(23.29, abs=0.01)  # was 172 GiB with the experts in fp32
     assert E.lora_parameter_count(MIXTRAL, shape.targets, 16) == 32 * 16 * (8192 + 5120 * 2 + 8192)
+    on_experts = E.RunShape(**{**shape.__dict__, "target_modules": ("q_proj", "experts.down_proj")})
+    assert not E.experts_in_4bit(MIXTRAL, on_experts) and E.experts_in_4bit(MIXTRAL, shape)
+    weights = E.estimate_memory(MIXTRAL, on_experts, trainable=0, total=n).terms["weights"][0]
+    assert weights == int(attention * E.NF4_BITS_PER_PARAM / 8 + (n - attention) * 4)
 
 
 def test_ministral_attention_flops_follow_its_layer_pattern():
@@ -205,3 +214,82 @@ def test_ministral_attention_flops_follow_its_layer_pattern():
     assert E.flops_per_token(short, s, 0) < E.flops_per_token(c, s, 0)
     all_sliding = {**short, "layer_types": ["sliding_attention"] * 36}
     assert E.flops_per_token(all_sliding, s, 0) < E.flops_per_token(short, s, 0)
+
+
+MOE_TINY = dict(
+    vocab_size=1000, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256, sliding_window=None,
+)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts_4bit", [True, False])
+def test_mixtral_qlora_layer_activations_match_saved_tensors(tmp_path, experts_4bit):
+    """A Mixtral layer under QLoRA, experts in NF4 (adapters/experts4bit.py) or left 16-bit (LoRA on them):
+    what autograd keeps per token, against the estimate. With 4-bit experts no dense expert weight is kept
+    (bitsandbytes' matmul dequantizes again in backward), only each active expert's gathered input."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig, MixtralForCausalLM
+
+    from mistral_tune.adapters.experts4bit import quantize_experts
+
+    def build(layers):
+        torch.manual_seed(0)
+        MixtralForCausalLM(MixtralConfig(**MOE_TINY, num_hidden_layers=layers)).save_pretrained(tmp_path / str(layers))
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / str(layers), dtype=torch.float32, attn_implementation="sdpa", quantization_config=quant
+        )
+        if experts_4bit:
+            assert quantize_experts(model) == layers
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        lora = LoraConfig(r=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        return get_peft_model(model, lora).train()
+
+    seq = 128
+    ids = torch.randint(3, 1000, (1, seq), generator=torch.Generator().manual_seed(1))
+    measured = (saved_bytes(build(3), ids) - saved_bytes(build(2), ids)) / seq
+    targets = ("q_proj", "v_proj") if experts_4bit else ("q_proj", "v_proj", "experts.down_proj")
+    shape = E.RunShape(
+        seq_len=seq, adapter="qlora", target_modules=targets, compute_bytes=4, attn="sdpa", dropout_mask_bytes=4
+    )
+    terms = E.layer_activation_terms({**MOE_TINY, "num_hidden_layers": 2}, shape)
+    assert ("4-bit experts (gathered inputs)" in terms) == experts_4bit
+    # routing is uneven per expert, so the MoE terms are approximate (the dense terms are exact above)
+    assert sum(terms.values()) == pytest.approx(measured, rel=0.05), (measured, terms)
+
+
+def test_mixtral_qlora_weights_estimate_matches_the_loaded_4bit_model():
+    """The weights term against the bytes the QLoRA-loaded mixtral_tiny really holds (packed NF4 weights,
+    their absmax statistics, and the fp32 rest after PEFT's k-bit preparation)."""
+    import mistral_tune.models.loading as models
+    from mistral_tune.adapters.build import apply_adapter, count_parameters
+    from mistral_tune.adapters.quantization import quantization_config
+    from mistral_tune.compat.bitsandbytes import is_params4bit
+    from mistral_tune.config.compose import compose
+    from mistral_tune.models.sources import resolve_source
+
+    pytest.importorskip("bitsandbytes")
+    cfg = compose("sft_qlora", ["model=mixtral_tiny"])
+    quant = quantization_config(cfg.adapter, torch.float32)
+    model = models.load_model(cfg.model, resolve_source("mixtral_tiny"), seed=42, quantization_config=quant)
+    model = apply_adapter(model, cfg.adapter)
+    held = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        held += p.numel() * p.element_size()
+        if is_params4bit(p):
+            state = p.quant_state
+            held += state.absmax.numel() * state.absmax.element_size()
+            held += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    trainable, total = count_parameters(model)
+    shape = E.RunShape(adapter="qlora", target_modules=tuple(cfg.adapter.target_modules), lora_r=cfg.adapter.r)
+    c = PRESETS["mixtral_tiny"].config
+    estimated = E.estimate_memory(c, shape, trainable=trainable, total=total).terms["weights"][0]
+    assert estimated == pytest.approx(held, rel=0.01), (estimated, held)

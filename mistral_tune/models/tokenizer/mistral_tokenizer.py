@@ -213,7 +213,10 @@ class MistralTokenizer:
         return self._backend.control_id(piece)
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool | None = None,
+        tools: Optional[Sequence[Mapping[str, Any]]] = None,
     ) -> tuple[list[int], list[int]]:
         """Encode a conversation into `(input_ids, assistant_mask)`.
 
@@ -224,14 +227,40 @@ class MistralTokenizer:
         Mistral formats have no assistant header, so `add_generation_prompt` adds nothing;
         True only asserts that the conversation ends with a user turn.  Raises ValueError
         when roles do not alternate user/assistant after an optional leading system message.
+
+        Function calling (formats v3, tekken, v7): `tools` is the list of available functions
+        (`{"type": "function", "function": {"name", "description", "parameters"}}`), assistant
+        messages may carry `tool_calls` and `tool` messages their results (`tool_call_id`,
+        `content`), as in mistral-common's `ChatCompletionRequest`.  The mask also covers an
+        assistant's tool calls, never the tool list or the results; an assistant message with
+        `"weight": 0` is not trained (mask 0).  v1 raises ValueError on any tool data, as does a v2
+        file (mistral-common's V2 encoder writes tools its own way).
         """
-        return chat_formats.encode_chat(self._format, self._backend, messages, add_generation_prompt)
+        if tools or any(isinstance(m, Mapping) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages):
+            if self.model_file.name.endswith(".v2"):
+                raise ValueError(
+                    f"{self.model_file.name} is a v2 tokenizer: its tool format (mistral-common's V2) is not "
+                    "supported; use a v3 or later tokenizer for function calling"
+                )
+        return chat_formats.encode_chat(self._format, self._backend, messages, add_generation_prompt, tools)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Optional[Sequence[Mapping[str, Any]]] = None,
     ) -> list[int]:
         """Ids of `encode_chat` only (prompt for generation by default)."""
-        return self.encode_chat(messages, add_generation_prompt=add_generation_prompt)[0]
+        return self.encode_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)[0]
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether this tokenizer's chat format renders function calling (v3, tekken, v7; not v1 or a v2 file)."""
+        return (
+            self._format.tool_results is not None
+            and not self.model_file.name.endswith(".v2")
+            and all(self.control_id(t) is not None for t in self._format.tool_tokens)
+        )
 
     @property
     def chat_format(self) -> str:
