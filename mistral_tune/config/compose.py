@@ -203,6 +203,25 @@ def schema_trainer(exc: Exception) -> Optional[str]:
     return next((name for name, node in TRAINER_SCHEMAS.items() if node is object_type), None)
 
 
+def source_entry_error(inner: Exception, overrides: list[str], recipe: Optional[str]) -> Optional[str]:
+    """A bad key or value inside a ``data.sources`` entry (OmegaConf names only the entry's own key)."""
+    import dataclasses
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from mistral_tune.config.schema import SourceConfig
+
+    if getattr(inner, "object_type", None) is not SourceConfig:
+        return None
+    key = str(inner.full_key).rsplit(".", 1)[-1]
+    keys = ", ".join(f.name for f in dataclasses.fields(SourceConfig))
+    origin = key_origin("data.sources", overrides, recipe)
+    reason = str(inner).strip().splitlines()[0].strip()
+    if isinstance(inner, (ConfigAttributeError, ConfigKeyError)) and "not in" in reason:
+        return f"Unknown key '{key}' in a data.sources entry (from {origin}); an entry has {keys}."
+    return f"Bad value for '{key}' in a data.sources entry (from {origin}): {reason}."
+
+
 def describe_config_error(exc: Exception, overrides: list[str], recipe: Optional[str] = None) -> str:
     """One sentence naming the key and where it came from, without Hydra's search-path dump."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -211,6 +230,9 @@ def describe_config_error(exc: Exception, overrides: list[str], recipe: Optional
     inner = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
     if inner is not None:
         key = inner.full_key
+        source = source_entry_error(inner, overrides, recipe)
+        if source:
+            return source
         reason = str(inner).strip().splitlines()[0].strip()  # drops 'full_key: ... reference_type=...' lines
         if isinstance(inner, (ConfigAttributeError, ConfigKeyError)) and "not in" in reason:
             return unknown_key_message(key, overrides, recipe, trainer=schema_trainer(inner))

@@ -108,8 +108,23 @@ TRAINER_SCHEMAS = {"sft": SFTTrainerConfig, "dpo": DPOTrainerConfig, "reward": R
 
 
 @dataclass
+class SourceConfig:
+    """One entry of ``data.sources``: a weighted data source of a mixture (SFT)."""
+
+    path: str = MISSING  # .jsonl/.json/.parquet file, a directory of .jsonl files, or a hub dataset name
+    format: str = "auto"  # auto (= data.format, else detected) | messages | sharegpt | alpaca | text
+    weight: float = 1.0  # sampling weight relative to the other sources (> 0)
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/sft_sample.jsonl"  # .jsonl/.json/.parquet file, or a hub dataset name
+    # .jsonl/.json/.parquet file, a directory of .jsonl files, or a hub dataset name; or a weighted mixture
+    # "a.jsonl:5,b.jsonl:1" (the shorthand of data.sources)
+    path: str = "data/sft_sample.jsonl"
+    sources: List[SourceConfig] = field(default_factory=list)  # weighted mixture (SFT); non-empty: data.path unused
+    # how a mixture ends one pass: all_exhausted (every row of every source at least once; sources that are small
+    # for their weight repeat) | first_exhausted (ends when one source runs out; no row repeats)
+    stopping_strategy: str = "all_exhausted"
     format: str = "auto"  # auto; sft: messages|sharegpt|alpaca|text; dpo/reward: preference|preference_messages|hh
     split: str = "train"  # split of a hub dataset
     max_samples: Optional[int] = None  # cap on training examples (after holdout)
@@ -240,6 +255,9 @@ SCHEMA_NAME = "mistral_tune"
 
 SFT_DATA_FORMATS = ("messages", "sharegpt", "alpaca", "text")
 
+# datasets.interleave_datasets' stopping strategies that keep the weights (not all_exhausted_without_replacement)
+MIXTURE_STOPPING_STRATEGIES = ("all_exhausted", "first_exhausted")
+
 PREFERENCE_DATA_FORMATS = ("preference", "preference_messages", "hh")
 
 
@@ -310,6 +328,21 @@ def check_values(cfg: Any) -> list[str]:
     if cfg.trainer.name == "reward" and cfg.export.gguf:
         problems.append("export.gguf=true writes a causal LM for llama.cpp; a reward model exports as merged/ only")
     one_of("data.on_error", cfg.data.on_error, ("fail", "skip"))
+    one_of("data.stopping_strategy", cfg.data.stopping_strategy, MIXTURE_STOPPING_STRATEGIES)
+    mixture = bool(cfg.data.sources) or "," in str(cfg.data.path)
+    if preference and mixture:
+        problems.append(
+            f"data.sources / a weighted data.path mix SFT data; trainer={cfg.trainer.name} takes one preference "
+            "source (concatenate the files, or train with trainer=sft)"
+        )
+    for i, src in enumerate(cfg.data.sources):
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_missing(src, "path") or not str(src.path).strip():
+            problems.append(f"data.sources[{i}] has no path (a file, a directory of .jsonl files or a hub name)")
+        if not src.weight > 0 or math.isinf(src.weight):
+            problems.append(f"data.sources[{i}].weight={src.weight} must be a finite number > 0")
+        one_of(f"data.sources[{i}].format", src.format, ("auto", *SFT_DATA_FORMATS))
     one_of("on_nan", cfg.on_nan, ("stop", "skip"))
     one_of("launcher.name", cfg.launcher.name, LAUNCHERS)
     one_of("tracking.name", cfg.tracking.name, tuple(registry.TRACKERS))

@@ -13,7 +13,7 @@ from typing import Any
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.messages import BadRow
 from mistral_tune.data.report import DataReport
-from mistral_tune.data.sources import load_records
+from mistral_tune.data.sources import SourceSpec, load_records, read_source_rows, resolve_sources, source_format
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,38 @@ def check_data(data_cfg: Any, preference: bool) -> dict[str, Any]:
     from mistral_tune.config.schema import eval_fraction
 
     started = time.perf_counter()
-    result = _check_file(data_cfg.path, "data.path", data_cfg, preference)
+    if preference:
+        result = _check_file(data_cfg.path, "data.path", data_cfg, preference)
+    else:  # one source, or each source of a weighted mixture (data.sources / "a.jsonl:5,b.jsonl:1")
+        specs = resolve_sources(data_cfg)
+        if list(getattr(data_cfg, "sources", None) or []):
+            log.info("data: data.sources lists %d source(s); data.path=%s is not used", len(specs), data_cfg.path)
+        checked = [_check_file(spec.name, spec.key, data_cfg, preference, spec) for spec in specs]
+        result = checked[0] if len(checked) == 1 else {
+            "format": "+".join(dict.fromkeys(c["format"] for c in checked)),
+            "rows": sum(c["rows"] for c in checked),
+            "usable": sum(c["usable"] for c in checked),
+            "sources": [{"name": s.name, "weight": s.weight, **c} for s, c in zip(specs, checked)],
+        }  # fmt: skip
     if data_cfg.eval_split and eval_fraction(data_cfg.eval_split) is None:
         _check_file(data_cfg.eval_split, "data.eval_split", data_cfg, preference)
     result["seconds"] = round(time.perf_counter() - started, 3)
+    what = data_cfg.path if "sources" not in result else f"{len(result['sources'])} sources"
     log.info(
         "data: checked %d rows of %s before loading the model: %s format, %d usable (%.2f s)",
-        result["rows"], data_cfg.path, result["format"], result["usable"], result["seconds"],
+        result["rows"], what, result["format"], result["usable"], result["seconds"],
     )  # fmt: skip
     return result
 
 
-def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[str, Any]:
+def _check_file(path: str, key: str, data_cfg: Any, preference: bool, spec: SourceSpec | None = None) -> dict[str, Any]:
     report = DataReport()
-    rows = load_records(path, data_cfg.split, data_cfg.on_error, report)
+    wheres: list[str] = []  # file:line of each row, when the source says (a directory's files included)
+    if spec is not None:
+        located = read_source_rows(spec, data_cfg.split, data_cfg.on_error, report)
+        wheres, rows = [where for where, _ in located], [row for _, row in located]
+    else:
+        rows = load_records(path, data_cfg.split, data_cfg.on_error, report)
     if not rows:
         raise UserError(f"{key}={path} holds no examples ({dict(report.dropped) or 'empty file'}).")
     if preference:
@@ -82,7 +100,7 @@ def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[st
     else:
         from mistral_tune.data.sft import check_row, detect_format
 
-        fmt = detect_format(rows, data_cfg.format)
+        fmt = detect_format(rows, source_format(spec, data_cfg))
 
         fix_ids = getattr(data_cfg, "fix_tool_call_ids", False)
 
@@ -97,7 +115,7 @@ def _check_file(path: str, key: str, data_cfg: Any, preference: bool) -> dict[st
         except BadRow as exc:
             if exc.reason in STRICT_REASONS and data_cfg.on_error != "skip":
                 raise UserError(
-                    f"{row_location(path, i)}: {exc.detail}. Fix the line, or set data.on_error=skip to skip "
+                    f"{wheres[i - 1] if wheres else row_location(path, i)}: {exc.detail}. Fix the line, or set data.on_error=skip to skip "
                     f"and count such lines ({exc.reason})."
                 ) from None
             report.drop(exc.reason, f"row {i}: {exc.detail}")

@@ -32,6 +32,10 @@ class DataReport:
     lengths: list = field(default_factory=list)  # tokens each example needs whole (for the length notice)
     prompt_lengths: list = field(default_factory=list)  # preference pairs: tokens of each prompt
     length_notice: Optional[dict] = None  # set by check_lengths when many examples did not fit
+    # A weighted mixture (data.sources): one record per source (read/used/dropped, tokens, seen during training)
+    # and how the sources were interleaved; both None/empty for a single source and left out of as_dict then.
+    sources: list = field(default_factory=list)
+    mixture: Optional[dict] = None
     assistant_turns: int = 0  # assistant turns of the training examples (chat data)
     skipped_turns: int = 0  # of those, turns with "weight": 0 (not trained)
     tool_rows: int = 0  # training examples with function calling (tools or tool results)
@@ -118,7 +122,16 @@ class DataReport:
         if self.truncated and not self.length_notice:  # the notice already says it, with the key to change
             log.warning("data: truncated %d %s to trainer.max_length=%d", self.truncated, unit, max_length)
 
+    def record_seen(self, seen: list) -> None:
+        """Per source, what training consumed: ``seen[k] = [examples, tokens]`` of source k (repeats included);
+        ``epochs_seen`` is examples seen over the source's usable examples."""
+        for source, (examples, tokens) in zip(self.sources, seen):
+            source["examples_seen"] = int(examples)
+            source["tokens_seen"] = int(tokens)
+            source["epochs_seen"] = round(examples / source["used"], 4) if source["used"] else 0.0
+
     def as_dict(self) -> dict[str, Any]:
+        extra = {"sources": [dict(s) for s in self.sources], "mixture": self.mixture} if self.mixture else {}
         return {
             "read": self.read,
             "used": self.used,
@@ -139,6 +152,7 @@ class DataReport:
             "assistant_turns_skipped": self.skipped_turns,
             "tool_rows": self.tool_rows,
             "tool_call_ids_fixed": self.tool_call_ids_fixed,
+            **extra,
         }
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from typing import Any, Iterable, Optional
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.messages import BadRow, read_messages
+from mistral_tune.data.mixture import SOURCE_COLUMN, add_into
 from mistral_tune.data.report import DataReport, PreparedData
-from mistral_tune.data.sources import load_records
+from mistral_tune.data.sources import SourceSpec, read_source, resolve_sources, source_format
 from mistral_tune.data.splits import find_duplicates, load_eval_file, split_eval_and_train
 from mistral_tune.data.tools import check_tool_conversation, read_tools
 from mistral_tune.data.tools import fix_tool_call_ids as fix_ids
@@ -209,15 +211,22 @@ def encode_messages(row: dict[str, Any], messages: Optional[list], tools: list, 
 
 
 def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
-    """Load, split off the holdout and the eval split, tokenize; every lost row is counted."""
+    """Load, split off the holdout and the eval split, tokenize; every lost row is counted.
+
+    Several sources (``data.sources``, ``data.path="a.jsonl:5,b.jsonl:1"``) are prepared each on its own and
+    interleaved by weight (``prepare_mixture``; the sampling rules are in mistral_tune.data.mixture)."""
     from datasets import Dataset
 
+    specs = resolve_sources(data_cfg)
+    if len(specs) > 1:
+        return prepare_mixture(specs, data_cfg, trainer_cfg, tokenizer)
+    spec = specs[0]
     report = DataReport()
-    rows = load_records(data_cfg.path, data_cfg.split, data_cfg.on_error, report)
+    rows = read_source(spec, data_cfg.split, data_cfg.on_error, report)
     report.read += len(rows)
     if not rows:
-        raise UserError(f"data.path={data_cfg.path} holds no examples ({dict(report.dropped) or 'empty file'}).")
-    fmt = detect_format(rows, data_cfg.format)
+        raise UserError(f"{spec.key}={spec.name} holds no examples ({dict(report.dropped) or 'empty file'}).")
+    fmt = detect_format(rows, source_format(spec, data_cfg))
     rows = find_duplicates(rows, data_cfg.dedup, report)
     fields = FORMAT_FIELDS[fmt]  # rows lacking them are counted as missing_field below, not here
     report.extra_fields = sum(1 for r in rows if set(r) & fields and set(r) - fields)
@@ -252,7 +261,7 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     if not examples:
         hint = ", or raise trainer.max_length" if report.dropped.get("too_long") else ""
         raise UserError(
-            f"No training examples left after filtering the {report.read} rows of {data_cfg.path} "
+            f"No training examples left after filtering the {report.read} rows of {spec.name} "
             f"({holdout_n} held out; dropped: {report.describe_drops()}). Fix those fields{hint}."
         )
     eval_ds = None
@@ -276,6 +285,119 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
         f", {report.eval_used} for evaluation" if eval_ds is not None else "",
     )
     return PreparedData(Dataset.from_list(examples), eval_ds, holdout, fmt, report)
+
+
+def prepare_mixture(specs: list[SourceSpec], data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
+    """Tokenize every source and interleave them by weight; returns the mixture as ``PreparedData``.
+
+    The holdout rows (samples.jsonl) come from the first source with chat data (the first source when all are
+    text), whose format becomes the run's ``data_format``. ``data.eval_split`` as a fraction takes that share of
+    every source; as a file, it is read as usual.
+    """
+    from datasets import Dataset, interleave_datasets
+
+    options = dict(
+        max_length=trainer_cfg.max_length,
+        truncation=trainer_cfg.truncation,
+        system_prompt=data_cfg.system_prompt,
+        completion_only_loss=trainer_cfg.completion_only_loss,
+        fix_tool_call_ids=getattr(data_cfg, "fix_tool_call_ids", False),
+    )
+    loaded = []
+    for spec in specs:
+        report = DataReport()
+        rows = read_source(spec, data_cfg.split, data_cfg.on_error, report)
+        report.read += len(rows)
+        if not rows:
+            raise UserError(f"{spec.key}={spec.name} holds no examples ({dict(report.dropped) or 'empty file'}).")
+        loaded.append((spec, report, rows, detect_format(rows, source_format(spec, data_cfg))))
+    primary = next((k for k, item in enumerate(loaded) if item[3] != "text"), 0)
+
+    total = DataReport()
+    datasets, eval_examples, holdout, per_source = [], [], [], []
+    for k, (spec, report, rows, fmt) in enumerate(loaded):
+        rows = find_duplicates(rows, data_cfg.dedup, report)
+        fields = FORMAT_FIELDS[fmt]
+        report.extra_fields = sum(1 for r in rows if set(r) & fields and set(r) - fields)
+        order = list(range(len(rows)))
+        random.Random(data_cfg.seed * 1_000_003 + k).shuffle(order)
+        holdout_n = min(data_cfg.holdout, max(len(rows) - 1, 0)) if k == primary else 0
+        kept, rest = [rows[i] for i in order[:holdout_n]], order[holdout_n:]
+        kept = [r for r in kept if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
+        report.reset_length_counts()
+        report.held_out = len(kept)
+        holdout.extend(kept)
+        eval_rows, train_rows = split_eval_and_train(data_cfg, rows, rest, report, f"rows of {spec.key}")
+        if eval_rows:
+            eval_report = DataReport()
+            eval_examples += tokenize_rows(eval_rows, fmt, tokenizer, report=eval_report, **options)
+            total.eval_read += len(eval_rows)
+            total.eval_dropped.update(eval_report.dropped)
+        examples = tokenize_rows(train_rows, fmt, tokenizer, report=report, **options)
+        report.used = len(examples)
+        if not examples:
+            hint = ", or raise trainer.max_length" if report.dropped.get("too_long") else ""
+            raise UserError(
+                f"{spec.key}={spec.name}: no training examples left after filtering its {report.read} rows "
+                f"(dropped: {report.describe_drops()}). Fix those fields{hint}, or remove the source."
+            )
+        for ex in examples:
+            ex[SOURCE_COLUMN] = [k] * len(ex["input_ids"])
+        datasets.append(Dataset.from_list(examples))
+        add_into(total, report, spec)
+        per_source.append({
+            "name": spec.name, "key": spec.key, "files": len(spec.files), "format": fmt, "weight": spec.weight,
+            "read": report.read, "used": report.used, "held_out": report.held_out,
+            "dropped": dict(report.dropped), "dropped_total": sum(report.dropped.values()),
+            "truncated": report.truncated, "tokens": sum(len(ex["input_ids"]) for ex in examples),
+        })  # fmt: skip
+
+    weights = [spec.weight for spec in specs]
+    probabilities = [w / sum(weights) for w in weights]
+    mixed = interleave_datasets(
+        datasets, probabilities=probabilities, seed=data_cfg.seed, stopping_strategy=data_cfg.stopping_strategy
+    )
+    drawn = Counter(ids[0] for ids in mixed[SOURCE_COLUMN])
+    for k, source in enumerate(per_source):
+        source["share"] = round(probabilities[k], 6)
+        source["in_one_pass"] = drawn.get(k, 0)  # examples of this source in one pass over the mixture
+        source["epochs_per_pass"] = round(drawn.get(k, 0) / source["used"], 4)
+    total.sources = per_source
+    total.mixture = {"sources": len(specs), "stopping_strategy": data_cfg.stopping_strategy,
+                     "seed": data_cfg.seed, "examples_per_pass": len(mixed)}  # fmt: skip
+    total.check_lengths("examples", trainer_cfg.max_length)
+    total.log_losses("example(s)", trainer_cfg.max_length, data_cfg.dedup)
+    for source in per_source:
+        log.info(
+            "data: source %s (%s, weight %g = %.1f%%): %d read, %d used, %d per pass over the mixture (%.2f epochs)",
+            source["name"], source["format"], source["weight"], 100 * source["share"], source["read"],
+            source["used"], source["in_one_pass"], source["epochs_per_pass"],
+        )  # fmt: skip
+
+    eval_ds = None
+    eval_file_rows = load_eval_file(data_cfg, eval_report := DataReport())
+    if eval_file_rows is not None:
+        eval_fmt = detect_format(eval_file_rows, data_cfg.format)
+        eval_examples = tokenize_rows(eval_file_rows, eval_fmt, tokenizer, report=eval_report, **options)
+        total.eval_read = eval_report.read + len(eval_file_rows)
+        total.eval_dropped = eval_report.dropped
+    if total.eval_read:
+        total.eval_used = len(eval_examples)
+        for reason, n in sorted(total.eval_dropped.items()):
+            log.warning("data: dropped %d evaluation example(s): %s", n, reason)
+        if not eval_examples:
+            raise UserError(
+                f"No evaluation examples left after filtering the {total.eval_read} rows of data.eval_split."
+            )
+        eval_ds = Dataset.from_list(eval_examples)
+    fmt = loaded[primary][3]
+    log.info(
+        "data: mixture of %d sources (%s), %d read, %d training examples, %d per pass (stopping_strategy=%s), "
+        "%d held out%s",
+        len(specs), "+".join(dict.fromkeys(item[3] for item in loaded)), total.read, total.used, len(mixed),
+        data_cfg.stopping_strategy, total.held_out, f", {total.eval_used} for evaluation" if eval_ds else "",
+    )  # fmt: skip
+    return PreparedData(mixed, eval_ds, holdout, fmt, total)
 
 
 def prompt_and_reference(row: dict[str, Any], fmt: str, system_prompt: Optional[str]):

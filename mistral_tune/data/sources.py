@@ -1,13 +1,20 @@
-"""Read rows from a local .jsonl/.json/.parquet file, the bundled samples or a hub dataset; a bad line
-is reported with ``file:line`` and either fails the run or is counted and skipped (``data.on_error``).
+"""Read rows from a local .jsonl/.json/.parquet file, a directory of .jsonl files, the bundled samples or a
+hub dataset; a bad line is reported with ``file:line`` and either fails the run or is counted and skipped
+(``data.on_error``).
+
+Sources (one or a weighted mixture) are described by ``SourceSpec``; ``resolve_sources(data_cfg)`` turns the
+``data`` config group (``data.sources``, or ``data.path`` with its ``a.jsonl:5,b.jsonl:1`` shorthand) into
+them, and ``read_source_rows(spec, ...)`` reads one source's rows with where each came from.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from mistral_tune.core.errors import UserError
 from mistral_tune.data.report import DataReport
@@ -80,7 +87,13 @@ def parse_json_row(text: str) -> Any:
 
 
 def read_jsonl(path: Path, on_error: str = "fail", report: Optional[DataReport] = None) -> list[dict[str, Any]]:
-    rows = []
+    return [row for _, row in iter_jsonl(path, on_error, report)]
+
+
+def iter_jsonl(
+    path: Path, on_error: str = "fail", report: Optional[DataReport] = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(f"{path}:{line}", row)`` for every usable line; bad lines go to ``_bad_row`` (fail or count)."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -111,8 +124,7 @@ def read_jsonl(path: Path, on_error: str = "fail", report: Optional[DataReport] 
             if bad is not None:
                 _bad_row(where, "invalid_utf8", f"not valid UTF-8 (lone surrogate {bad!r})", on_error, report)
                 continue
-            rows.append(row)
-    return rows
+            yield where, row
 
 
 def load_records(
@@ -121,8 +133,21 @@ def load_records(
     local = resolve_local_path(path)
     if local is None:
         return load_hub_dataset(path, split)
+    return [row for _, row in iter_file(local, on_error, report)]
+
+
+def iter_file(
+    local: Path, on_error: str = "fail", report: Optional[DataReport] = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for every usable row of one local file: ``where`` is ``file:line`` (.jsonl),
+    ``file[index]`` (.json, a list) or ``file#row`` (.parquet, 1-based)."""
     if local.suffix == ".jsonl":
-        return read_jsonl(local, on_error, report)
+        yield from iter_jsonl(local, on_error, report)
+        return
+    if local.suffix == ".parquet":
+        for i, row in enumerate(read_parquet(local), 1):
+            yield f"{local}#row{i}", row
+        return
     if local.suffix == ".json":
         try:
             data = parse_json_row(local.read_bytes().decode("utf-8-sig"))
@@ -132,7 +157,6 @@ def load_records(
             data = data["data"]
         if not isinstance(data, list):
             raise UserError(f"{local}: expected a JSON list of objects.")
-        rows = []
         for i, row in enumerate(data):
             if not isinstance(row, dict):
                 _bad_row(
@@ -145,9 +169,7 @@ def load_records(
             elif (bad := lone_surrogate(row)) is not None:
                 _bad_row(f"{local}[{i}]", "invalid_utf8", f"not valid UTF-8 (lone surrogate {bad!r})", on_error, report)
             else:
-                rows.append(row)
-        return rows
-    return read_parquet(local)
+                yield f"{local}[{i}]", row
 
 
 def read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -202,3 +224,167 @@ def load_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
                 "Download it elsewhere, save it as .jsonl/.json/.parquet, and pass data.path=that/file."
             ) from exc
         raise
+
+
+# ---- sources: one, or a weighted mixture (data.sources, or data.path="a.jsonl:5,b.jsonl:1") ----
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One data source of a run.
+
+    - ``name``: the path or hub dataset name as the user wrote it (``data/x.jsonl``, ``shards/``, ``org/set``);
+    - ``key``: where it was configured, for messages (``data.path``, ``data.path[2]``, ``data.sources[1]``);
+    - ``files``: the local files read in order (a directory: its ``*.jsonl`` files, sorted by name); ``()`` for
+      a hub dataset;
+    - ``format``: ``auto`` (detect from the rows) or a format name; a source's ``auto`` falls back to
+      ``data.format``;
+    - ``weight``: the sampling weight (> 0), relative to the other sources' (1.0 for a single source).
+    """
+
+    name: str
+    key: str
+    files: tuple[Path, ...]
+    format: str = "auto"
+    weight: float = 1.0
+
+    @property
+    def hub(self) -> bool:
+        return not self.files
+
+
+def resolve_source_files(path: str, key: str = "data.path") -> tuple[Path, ...]:
+    """The local files of one source: a file (as ``resolve_local_path``), or a directory's ``*.jsonl`` files
+    sorted by name; ``()`` for a hub dataset name. Raises ``UserError`` for anything else."""
+    if not path.strip():
+        raise UserError(f"{key} is empty; give a file, a directory of .jsonl files or a hub dataset name.")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = tuple(sorted(f for f in p.iterdir() if f.suffix == ".jsonl" and f.is_file()))
+        if not files:
+            others = sorted(f.name for f in p.iterdir())[:5]
+            raise UserError(
+                f"{key}={path} is a directory with no .jsonl file in it"
+                + (f" (found: {', '.join(others)})" if others else " (it is empty)")
+                + "; a directory source reads every *.jsonl file directly inside it."
+            )
+        return files
+    try:
+        local = resolve_local_path(path)
+    except UserError as exc:
+        raise UserError(str(exc).replace("data.path=", f"{key}=", 1)) from None
+    return (local,) if local is not None else ()
+
+
+def parse_weighted_paths(text: str) -> list[tuple[str, Optional[float], str]]:
+    """``"a.jsonl:5,b.jsonl:1"`` -> ``[("a.jsonl", 5.0, "data.path[0]"), ("b.jsonl", 1.0, "data.path[1]")]``.
+
+    An entry without ``:weight`` gets weight None (meaning 1). ``path:`` followed by something that is not a
+    number is refused unless that whole entry is an existing file. A plain ``data.path`` (no comma, no
+    ``:weight``) gives one entry keyed ``data.path``.
+    """
+    parts = [part.strip() for part in text.split(",")]
+    several = len(parts) > 1
+    out = []
+    for i, part in enumerate(parts):
+        key = f"data.path[{i}]" if several else "data.path"
+        if not part:
+            raise UserError(
+                f"data.path={text!r}: entry {i + 1} is empty (expected PATH or PATH:WEIGHT, comma-separated)."
+            )
+        path, weight = part, None
+        if ":" in part and not Path(part).expanduser().exists():
+            head, tail = part.rsplit(":", 1)
+            try:
+                weight = float(tail)
+            except ValueError:
+                raise UserError(
+                    f"{key}={part!r}: the weight {tail!r} after ':' is not a number "
+                    '(expected PATH:WEIGHT, e.g. data.path="a.jsonl:5,b.jsonl:1").'
+                ) from None
+            path = head.strip()
+            if not path:
+                raise UserError(f"{key}={part!r} has a weight but no path.")
+        out.append((path, weight, key))
+    return out
+
+
+def _check_weight(key: str, weight: Any) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise UserError(f"{key}.weight={weight!r} is not a number; weights are positive numbers (e.g. 5, 1, 0.5).")
+    weight = float(weight)
+    if not weight > 0 or math.isinf(weight):  # `not >` also catches nan
+        raise UserError(f"{key} weight={weight:g} must be a finite number > 0 (a source you do not want: remove it).")
+    return weight
+
+
+def resolve_sources(data_cfg: Any) -> list[SourceSpec]:
+    """The data sources of ``data_cfg`` (the ``data`` config group), in the order given.
+
+    ``data.sources`` (a list of ``{path, format, weight}``) wins when it is non-empty; otherwise ``data.path``,
+    either one path or the weighted shorthand ``"a.jsonl:5,b.jsonl:1"``. Every entry is checked (the file or
+    directory exists, weights are positive numbers, formats are known) without importing torch; all problems
+    are reported in one ``UserError``. Hub dataset names are not contacted here.
+    """
+    from mistral_tune.config.schema import SFT_DATA_FORMATS
+
+    entries: list[tuple[str, Any, str, str]] = []  # (path, weight, format, key)
+    sources = list(getattr(data_cfg, "sources", None) or [])
+    if sources:
+        for i, src in enumerate(sources):
+            key = f"data.sources[{i}]"
+            get = src.get if hasattr(src, "get") else (lambda k, d=None, s=src: getattr(s, k, d))
+            path = get("path")
+            if not isinstance(path, str):
+                raise UserError(f"{key}.path is missing; every source needs a path (file, directory or hub name).")
+            weight = get("weight", 1.0)
+            entries.append((path, 1.0 if weight is None else weight, get("format", "auto") or "auto", key))
+    else:
+        for path, weight, key in parse_weighted_paths(str(data_cfg.path)):
+            entries.append((path, 1.0 if weight is None else weight, "auto", key))
+    problems, specs = [], []
+    for path, weight, fmt, key in entries:
+        try:
+            weight = _check_weight(key, weight)
+            if fmt not in ("auto", *SFT_DATA_FORMATS):
+                raise UserError(f"{key}.format={fmt!r} is not one of auto, {', '.join(SFT_DATA_FORMATS)}")
+            specs.append(
+                SourceSpec(name=path, key=key, files=resolve_source_files(path, key), format=fmt, weight=weight)
+            )
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        head = "The data sources have problems:\n  - " if len(problems) > 1 else ""
+        raise UserError(head + "\n  - ".join(problems))
+    return specs
+
+
+def is_mixture(data_cfg: Any) -> bool:
+    """True when the config names more than one source (``data.sources`` or a comma in ``data.path``)."""
+    return bool(list(getattr(data_cfg, "sources", None) or [])) or "," in str(data_cfg.path)
+
+
+def read_source_rows(
+    spec: SourceSpec, split: str = "train", on_error: str = "fail", report: Optional[DataReport] = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for every row of one source, files in order: ``where`` is ``file:line`` for .jsonl,
+    ``file[i]`` for .json, ``file#rowN`` for .parquet and ``name[i]`` for a hub dataset. A bad line fails
+    with ``file:line`` (``on_error="fail"``) or is counted in ``report`` (``"skip"``), as ``load_records``."""
+    if spec.hub:
+        return [(f"{spec.name}[{i}]", row) for i, row in enumerate(load_hub_dataset(spec.name, split))]
+    out = []
+    for path in spec.files:
+        out.extend(iter_file(path, on_error, report))
+    return out
+
+
+def read_source(
+    spec: SourceSpec, split: str = "train", on_error: str = "fail", report: Optional[DataReport] = None
+) -> list[dict[str, Any]]:
+    """The rows of one source (``read_source_rows`` without the locations)."""
+    return [row for _, row in read_source_rows(spec, split, on_error, report)]
+
+
+def source_format(spec: Optional[SourceSpec], data_cfg: Any) -> str:
+    """The format asked for a source: its own ``format``, else ``data.format`` (``auto``: detect from its rows)."""
+    return spec.format if spec is not None and spec.format != "auto" else data_cfg.format

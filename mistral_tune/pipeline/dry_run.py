@@ -105,13 +105,17 @@ def data_fit(cfg: Any) -> tuple[dict[str, Any] | None, str]:
     import logging
 
     from mistral_tune.config.registry import PREFERENCE_TRAINERS
-    from mistral_tune.data.sources import resolve_local_path
+    from mistral_tune.data.sources import resolve_local_path, resolve_sources
     from mistral_tune.models.sources import resolve_source
     from mistral_tune.models.tokenizer import load_tokenizer
 
     skipped = "\n\ndata: not checked (a hub dataset or a tokenizer that needs a download)"
     source = resolve_source(cfg.model.name, cfg.model.path)
-    if resolve_local_path(cfg.data.path) is None or (source.local_dir is None and source.preset is None):
+    if cfg.trainer.name in PREFERENCE_TRAINERS:
+        hub_data = resolve_local_path(cfg.data.path) is None
+    else:
+        hub_data = any(spec.hub for spec in resolve_sources(cfg.data))
+    if hub_data or (source.local_dir is None and source.preset is None):
         return None, skipped
     try:
         tokenizer = load_tokenizer(source)

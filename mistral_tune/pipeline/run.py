@@ -30,11 +30,15 @@ log = logging.getLogger("mistral_tune")
 def preflight(cfg: Any) -> None:
     """Cheap checks that fail in milliseconds, before minutes of model loading."""
     import mistral_tune.models.loading as models
+    from mistral_tune.config.registry import PREFERENCE_TRAINERS
     from mistral_tune.config.schema import eval_fraction
-    from mistral_tune.data.sources import resolve_local_path
+    from mistral_tune.data.sources import resolve_local_path, resolve_sources
     from mistral_tune.models.presets import PRESETS
 
-    resolve_local_path(cfg.data.path)
+    if cfg.trainer.name in PREFERENCE_TRAINERS:
+        resolve_local_path(cfg.data.path)
+    else:
+        resolve_sources(cfg.data)  # every source: files, directories, weights and formats checked at once
     if cfg.data.eval_split and eval_fraction(cfg.data.eval_split) is None:
         resolve_local_path(cfg.data.eval_split)
     preset = PRESETS.get(cfg.model.name)
@@ -271,6 +275,8 @@ def train_and_export(
                 optimizer=resume.optimizer_settings(trainer.args),
             )
             trainer.nan_skipped_steps.extend(saved.get("nan_skipped_steps", []))
+            if trainer.mixture_seen is not None and saved.get("mixture_seen"):
+                trainer.mixture_seen = [list(pair) for pair in saved["mixture_seen"]]
             if main_process:  # accepted: now the run directory may change
                 (run_dir / "resolved_config.yaml").write_text(config_yaml, encoding="utf-8")
                 # drop records past the checkpoint: the resumed run logs those steps again
@@ -291,6 +297,8 @@ def train_and_export(
                 resume.restore_finished(trainer, resume_from) if finished else train_guarded(trainer, stop, resume_from)
             )
         except (NonFiniteLoss, TrainingInterrupted) as exc:
+            if trainer.mixture_seen is not None:
+                report.record_seen(trainer.mixture_seen)
             if main_process:
                 summary = stopped_summary(cfg, trainer, exc, report.as_dict(), resume_from, time.time() - started)
                 save_json(run_dir / "summary.json", redact(summary))
@@ -315,6 +323,8 @@ def train_and_export(
             raise
         if not main_process:
             return {}
+        if trainer.mixture_seen is not None:  # per source: examples, tokens and epochs trained
+            report.record_seen(trainer.mixture_seen)
         summary = build_summary(cfg, run_dir, result, trainer, metrics.records, report, started, resume_from)
         summary.update(outputs)
         summary.update(extras)

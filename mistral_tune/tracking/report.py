@@ -94,6 +94,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  data         {data['length_notice']['message']}")
     for note in summary.get("notes") or []:
         lines.append(f"  note         {note}")
+    for source in data.get("sources") or []:  # a weighted mixture: what training took from each source
+        lines.append(
+            f"  source       {source['name']} (weight {source['weight']:g}): {source.get('examples_seen', 0):,} "
+            f"examples, {source.get('tokens_seen', 0):,} tokens, {source.get('epochs_seen', 0):.2f} epochs"
+        )
     lines += [
         f"  tokens       {summary.get('tokens_seen', 0):,} at {_num(summary.get('tokens_per_second'), ',.0f')} tokens/s",
         f"  peak memory  {mem}",

@@ -71,6 +71,9 @@ class RunStateMixin:
 
     data_fingerprint: str | None = None  # set by the pipeline; stored in checkpoints, checked on resume
     local_tokens_seen: int = 0  # this process's tokens in this session (not kept across a resume)
+    # A weighted mixture: [examples, tokens] trained per source, all processes summed; kept across a resume
+    # (stored with each checkpoint). None for a single source.
+    mixture_seen: list | None = None
 
     @property
     def tokens_seen(self) -> int:
@@ -93,15 +96,30 @@ class RunStateMixin:
             count = int(self.accelerator.gather(torch.tensor([count], device=self.accelerator.device)).sum())
         self.state.num_input_tokens_seen += count
 
+    def count_sources(self, model: Any, counts: Any) -> None:
+        """Add a training micro-batch's per-source ``[examples, tokens]`` (mistral_tune.data.mixture's
+        ``COUNTS_KEY`` tensor), summed over all processes (a collective on every rank, like ``count_tokens``)."""
+        if not model.training or self.mixture_seen is None:
+            return
+        if self.accelerator.num_processes > 1:
+            gathered = self.accelerator.gather(counts.to(self.accelerator.device).unsqueeze(0))
+            counts = gathered.sum(0)
+        for seen, (examples, tokens) in zip(self.mixture_seen, counts.tolist()):
+            seen[0] += int(examples)
+            seen[1] += int(tokens)
+
     def checkpoint_state(self) -> dict:
         from mistral_tune.train.resume import batch_geometry, optimizer_settings
 
-        return {
+        state = {
             "data_fingerprint": self.data_fingerprint,
             "batch_geometry": batch_geometry(self.args),
             "optimizer_settings": optimizer_settings(self.args),
             "nan_skipped_steps": list(self.nan_skipped_steps),
         }
+        if self.mixture_seen is not None:
+            state["mixture_seen"] = [list(pair) for pair in self.mixture_seen]
+        return state
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs["tokens_seen"] = self.tokens_seen

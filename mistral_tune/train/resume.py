@@ -179,7 +179,10 @@ def check_compatible(
                 "scheduler state would keep the old values)"
             )
     if state.get("data_fingerprint") not in (None, fingerprint):
-        problems.append("the training data differ (data.path, data.max_samples, data.holdout, trainer.max_length, ...)")
+        problems.append(
+            "the training data differ (data.path, data.sources and their weights, data.max_samples, data.holdout, "
+            "trainer.max_length, ...)"
+        )
     saved = state.get("batch_geometry") or {}
     changed = [f"train.{k}: {saved[k]} -> {v}" for k, v in geometry.items() if k in saved and saved[k] != v]
     if changed:

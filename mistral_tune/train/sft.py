@@ -12,6 +12,7 @@ from trl import SFTConfig, SFTTrainer
 
 import mistral_tune.train.lm_head_loss as losses
 from mistral_tune.compat.transformers import attn_implementation
+from mistral_tune.data.mixture import COUNTS_KEY, SOURCE_COLUMN, SourceCountingCollator
 from mistral_tune.data.packing import batch_token_count, prepare_packing
 from mistral_tune.train.base import RunStateMixin, common_args
 from mistral_tune.train.checkpoints import AtomicCheckpointMixin
@@ -41,8 +42,11 @@ class MistralSFTTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         self._router_aux: list[float] = []  # Mixtral: load-balancing losses since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counts = inputs.pop(COUNTS_KEY, None)  # a weighted mixture: examples and tokens per source
         if model.training:
             self.count_tokens(model, inputs, batch_token_count(inputs))
+            if counts is not None:
+                self.count_sources(model, counts)
         inputs["use_cache"] = False  # also required for packed batches: a cache hides their layout
         if self.loss_impl == "plain" or return_outputs or "labels" not in inputs:
             # The model's own loss; a Mixtral with output_router_logits has already added
@@ -129,7 +133,9 @@ def build_sft_trainer(
     run_dir: Path,
     callbacks: list,
     eval_dataset: Any = None,
+    num_sources: int = 0,
 ):
+    """``num_sources``: the sources of a weighted mixture (0 or 1: one source, nothing counted per source)."""
     collator, flat, packing_report = None, False, None
     if cfg.trainer.packing:
         train_dataset, collator, flat, packing_report = prepare_packing(
@@ -147,6 +153,9 @@ def build_sft_trainer(
         loss_impl=cfg.trainer.loss,
     )
     trainer.packing_report = packing_report
+    if num_sources > 1 and SOURCE_COLUMN in train_dataset.column_names:
+        trainer.data_collator = SourceCountingCollator(trainer.data_collator, num_sources)
+        trainer.mixture_seen = [[0, 0] for _ in range(num_sources)]
     return trainer
 
 
@@ -166,7 +175,10 @@ def prepare_data(cfg: Any, tokenizer: Any):
 
 
 def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path, callbacks: list):
-    return build_sft_trainer(cfg, model, tokenizer.to_hf(), data.train, run_dir, callbacks, eval_dataset=data.eval)
+    return build_sft_trainer(
+        cfg, model, tokenizer.to_hf(), data.train, run_dir, callbacks, eval_dataset=data.eval,
+        num_sources=len(data.report.sources),
+    )  # fmt: skip
 
 
 def finish(trainer: Any, data: Any) -> dict:
