@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -416,13 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     campaign = Campaign(args)
     only = set(args.only.split(","))
     campaign.section("environment", environment, 0)
-    workdir = Path(tempfile.mkdtemp(prefix="mistral-tune-campaign-"))
-    if "packing" in only:
-        campaign.section("packing", lambda: packing_check(args.device, args.tiny), 30)
-    if "lora" in only:
-        campaign.section("lora", lambda: throughput(campaign, workdir), 120)
-    if "qlora" in only:
-        campaign.section("qlora", lambda: qlora_memory(campaign, workdir), 60)
+    workdir = Path(tempfile.mkdtemp(prefix="mistral-tune-campaign-"))  # the bench runs; the results file is kept
+    try:
+        if "packing" in only:
+            campaign.section("packing", lambda: packing_check(args.device, args.tiny), 30)
+        if "lora" in only:
+            campaign.section("lora", lambda: throughput(campaign, workdir), 120)
+        if "qlora" in only:
+            campaign.section("qlora", lambda: qlora_memory(campaign, workdir), 60)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     lines = summary_lines(campaign.results)
     campaign.results["summary"] = lines
     campaign.save()
