@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mistral_tune.core.errors import UserError
+from mistral_tune.core.process import return_freed_heap
 from mistral_tune.models.attention import pick_attn_implementation
 from mistral_tune.models.presets import Preset, config_from_keras
 from mistral_tune.models.sources import ModelSource, check_weight_files, download_source, fetch_hub_repo
@@ -113,6 +114,17 @@ def load_model(
     model_cfg: Any, source: ModelSource, *, seed: int = 0, quantization_config: Any = None, task: str = "CAUSAL_LM"
 ):
     """Build the causal LM: random init from the architecture, a local directory, or a hub download.
+
+    The memory the load freed (bf16 tensors read, then cast or quantized) goes back to the system before
+    training allocates anything, so the run's resident memory is the model's, not the load's high mark.
+    """
+    model = _build_model(model_cfg, source, seed=seed, quantization_config=quantization_config, task=task)
+    return_freed_heap()
+    return model
+
+
+def _build_model(model_cfg: Any, source: ModelSource, *, seed: int, quantization_config: Any, task: str):
+    """``load_model`` without the heap trim.
 
     Random init happens for the embedded presets and whenever ``model_cfg.load_weights`` is false
     (only the config is read, no weights are downloaded). Inside ``with torch.device("meta"):`` that
