@@ -52,7 +52,7 @@ def run_benchmark(recipe: str, common: list[str], variants: list, opts: BenchOpt
             tag = f"{name}.{r}" if opts.repeat > 1 else name
             spec = {
                 "name": name,
-                "recipe": recipe,
+                "recipe": options.get("recipe") or recipe,
                 "overrides": overrides,
                 "hydra_overrides": hydra_overrides,
                 "options": options,
@@ -166,6 +166,7 @@ def summarize(name: str, runs: list[dict], peak_tflops: float | None = None) -> 
     paired = [f / b for f, b in zip(fw, bare) if b > 0]
     return {
         "name": name,
+        "recipe": first.get("recipe"),
         "overrides": first["overrides"],
         "trainer": first["trainer"],
         "device": first["device"],
@@ -195,8 +196,26 @@ def summarize(name: str, runs: list[dict], peak_tflops: float | None = None) -> 
         "memory_kind": first["memory_kind"],
         "rss_before_train_bytes": first["rss_before_train_bytes"],
         "process_peak_rss_bytes": max(r["process_peak_rss_bytes"] for r in runs),
+        "usage_per_step": {
+            side: usage_per_step(runs, side, key)
+            for side, key in (("framework", "framework_seconds"), ("bare", "bare_seconds"))
+        },
         "load_average": [r.get("load_average") for r in runs],
     }
+
+
+def usage_per_step(runs: list[dict], side: str, key: str) -> dict[str, float] | None:
+    """Minor page faults and user/system CPU seconds per measured step of one side (getrusage in the worker)."""
+    steps = sum(len(r[key]) for r in runs)
+    usages = [r.get("usage", {}).get(side) for r in runs]
+    if not steps or not all(usages):
+        return None
+    out = {k: sum(u[k] for u in usages) / steps for k in ("minor_faults", "system_seconds", "user_seconds")}
+    # Real tokens per CPU second (user + system): the cost of a token, whatever else shares the machine.
+    tokens = sum(sum(b["tokens"] for b in step) for r in runs for step in r["step_batches"][: len(r[key])])
+    cpu = sum(u["user_seconds"] + u["system_seconds"] for u in usages)
+    out["tokens_per_cpu_second"] = tokens / cpu if cpu > 0 else None
+    return out
 
 
 def hardware_info() -> dict[str, Any]:
@@ -269,6 +288,14 @@ def markdown_report(summary: dict) -> str:
     mem = {v["memory_kind"] for v in summary["variants"]}
     lines.append(f"- peak memory: {', '.join(sorted(mem))}\n")
     lines.append(markdown_table(summary["variants"]))
+    for v in summary["variants"]:
+        usage = (v.get("usage_per_step") or {}).get("framework")
+        if usage:
+            lines.append(
+                f"- {v['name']} ({v.get('recipe')}): per framework step {usage['minor_faults']:,.0f} minor page faults, "
+                f"{usage['system_seconds']:.2f} s system and {usage['user_seconds']:.2f} s user CPU time; "
+                f"{_num(usage['tokens_per_cpu_second'], ',.0f')} real tokens per CPU second"
+            )
     for v in summary["variants"]:
         loads = ", ".join(f"{a}->{b}" for a, b in (x or [None, None] for x in v["load_average"]))
         lines.append(

@@ -22,6 +22,7 @@ usage: mistral-tune recipe=NAME [group=option ...] [key=value ...] [--cfg job]
        mistral-tune export run_dir=PATH formats=[merged,preset,gguf]   (or adapter=PATH base=PRESET out=DIR)
        mistral-tune score preset=RUN/merged text=TEXT   (rewards from a reward model; score --help)
        mistral-tune eval preset=RUN tasks=[mistral_tune_mc,mistral_tune_ppl]   (lm-evaluation-harness; eval --help)
+       mistral-tune validate-data recipe=NAME [key=value ...] [--write-corrected OUT]   (or check; --help)
        mistral-tune --help
 
 Train:      mistral-tune recipe=sft_lora train.max_steps=50 output_dir=runs/x
@@ -31,6 +32,8 @@ Generate:   mistral-tune generate preset=runs/x/merged prompt="Hello" sampler=gr
 Resume:     mistral-tune recipe=sft_lora output_dir=runs/x resume=auto   (after a crash, kill or preemption)
 Size up:    mistral-tune recipe=sft_lora model=mistral_7b_en dry_run=true dry_run_gpu=A100
             (parameters, peak memory per device and step time; no weights, no download)
+Check data: mistral-tune validate-data recipe=sft_lora data.path=my.jsonl
+            (every bad line as file:line, tokens, lengths, truncation, epochs, ETA; no model built)
 Track:      mistral-tune recipe=sft_lora tracking=wandb tracking.project=my-project   (or tracking=tensorboard)
 """
 
@@ -53,6 +56,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mistral_tune.cli.export", "main"),
     "eval": ("mistral_tune.cli.eval", "main"),
     "score": ("mistral_tune.cli.score", "cmd_score"),
+    "validate-data": ("mistral_tune.cli.validate", "cmd_validate"),
+    "check": ("mistral_tune.cli.validate", "cmd_validate"),
 }
 TRAIN = ("mistral_tune.cli.train", "cmd_train")
 

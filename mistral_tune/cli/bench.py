@@ -15,8 +15,10 @@ VARIANT = Command(
     "variant options",
     noun="benchmark option",
     keys=(
+        Key("bench.recipe", default="",
+            help="NAME: this variant runs recipe NAME instead (e.g. sft_lora beside dpo_lora in one run)"),
         Key("bench.trainer", default="mistral", choices=("mistral", "trl"),
-            help="mistral (default) | trl (TRL's stock SFTTrainer)"),
+            help="mistral (default) | trl (TRL's stock SFTTrainer; for DPO, TRL's own fused LM head)"),
         Key("bench.bare", bool, True, help="false: no bare PyTorch loop (default true)"),
         Key("bench.synthetic_length", int, 0, help="N: random rows of N tokens, no data file (default 0: the recipe's data)"),
     ),
@@ -30,8 +32,12 @@ usage: mistral-tune bench recipe=NAME [key=value ...] [--steps N] [--warmup N] [
     description="""\
 Runs the recipe for warmup + steps optimizer steps per variant, each framework step paired with a
 bare PyTorch step (forward, backward, optimizer) on the same model and batches. Writes
-DIR/results.json and DIR/results.md. Variant options: bench.trainer=trl (TRL's stock SFTTrainer),
-bench.bare=false (no bare loop), bench.synthetic_length=N (random rows of N tokens, no data file).
+DIR/results.json and DIR/results.md. The recipe may be SFT, DPO or reward: the bare loop computes
+the same loss by hand (SFT: the model's loss; DPO: the sigmoid DPO loss from policy and reference
+log-probs; reward: the pairwise loss). Variant options: bench.recipe=NAME (another recipe for this
+variant, e.g. SFT and DPO side by side), bench.trainer=trl (TRL's stock SFTTrainer; for DPO, TRL's
+own fused LM head), bench.bare=false (no bare loop),
+bench.synthetic_length=N (random rows of N tokens, no data file), SFT recipes only.
 --summarize-only rebuilds results.json/md from the per-variant results already in DIR.
 key=value arguments other than bench.* are Hydra overrides of the recipe, common to every variant
 before the first --variant and that variant's own after it.""",
@@ -50,7 +56,8 @@ before the first --variant and that variant's own after it.""",
     sections=(("variant options (key=value, common or per variant):", VARIANT),),
     epilog="""\
   mistral-tune bench recipe=sft_lora --steps 10 --warmup 3
-  mistral-tune bench recipe=sft_lora --variant chunked trainer.loss=chunked --variant plain trainer.loss=plain""",
+  mistral-tune bench recipe=sft_lora --variant chunked trainer.loss=chunked --variant plain trainer.loss=plain
+  mistral-tune bench recipe=sft_lora --variant sft --variant dpo bench.recipe=dpo_lora data=preference_sample""",
 )  # fmt: skip
 
 
@@ -121,7 +128,7 @@ def cmd_bench(args: list[str]) -> int:
     runs = []  # (name, overrides as given, Hydra overrides, bench options): plain values for the harness
     for name, overrides in variants:
         hydra, options, _ = split_overrides([*common, *overrides])
-        compose(recipe, hydra)  # fail on a bad override before spending minutes on the others
+        compose(options["recipe"] or recipe, hydra)  # fail on a bad override before spending minutes on the others
         runs.append((name, [*common, *overrides], hydra, options))
     summary = run_benchmark(recipe, common, runs, opts, command="mistral-tune bench " + " ".join(args))
     return 1 if summary["errors"] else 0

@@ -1,4 +1,4 @@
-"""TRL internals: DPOTrainer's dataset/reference-log-prob hooks, trainer metrics, the DPO loss types."""
+"""TRL internals: DPOTrainer's dataset/reference-log-prob hooks, its fused LM head, trainer metrics, the DPO loss types."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import re
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from mistral_tune.compat import broken
 
 
 class DPOHooks:
@@ -94,3 +96,114 @@ def dpo_loss_types() -> tuple[str, ...]:
         return _loss_types_from_help(_dpo_config_help_from_source())
     except (OSError, LookupError, ImportError, IndexError, SyntaxError, ValueError):
         return _loss_types_from_help(dpo_config_loss_help())
+
+
+# The function trl.trainer.utils.add_fused_lm_head binds as ``model.forward`` (its code object's name; functools.wraps
+# renames the function itself to ``forward``). DPOTrainer calls it as ``model(..., labels=, fused_lm_head=True)`` for
+# the policy (outputs log_probs, entropy, mean_logits, is_top1 [+ log_sum_sq_probs with use_weighting]) and the
+# reference, and reads those fields of the FusedCausalLMOutput it returns, each ``(batch, seq - 1)``, zero where the
+# label is -100.
+FUSED_FORWARD = "_fused_forward"
+FUSED_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+ROUTED = "mistral_tune_scorer"  # marks our forward (idempotent routing)
+
+
+def has_trl_fused_lm_head(model: Any) -> bool:
+    """True when ``model.forward`` is the fused LM head TRL's ``add_fused_lm_head`` installed."""
+    code = getattr(getattr(model.forward, "__func__", None), "__code__", None)
+    return code is not None and code.co_name == FUSED_FORWARD
+
+
+def is_routed(model: Any) -> bool:
+    return getattr(getattr(model.forward, "__func__", None), ROUTED, None) is not None
+
+
+def dpo_fused_outputs(args: Any) -> tuple[str, ...]:
+    """The optional per-token fields DPOTrainer asks its policy's fused head for (its ``__init__``)."""
+    return ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if args.use_weighting else ())
+
+
+def route_fused_lm_head(
+    model: Any,
+    score: Callable[..., tuple],
+    supports: Callable[[Any, Any], bool],
+    outputs: tuple[str, ...] = (),
+) -> bool:
+    """Route the fused LM head TRL installed on ``model`` through ``score`` (TRL's own for what it can't take).
+
+    TRL 1.16 scores, where Triton is absent (CPU), every position (prompt and padding too) over the whole vocabulary
+    in 4096-token tiles. ``score(hidden, weight, targets, outputs)`` gets only the rows whose label is not -100 and
+    returns ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` for them (the unrequested ones None).
+    ``supports(head, device)`` says whether it can take this head on this device; when not, or for a shifted-labels
+    call, a forward asking for router logits or a plain (not fused) call, TRL's forward runs as before. Returns False
+    (nothing changed) when ``model`` has no TRL fused head, or scales or softcaps its logits, or is a mixture of experts
+    that adds its load-balancing loss (TRL's head does those).
+    """
+    import functools
+    import types
+
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    if is_routed(model):
+        return True
+    if not has_trl_fused_lm_head(model):
+        return False
+    missing = [f for f in (*FUSED_FIELDS, "loss", "label_mask") if f not in FusedCausalLMOutput.__dataclass_fields__]
+    if missing:
+        raise RuntimeError(broken("trl", "trl.trainer.utils.FusedCausalLMOutput", f"has no {missing}"))
+    trl_forward = model.forward
+    text_config = model.config.get_text_config()
+    scaled = any(
+        getattr(text_config, key, None) is not None
+        for key in (
+            "final_logit_softcapping",
+            "logit_scale",
+            "output_multiplier",
+            "lm_head_multiplier",
+            "logits_scaling",
+        )
+    )
+    if scaled or getattr(text_config, "output_router_logits", False):
+        return False  # softcapping, logit scales, the MoE load-balancing loss: TRL's head handles them, ours does not
+
+    @functools.wraps(trl_forward.__func__)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        head = self.get_output_embeddings()
+        device = head.weight.device
+        if (
+            not fused_lm_head
+            or labels is None
+            or shift_labels is not None
+            or kwargs.get("output_router_logits")
+            or not supports(head, device)
+        ):
+            return trl_forward(
+                *args,
+                fused_lm_head=fused_lm_head,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1].to(device)
+        labels = labels[:, 1:].to(device)
+        mask = labels != -100
+        rows = score(hidden[mask], head.weight, labels[mask], outputs)
+        # masked_scatter keeps the result connected to the model even when no label is valid (as TRL's does)
+        per_token = [None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in rows]
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = per_token
+        divisor = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / divisor,
+            log_probs=log_probs,
+            entropy=entropy,
+            log_sum_sq_probs=log_sum_sq_probs,
+            mean_logits=mean_logits,
+            is_top1=is_top1,
+            label_mask=mask,
+        )
+
+    setattr(forward, ROUTED, score)
+    model.forward = types.MethodType(forward, model)
+    return True

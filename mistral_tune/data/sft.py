@@ -210,6 +210,17 @@ def encode_messages(row: dict[str, Any], messages: Optional[list], tools: list, 
     return tokenizer.encode_chat(messages)
 
 
+def tokenize_options(data_cfg: Any, trainer_cfg: Any) -> dict[str, Any]:
+    """The keyword arguments of ``tokenize_rows`` a run's config gives (training and validate-data alike)."""
+    return dict(
+        max_length=trainer_cfg.max_length,
+        truncation=trainer_cfg.truncation,
+        system_prompt=data_cfg.system_prompt,
+        completion_only_loss=trainer_cfg.completion_only_loss,
+        fix_tool_call_ids=getattr(data_cfg, "fix_tool_call_ids", False),
+    )
+
+
 def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
     """Load, split off the holdout and the eval split, tokenize; every lost row is counted.
 
@@ -235,13 +246,7 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     holdout_n = min(data_cfg.holdout, max(len(rows) - 1, 0))
     holdout, rest = [rows[i] for i in order[:holdout_n]], order[holdout_n:]
     # Held-out rows prompt samples.jsonl, so they must be usable too; unusable ones are dropped and counted.
-    options = dict(
-        max_length=trainer_cfg.max_length,
-        truncation=trainer_cfg.truncation,
-        system_prompt=data_cfg.system_prompt,
-        completion_only_loss=trainer_cfg.completion_only_loss,
-        fix_tool_call_ids=getattr(data_cfg, "fix_tool_call_ids", False),
-    )
+    options = tokenize_options(data_cfg, trainer_cfg)
     holdout = [r for r in holdout if tokenize_rows([r], fmt, tokenizer, report=report, **options)]
     report.reset_length_counts()  # counted for training examples only
     holdout_n = report.held_out = len(holdout)
@@ -268,14 +273,8 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     if eval_rows:
         eval_examples = tokenize_rows(eval_rows, eval_fmt, tokenizer, report=eval_report, **options)
         report.eval_read = eval_report.read + len(eval_rows)  # skipped bad lines (on_error=skip) + rows
-        report.eval_used, report.eval_dropped = len(eval_examples), eval_report.dropped
-        for reason, n in sorted(eval_report.dropped.items()):
-            log.warning("data: dropped %d evaluation example(s): %s", n, reason)
-        if not eval_examples:
-            raise UserError(
-                f"No evaluation examples left after filtering the {len(eval_rows)} rows of data.eval_split."
-            )
-        eval_ds = Dataset.from_list(eval_examples)
+        report.eval_dropped = eval_report.dropped
+        eval_ds = eval_dataset(report, eval_examples)
     log.info(
         "data: %s format, %d read, %d training examples, %d held out%s",
         fmt,
@@ -287,6 +286,18 @@ def prepare_sft_data(data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> Prepare
     return PreparedData(Dataset.from_list(examples), eval_ds, holdout, fmt, report)
 
 
+def eval_dataset(report: DataReport, examples: list[dict[str, Any]]) -> Any:
+    """The tokenized evaluation split as a Dataset; its drops are logged, and an empty split is an error."""
+    from datasets import Dataset
+
+    report.eval_used = len(examples)
+    for reason, n in sorted(report.eval_dropped.items()):
+        log.warning("data: dropped %d evaluation example(s): %s", n, reason)
+    if not examples:
+        raise UserError(f"No evaluation examples left after filtering the {report.eval_read} rows of data.eval_split.")
+    return Dataset.from_list(examples)
+
+
 def prepare_mixture(specs: list[SourceSpec], data_cfg: Any, trainer_cfg: Any, tokenizer: Any) -> PreparedData:
     """Tokenize every source and interleave them by weight; returns the mixture as ``PreparedData``.
 
@@ -296,13 +307,7 @@ def prepare_mixture(specs: list[SourceSpec], data_cfg: Any, trainer_cfg: Any, to
     """
     from datasets import Dataset, interleave_datasets
 
-    options = dict(
-        max_length=trainer_cfg.max_length,
-        truncation=trainer_cfg.truncation,
-        system_prompt=data_cfg.system_prompt,
-        completion_only_loss=trainer_cfg.completion_only_loss,
-        fix_tool_call_ids=getattr(data_cfg, "fix_tool_call_ids", False),
-    )
+    options = tokenize_options(data_cfg, trainer_cfg)
     loaded = []
     for spec in specs:
         report = DataReport()
@@ -382,14 +387,7 @@ def prepare_mixture(specs: list[SourceSpec], data_cfg: Any, trainer_cfg: Any, to
         total.eval_read = eval_report.read + len(eval_file_rows)
         total.eval_dropped = eval_report.dropped
     if total.eval_read:
-        total.eval_used = len(eval_examples)
-        for reason, n in sorted(total.eval_dropped.items()):
-            log.warning("data: dropped %d evaluation example(s): %s", n, reason)
-        if not eval_examples:
-            raise UserError(
-                f"No evaluation examples left after filtering the {total.eval_read} rows of data.eval_split."
-            )
-        eval_ds = Dataset.from_list(eval_examples)
+        eval_ds = eval_dataset(total, eval_examples)
     fmt = loaded[primary][3]
     log.info(
         "data: mixture of %d sources (%s), %d read, %d training examples, %d per pass (stopping_strategy=%s), "

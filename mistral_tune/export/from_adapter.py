@@ -5,7 +5,7 @@
 
 Verification loads the base with the adapter (unmerged) once to compute reference logits, frees it,
 streams the merge, then reloads the result; so it needs the model in memory once, while the merge
-itself needs about one shard. ``verify=false`` skips it (the summary then says so).
+itself needs about one tensor (a 7B merge: under 1 GiB of RSS). ``verify=false`` skips it (the summary then says so).
 """
 
 from __future__ import annotations

@@ -485,6 +485,16 @@ def materialize_base(model: dict[str, Any], tmp: Path, source: Any = None) -> tu
             trust_remote_code=False,
             allow_pickle=False,
         )
+        import torch
+
+        from mistral_tune.models.random_init import build_meta, replayable, save_random_checkpoint
+
+        config = models.load_config(source)
+        if replayable(build_meta(config)):
+            # The same tensors as load_model + save_pretrained, written one at a time (a 7B base
+            # never sits in memory).
+            save_random_checkpoint(config, Path(tmp), seed=model["seed"], dtype=torch.float32, max_shard_size="2GB")
+            return Path(tmp), source
         base = models.load_model(model_cfg, source, seed=model["seed"])
         base.save_pretrained(tmp, max_shard_size="2GB")
         return Path(tmp), source

@@ -1,11 +1,11 @@
 """Streaming merge: fold a saved LoRA/DoRA adapter into a base checkpoint one safetensors shard at a time.
 
-The base never sits in memory as a whole. Each base shard is opened with ``safetensors`` (memory
-mapped), each tensor is read, the matching adapter delta is added in float32
-(``W + scale * B @ A``; DoRA rescales each output row to its trained magnitude), the result is cast
-to the export dtype and buffered, and the buffer is written out as soon as it reaches
-``max_shard_size``. Peak memory is about one output shard plus the tensor being merged; see
-docs/export.md for measurements.
+The base never sits in memory as a whole. Each tensor of each base shard is read, the matching
+adapter delta is added in float32 (``W + scale * B @ A``; DoRA rescales each output row to its
+trained magnitude), the result is cast to the export dtype and written into output shards of at
+most ``max_shard_size``. Base shards are read with plain file reads, not memory-mapped, and each output
+shard's header is written first, so each merged tensor goes to disk at once: peak memory is about
+the largest tensor (models/shards.py); see docs/export.md and docs/BENCHMARKS.md for measurements.
 
 For a QLoRA adapter, every weight the training run held in 4-bit is first put through the same NF4
 quantize/dequantize round trip bitsandbytes applied while loading, so the merge uses exactly the base the
@@ -22,25 +22,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mistral_tune.core.errors import UserError
+from mistral_tune.models.shards import parse_size  # noqa: F401  (re-exported: callers import it from here)
 
 log = logging.getLogger(__name__)
 
 
 BLOCK_ELEMENTS = 4 * 2**20  # rows merged at a time: ~16 MB of float32 per block
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
-
 FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000 (transformers' max_shard_size convention)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise UserError(f"max_shard_size={text!r} is not a size like 500MB or 2GB.")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
 
 
 def base_shards(base_dir: Path) -> list[Path]:
@@ -221,52 +210,6 @@ def nf4_round_trip(weight: Any, quant: dict[str, Any]):
     return bnb.functional.dequantize_4bit(packed, state)
 
 
-class ShardWriter:
-    """Buffer tensors and write a safetensors shard whenever the next one would pass ``max_bytes``."""
-
-    def __init__(self, out_dir: Path, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.buffer: dict[str, Any] = {}
-        self.size = 0
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: Any) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        path = self.out_dir / f"part-{len(self.files):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.buffer)))
-        self.buffer, self.size = {}, 0
-
-    def finish(self) -> list[str]:
-        """Rename parts to Hugging Face's shard names and write the index (none for one shard)."""
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            self.files[0][0].rename(self.out_dir / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map, names = {}, []
-        for i, (path, keys) in enumerate(self.files, 1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self.out_dir / final)
-            names.append(final)
-            weight_map.update(dict.fromkeys(keys, final))
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
 def stream_merge(
     base_dir: Path,
     adapter_dir: Optional[Path],
@@ -283,26 +226,36 @@ def stream_merge(
     into ``out_dir`` as it is: callers wrap it in ``export.atomic_directory``.
     """
     import torch
-    from safetensors import safe_open
+
+    from mistral_tune.models.shards import PlannedShardWriter, ShardReader, plan_shards, safetensors_dtype
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     deltas = LoraDeltas(Path(adapter_dir), config) if adapter_dir is not None else None
     quantized = set(quantization["modules"]) if quantization else set()
-    writer = ShardWriter(out_dir, parse_size(max_shard_size))
-    dtype = None if dtype_name == "auto" else getattr(torch, dtype_name)
-    for shard in base_shards(base_dir):
-        # One shard's file mapping at a time; each tensor is read (and merged) a block of rows at a time.
-        with safe_open(str(shard), framework="pt") as f:
+    shards = base_shards(base_dir)
+    # Plan every output shard from the base's headers (names, shapes, dtypes), so each tensor goes to
+    # disk as soon as it is merged: memory is one tensor, whatever max_shard_size is.
+    entries, dtype = [], None if dtype_name == "auto" else getattr(torch, dtype_name)
+    for shard in shards:
+        with ShardReader(shard) as f:
             for name in f.keys():
                 view = f.get_slice(name)
                 kind = view.get_dtype()
-                if kind not in FLOAT_DTYPES:
+                if kind in FLOAT_DTYPES and dtype is None:
+                    dtype = getattr(torch, FLOAT_DTYPES[kind])  # auto: the base checkpoint's own dtype
+                out_kind = safetensors_dtype(dtype) if kind in FLOAT_DTYPES else kind
+                entries.append((name, view.get_shape(), out_kind))
+    writer = PlannedShardWriter(out_dir, plan_shards(entries, parse_size(max_shard_size)))
+    for shard in shards:
+        # Plain reads (no memory map): a read tensor leaves this process's memory once merged and written.
+        with ShardReader(shard) as f:
+            for name in f.keys():
+                view = f.get_slice(name)
+                if view.get_dtype() not in FLOAT_DTYPES:
                     writer.add(name, view[:])  # integer buffers, if any, pass through untouched
                     continue
-                if dtype is None:
-                    dtype = getattr(torch, FLOAT_DTYPES[kind])  # auto: the base checkpoint's own dtype
                 if name.removesuffix(".weight") in quantized:
                     view = nf4_round_trip(view[:], quantization)  # whole tensor: NF4 scale blocks span rows
                 if deltas is None:

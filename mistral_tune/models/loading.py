@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mistral_tune.core.errors import UserError
+from mistral_tune.core.process import return_freed_heap
 from mistral_tune.models.attention import pick_attn_implementation
 from mistral_tune.models.presets import Preset, config_from_keras
 from mistral_tune.models.sources import ModelSource, check_weight_files, download_source, fetch_hub_repo
@@ -114,6 +115,17 @@ def load_model(
 ):
     """Build the causal LM: random init from the architecture, a local directory, or a hub download.
 
+    The memory the load freed (bf16 tensors read, then cast or quantized) goes back to the system before
+    training allocates anything, so the run's resident memory is the model's, not the load's high mark.
+    """
+    model = _build_model(model_cfg, source, seed=seed, quantization_config=quantization_config, task=task)
+    return_freed_heap()
+    return model
+
+
+def _build_model(model_cfg: Any, source: ModelSource, *, seed: int, quantization_config: Any, task: str):
+    """``load_model`` without the heap trim.
+
     Random init happens for the embedded presets and whenever ``model_cfg.load_weights`` is false
     (only the config is read, no weights are downloaded). Inside ``with torch.device("meta"):`` that
     builds a 7B architecture without allocating it. ``task="SEQ_CLS"`` builds a reward model instead:
@@ -140,6 +152,13 @@ def load_model(
         )
         for key, value in moe_overrides(model_cfg, config).items():
             setattr(config, key, value)
+        if quantization_config is not None and not keras:
+            # bitsandbytes quantizes while loading, so the base goes through a save; written tensor by
+            # tensor (the same weights as from_config), a 7B base never sits in memory unquantized.
+            quantized = load_random_quantized(config, auto_class, seed, dtype, attn, quantization_config, model_cfg)
+            if quantized is not None:
+                return quantized
+            torch.manual_seed(seed)
         model = auto_class.from_config(config, attn_implementation=attn).to(dtype)
         if keras:
             from mistral_tune.models.keras_weights import load_keras_weights
@@ -175,3 +194,23 @@ def load_model(
         trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=not model_cfg.allow_pickle,
     )
+
+
+def load_random_quantized(config: Any, auto_class: Any, seed: int, dtype: Any, attn: str, quantization_config: Any, model_cfg: Any):
+    """A random-init base loaded in 4-bit, through a checkpoint written tensor by tensor
+    (``random_init.save_random_checkpoint``); None when the architecture's init is not replayed there."""
+    import tempfile
+
+    from mistral_tune.models.random_init import build_meta, replayable, save_random_checkpoint
+
+    if not replayable(build_meta(config, auto_class, attn)):
+        return None
+    with tempfile.TemporaryDirectory(prefix="mistral-tune-base-") as tmp:
+        save_random_checkpoint(config, Path(tmp), seed=seed, dtype=dtype, auto_class=auto_class)
+        return auto_class.from_pretrained(
+            tmp,
+            dtype=dtype,
+            attn_implementation=attn,
+            quantization_config=quantization_config,
+            **moe_overrides(model_cfg, config),
+        )

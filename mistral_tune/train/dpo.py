@@ -5,6 +5,13 @@ With LoRA/QLoRA the reference model is the policy's own base with the adapter at
 (TRL keeps a frozen copy of the adapter, or disables it), so the base weights are held once; full
 fine-tuning keeps a frozen copy of the model unless reference log-probs are precomputed. Precomputed
 reference log-probs are cached on disk, keyed by the tokenized data, the model weights and the template.
+
+Log-probs: TRL 1.16's fused LM head scores, where Triton is absent (CPU), every position of every sequence (prompt and
+padding too) over the whole vocabulary, through ~0.5 GB temporaries per 4096 tokens: most of a CPU step and tens of
+thousands of page faults per call. ``MistralDPOTrainer`` routes the policy's and the reference's fused head through
+``lm_head_loss.token_logprobs`` instead: completion tokens only, in 16 MiB chunks, the hidden-state gradient kept from
+the forward (no recomputation). Same values (tests/train/test_dpo_logps.py compares loss, rewards, metrics and
+gradients with stock TRL); on CUDA with Triton, and for heads it cannot take, TRL's own head runs.
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ from typing import Any
 
 from trl import DPOConfig, DPOTrainer
 
-from mistral_tune.compat.trl import DPOHooks, dpo_loss_types, reference_model_hash, trainer_metrics
+from mistral_tune.compat.trl import (
+    DPOHooks,
+    dpo_fused_outputs,
+    dpo_loss_types,
+    reference_model_hash,
+    route_fused_lm_head,
+    trainer_metrics,
+)
 from mistral_tune.core.errors import UserError
 from mistral_tune.train.base import RunStateMixin, common_args
 from mistral_tune.train.checkpoints import AtomicCheckpointMixin
@@ -53,11 +67,43 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
 
     ref_cache_dir: Path | None = None
     chat_template: str = ""
+    completion_logps: bool = True  # route TRL's fused LM heads through lm_head_loss.token_logprobs
+    routed_heads: tuple[str, ...] = ()  # which ones were: "policy", "reference"
 
-    def __init__(self, *args, ref_cache_dir: Path | None = None, chat_template: str = "", **kwargs):
+    def __init__(
+        self,
+        *args,
+        ref_cache_dir: Path | None = None,
+        chat_template: str = "",
+        completion_logps: bool = True,
+        **kwargs,
+    ):
         self.ref_cache_dir, self.chat_template = ref_cache_dir, chat_template
+        self.completion_logps = completion_logps
         self.ref_cache: dict[str, dict[str, Any]] = {}  # per dataset name: cache file and whether it was hit
         super().__init__(*args, **kwargs)
+        self.route_lm_heads()
+
+    def route_lm_heads(self) -> None:
+        """Score completion tokens only (``lm_head_loss.token_logprobs``) in TRL's fused heads; idempotent.
+
+        Called at the end of ``__init__`` and before TRL precomputes reference log-probs (inside ``__init__``).
+        """
+        if not self.completion_logps:
+            return
+        from peft import PeftModel
+
+        import mistral_tune.train.lm_head_loss as heads
+
+        policy = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        routed = []
+        if route_fused_lm_head(policy, heads.token_logprobs, completion_head_supported, dpo_fused_outputs(self.args)):
+            routed.append("policy")
+        if self.ref_model is not None:
+            ref = self.accelerator.unwrap_model(self.ref_model)
+            if route_fused_lm_head(ref, heads.token_logprobs, completion_head_supported):
+                routed.append("reference")
+        self.routed_heads = tuple(routed)
 
     def prepare_dpo_dataset(self, dataset, processing_class, args, dataset_name):
         if all(c in dataset.column_names for c in TOKENIZED_COLUMNS):
@@ -74,6 +120,7 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         return h.hexdigest()[:32]
 
     def precompute_reference_logps(self, dataset, name, batch_size):
+        self.route_lm_heads()  # TRL precomputes inside its __init__, before ours routes the heads
         if self.ref_cache_dir is None:
             return self.trl_precompute_ref_logps(dataset, name, batch_size)
         from accelerate.utils import broadcast_object_list
@@ -150,6 +197,21 @@ class MistralDPOTrainer(RunStateMixin, AtomicCheckpointMixin, NonFiniteLossMixin
         super().log(logs, start_time)
 
 
+def completion_head_supported(head: Any, device: Any) -> bool:
+    """Whether ``token_logprobs`` takes this LM head: a bias-free, unsharded ``nn.Linear``, off Triton's devices.
+
+    On CUDA/XPU with Triton, TRL's fused kernel already scores only the label positions; we keep it there.
+    """
+    import torch
+    from transformers.utils import is_triton_available
+
+    import mistral_tune.train.lm_head_loss as heads
+
+    if type(head) is not torch.nn.Linear or head.bias is not None or heads.head_is_sharded(head):
+        return False
+    return not (device.type in ("cuda", "xpu") and is_triton_available())
+
+
 def loss_types(trainer_cfg: Any) -> list[str]:
     losses = [t.strip() for t in str(trainer_cfg.loss_type).split("+")]
     unknown = [t for t in losses if t not in installed_loss_types()]
@@ -196,7 +258,10 @@ def prepare_data(cfg: Any, tokenizer: Any):
     return prepare_preference_data(cfg.data, cfg.trainer, tokenizer)
 
 
-def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path, callbacks: list):
+def build_trainer(
+    cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path, callbacks: list, completion_logps: bool = True
+):
+    """``completion_logps=False`` keeps TRL's own fused LM head (``mistral-tune bench`` compares the two)."""
     cache = None
     if cfg.trainer.precompute_ref_log_probs:
         cache = Path(cfg.trainer.ref_cache_dir).expanduser() if cfg.trainer.ref_cache_dir else default_cache_dir()
@@ -211,6 +276,7 @@ def build_trainer(cfg: Any, model: Any, tokenizer: Any, data: Any, run_dir: Path
         ref_cache_dir=cache,
         chat_template=tokenizer.jinja_chat_template,
         on_nan=cfg.on_nan,
+        completion_logps=completion_logps,
     )
 
 

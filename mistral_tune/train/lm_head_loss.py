@@ -80,6 +80,140 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+TOKEN_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # optional, besides the log-probs
+
+LOGPROB_CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4M fp32 = 16 MiB (131 rows of a 32000-word vocabulary)
+
+
+def logprob_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk of ``token_logprobs``: about 16 MiB of fp32 logits, whatever the vocabulary."""
+    return max(1, LOGPROB_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """Per-row ``log_softmax(hidden @ weight.T)[target]``, without the ``(N, vocab)`` logits, plus statistics.
+
+    ``hidden`` is ``(N, H)`` holding only the rows to score (a preference trainer's completion tokens);
+    ``weight`` is ``(V, H)``. Rows go through the head ``chunk_size`` at a time; two chunk-sized fp32
+    buffers (the logits and their exponentials) are allocated once per call and reused, so a call touches
+    a few tens of MB, not ``N x V`` floats per temporary.
+
+    The gradient of a row's log-prob with respect to its hidden state is ``W[target] - softmax @ W``:
+    one vector per row, known in the forward (the softmax is at hand there). It is kept (``N x H``, as
+    small as ``hidden``), and the backward only scales it by the incoming per-row gradient: no logit is
+    ever recomputed. When the head itself trains (full fine-tuning), its gradient depends on the
+    incoming gradients, so the backward recomputes each chunk instead.
+
+    Returns ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, fp32 (``is_top1`` bool),
+    the ones not named in ``outputs`` as None. Only ``log_probs`` carries a gradient; the others are
+    statistics for logging and weighting (non-differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, outputs: tuple[str, ...] = TOKEN_OUTPUTS):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        device = hidden.device
+        autocast = torch.is_autocast_enabled(device.type)
+        compute_dtype = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
+        w = weight.to(compute_dtype)
+        f32 = dict(dtype=torch.float32, device=device)
+        log_probs, lse = torch.empty(n_rows, **f32), torch.empty(n_rows, **f32)
+        entropy = torch.empty(n_rows, **f32) if "entropy" in outputs else None
+        log_sum_sq = torch.empty(n_rows, **f32) if "log_sum_sq_probs" in outputs else None
+        mean_logits = torch.empty(n_rows, **f32) if "mean_logits" in outputs else None
+        is_top1 = torch.empty(n_rows, dtype=torch.bool, device=device) if "is_top1" in outputs else None
+        # d log p(target) / d hidden, per row: kept only when the backward needs nothing else
+        row_grad = torch.empty(hidden.shape, **f32) if need_h and not need_w else None
+        rows = min(chunk_size, n_rows)
+        z_buf = torch.empty((rows, vocab), **f32)  # logits, then logits - rowmax
+        e_buf = torch.empty((rows, vocab), **f32)  # exp(logits - rowmax)
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, n_rows, chunk_size):
+                end = min(start + chunk_size, n_rows)
+                n = end - start
+                h, y = hidden[start:end].to(compute_dtype), targets[start:end]
+                z, e = z_buf[:n], e_buf[:n]
+                if compute_dtype == torch.float32:
+                    torch.mm(h, w.t(), out=z)
+                else:
+                    z.copy_(h @ w.t())  # the matmul in the compute dtype, everything after it in fp32
+                target_logit = z.gather(1, y[:, None]).squeeze(1)
+                if mean_logits is not None:
+                    mean_logits[start:end] = z.sum(-1) / vocab
+                if is_top1 is not None:
+                    is_top1[start:end] = z.argmax(-1) == y  # the first maximum, as a top-1 prediction counts
+                row_max = z.amax(-1)
+                z.sub_(row_max[:, None])
+                torch.exp(z, out=e)
+                sum_exp = e.sum(-1)
+                log_sum = sum_exp.log()
+                lse[start:end] = row_max + log_sum
+                log_probs[start:end] = target_logit - lse[start:end]
+                if entropy is not None:  # log S - sum(e * (z - max)) / S
+                    entropy[start:end] = log_sum - torch.bmm(e[:, None, :], z[:, :, None]).view(n) / sum_exp
+                if log_sum_sq is not None:  # log sum p^2
+                    log_sum_sq[start:end] = torch.bmm(e[:, None, :], e[:, :, None]).view(n).log() - 2 * log_sum
+                if row_grad is not None:  # W[y] - softmax @ W
+                    expected = (e.to(compute_dtype) @ w).float() / sum_exp[:, None]
+                    row_grad[start:end] = w.index_select(0, y).float() - expected
+        if row_grad is not None:
+            ctx.save_for_backward(row_grad)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size, ctx.compute_dtype, ctx.hidden_dtype = chunk_size, compute_dtype, hidden.dtype
+        ctx.mark_non_differentiable(*(x for x in (entropy, log_sum_sq, mean_logits, is_top1) if x is not None))
+        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, *_):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_log_probs is None or not (need_h or need_w):
+            return None, None, None, None, None
+        g = grad_log_probs.float()
+        if len(ctx.saved_tensors) == 1:  # the per-row gradients were kept: scale them
+            (row_grad,) = ctx.saved_tensors
+            return (g[:, None] * row_grad).to(ctx.hidden_dtype), None, None, None, None
+        hidden, weight, targets, lse = ctx.saved_tensors
+        compute_dtype, chunk_size = ctx.compute_dtype, ctx.chunk_size
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            h, y = hidden[start:end].to(compute_dtype), targets[start:end]
+            # d(sum g * log p(y)) / d logits = g * (one_hot(y) - softmax), built over the recomputed logits
+            grad_logits = (h @ w.t()).float().sub_(lse[start:end, None]).exp_().mul_(-g[start:end, None])
+            grad_logits[torch.arange(end - start, device=y.device), y] += g[start:end]
+            if need_h:
+                grad_hidden[start:end] = (grad_logits.to(compute_dtype) @ w).float()
+            if need_w:
+                grad_weight.addmm_(grad_logits.t(), h.float())
+        return (
+            grad_hidden.to(hidden.dtype) if need_h else None,
+            grad_weight.to(weight.dtype) if need_w else None,
+            None,
+            None,
+            None,
+        )
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    outputs: tuple[str, ...] = TOKEN_OUTPUTS,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """``ChunkedTokenLogProbs`` of the rows of ``hidden`` (``(N, H)``) against ``targets`` (``(N,)``).
+
+    ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``; see the class for what each is.
+    """
+    if chunk_size is None:
+        chunk_size = logprob_chunk_rows(weight.shape[0])
+    return ChunkedTokenLogProbs.apply(hidden, weight, targets, chunk_size, tuple(outputs))
+
+
 def liger_available(device: torch.device) -> bool:
     """True when Liger-Kernel is installed and ``device`` is a CUDA device (its kernels are Triton)."""
     if device.type != "cuda":

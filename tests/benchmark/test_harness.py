@@ -58,3 +58,17 @@ def test_throughput_is_the_median_run_so_one_disturbed_round_does_not_dominate()
 
 def test_summarize_only_is_an_option():
     assert parse_bench_args(["recipe=sft_lora", "--summarize-only"])[3].summarize_only
+
+
+def test_usage_per_step_and_tokens_per_cpu_second():
+    raw = _raw()
+    raw["usage"] = {
+        "framework": {"user_seconds": 5.0, "system_seconds": 1.0, "minor_faults": 300},
+        "bare": {"user_seconds": 3.0, "system_seconds": 0.0, "minor_faults": 30},
+    }
+    s = summarize("v", [raw])
+    assert s["usage_per_step"]["framework"] == {
+        "minor_faults": 100, "system_seconds": 1 / 3, "user_seconds": 5 / 3, "tokens_per_cpu_second": 3000 / 6.0,
+    }  # fmt: skip
+    assert s["usage_per_step"]["bare"]["tokens_per_cpu_second"] == pytest.approx(1000.0)
+    assert summarize("v", [_raw()])["usage_per_step"]["framework"] is None  # older results: no usage recorded

@@ -60,3 +60,15 @@ def test_bench_command_smoke(tmp_path):
     assert v["overhead_ratio"] > 0 and len(v["bare_losses"]) == 2
     assert all(5 < loss < 15 for loss in v["bare_losses"])  # a random 32k-vocab model starts near ln(32000)
     assert "| framework |" in (out / "results.md").read_text()
+
+
+def test_a_variant_may_run_another_recipe():
+    from mistral_tune.cli.bench import split_overrides
+
+    _, _, variants, _ = parse_bench_args(
+        ["recipe=sft_lora", "--variant", "sft", "--variant", "dpo", "bench.recipe=dpo_lora", "data=preference_sample"]
+    )
+    assert variants[1] == ("dpo", ["bench.recipe=dpo_lora", "data=preference_sample"])
+    hydra, options, problems = split_overrides(variants[1][1])
+    assert hydra == ["data=preference_sample"] and options["recipe"] == "dpo_lora" and not problems
+    assert split_overrides([])[1]["recipe"] == ""  # the command's recipe

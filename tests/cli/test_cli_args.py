@@ -152,12 +152,12 @@ def test_bench_passes_hydra_overrides_through_and_types_its_own_options():
         ["train.seed=1", "bench.bare=false", "bench.synthetic_length=64", "a=[1,2]"]
     )
     assert hydra == ["train.seed=1", "a=[1,2]"] and problems == []
-    assert options == {"trainer": "mistral", "bare": False, "synthetic_length": 64}
-    assert split_overrides([])[1] == {"trainer": "mistral", "bare": True, "synthetic_length": 0}
+    assert options == {"recipe": "", "trainer": "mistral", "bare": False, "synthetic_length": 64}
+    assert split_overrides([])[1] == {"recipe": "", "trainer": "mistral", "bare": True, "synthetic_length": 0}
     assert (
         "bench.trainer: tlr not one of mistral, trl (did you mean trl?)" in split_overrides(["bench.trainer=tlr"])[2][0]
     )
-    assert [k.name for k in VARIANT.keys] == ["bench.trainer", "bench.bare", "bench.synthetic_length"]
+    assert [k.name for k in VARIANT.keys] == ["bench.recipe", "bench.trainer", "bench.bare", "bench.synthetic_length"]
 
 
 def test_bench_flags_stand_anywhere_and_variants_group_what_follows():

@@ -143,3 +143,27 @@ def test_dpo_loss_types_are_the_ones_trl_documents_and_implements():
     assert not missing, broken("trl", "DPOTrainer loss branches", f"lack {missing} that DPOConfig documents")
     config = DPOConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, loss_type=list(from_class[:2]))
     assert config.loss_type == list(from_class[:2])
+
+
+def test_dpo_trainer_installs_the_fused_lm_head_we_route(probe_trainer):
+    """DPOTrainer binds TRL's ``_fused_forward`` as the policy's forward, asking for the outputs we compute."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    trainer, _ = probe_trainer  # a stock DPOTrainer (only the dataset hooks are ours)
+    assert compat.has_trl_fused_lm_head(trainer.model), broken(
+        "trl", "trl.trainer.utils.add_fused_lm_head", f"no longer binds {compat.FUSED_FORWARD} as model.forward"
+    )
+    function = trainer.model.forward.__func__
+    cells = dict(zip(function.__code__.co_freevars, (c.cell_contents for c in function.__closure__ or ())))
+    asked = set(cells.get("outputs", ())) - {"log_probs"}
+    assert asked == set(compat.dpo_fused_outputs(trainer.args)), broken(
+        "trl", "DPOTrainer.__init__ add_fused_lm_head(outputs=...)", f"asks for {sorted(asked)}"
+    )
+    fields = set(FusedCausalLMOutput.__dataclass_fields__)
+    assert {*compat.FUSED_FIELDS, "loss", "label_mask"} <= fields, broken(
+        "trl", "FusedCausalLMOutput", f"has fields {sorted(fields)}"
+    )
+    params = inspect.signature(function).parameters
+    assert {"fused_lm_head", "labels", "shift_labels", "num_items_in_batch"} <= set(params) or any(
+        p.kind is p.VAR_KEYWORD for p in params.values()
+    ), broken("trl", compat.FUSED_FORWARD, f"takes {list(params)}")

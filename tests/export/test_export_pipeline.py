@@ -92,7 +92,9 @@ def test_each_export_file_and_config_is_built_in_one_place():
     # generation/ sets a generation config on a model in memory for sampling; export writes one file
     assert where(r"GenerationConfig\(") == ["export/pipeline.py", "inference/generation.py"]
     assert where(r"preset_metadata\(") == ["export/pipeline.py"]  # defined and called there only
-    assert where(r"save_file\(") == ["export/stream_merge.py"]  # every export's shards: one writer
+    # every export's shards: one writer (models/shards.py), used by the merge and the random-init base
+    assert where(r"PlannedShardWriter\(") == ["export/stream_merge.py", "models/random_init.py"]
+    assert where(r"save_file\(") == []
     assert where(r"def (merge_adapter|write_hf_checkpoint|write_preset_files|copy_generation_config)\b") == []
 
 
