@@ -52,6 +52,69 @@ def count_tokens(inputs, pad_id):
     return real, n_labels, list(ids.shape)
 
 
+def thread_cpu() -> dict:
+    """CPU seconds (user + system) used so far by each thread of this process, by thread name and id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[f"{name}:{tid}"] = round((int(fields[11]) + int(fields[12])) / tick, 2)
+    return out
+
+
+def install_profiler(CallbackHandler):
+    """PROBE_PROFILE=STEP: torch.profiler (CPU) around optimizer step STEP (global_step at its start; 1 is
+    the second step, after one warm-up), from on_step_begin to on_step_end; writes the ops grouped by name,
+    sorted by self CPU time, next to the events file (OUT.profile.txt), with the process's torch thread
+    count and optimizer on its first line."""
+    spec = os.environ.get("PROBE_PROFILE")
+    if not spec:
+        return
+    target = int(spec)
+    path = OUT.name.removesuffix(".jsonl") + ".profile.txt"
+    state = {"prof": None}
+    orig_begin, orig_end = CallbackHandler.on_step_begin, CallbackHandler.on_step_end
+
+    def on_step_begin(self, args, st, control, *a, **k):
+        if st.global_step == target and state["prof"] is None:
+            import torch.profiler as tp
+
+            state["prof"] = tp.profile(activities=[tp.ProfilerActivity.CPU])
+            state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+        return orig_begin(self, args, st, control, *a, **k)
+
+    def on_step_end(self, args, st, control, *a, **k):
+        prof = state.get("prof")
+        if prof is not None and not state.get("done"):
+            prof.__exit__(None, None, None)
+            state["done"] = True
+            import torch
+
+            wall = time.perf_counter() - state["t0"]
+            opt = getattr(self, "optimizer", None)
+            info = {
+                "step_wall_s": wall, "torch_threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads(),
+                "optimizer": type(opt).__name__ if opt is not None else None,
+                "optimizer_defaults": {k2: str(v) for k2, v in (getattr(opt, "defaults", {}) or {}).items()},
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            }  # fmt: skip
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=60)
+            with open(path, "w") as f:
+                f.write(json.dumps(info) + "\n" + table)
+            emit(event="profile", path=path, **info)
+        return orig_end(self, args, st, control, *a, **k)
+
+    CallbackHandler.on_step_begin, CallbackHandler.on_step_end = on_step_begin, on_step_end
+
+
 def install():
     import transformers.trainer as tr
     from transformers.trainer_callback import CallbackHandler
@@ -60,13 +123,16 @@ def install():
         orig = getattr(CallbackHandler, name)
 
         def hooked(self, args, state, control, *a, **k):
-            emit(event=name, step=state.global_step)
+            extra = {"thread_cpu_s": thread_cpu()} if name in ("on_step_begin", "on_step_end") else {}
+            emit(event=name, step=state.global_step, **extra)
             return orig(self, args, state, control, *a, **k)
 
         setattr(CallbackHandler, name, hooked)
 
     for name in ("on_train_begin", "on_step_begin", "on_step_end", "on_train_end"):
         wrap_event(name)
+
+    install_profiler(CallbackHandler)
 
     orig_log = CallbackHandler.on_log
 
@@ -97,7 +163,11 @@ def install():
             record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             record["torch_threads"] = __import__("torch").get_num_threads()
         emit(**record)
-        return orig_step(self, model, inputs, *a, **k)
+        t0 = time.perf_counter()
+        out = orig_step(self, model, inputs, *a, **k)
+        # forward + backward (Trainer.training_step); the rest of the step is clipping, optimizer, scheduler
+        emit(event="fwd_bwd", step=self.state.global_step, seconds=time.perf_counter() - t0)
+        return out
 
     tr.Trainer.training_step = training_step
 

@@ -193,6 +193,8 @@ def analyse(raw: dict, probe_path: Path, warmup: int) -> dict:
     out["steps_completed"] = len(ends)
     out["first_batch"] = batches[0] if batches else None
     out["losses"] = losses
+    # forward + backward of each step (Trainer.training_step); a step's rest is clipping, optimizer, callbacks
+    out["fwd_bwd_s"] = [e["seconds"] for e in events if e["event"] == "fwd_bwd"]
     if not begins or len(ends) <= warmup:
         out["ok"] = False
         return out

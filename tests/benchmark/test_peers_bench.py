@@ -45,3 +45,53 @@ def test_probe_counts_mask_ones_or_all_but_tail_padding():
         "labels": torch.tensor([[-100, 5, 6, -100, 7, -100, -100]]),
     }
     assert probe.count_tokens(packed, 0) == (5, 3, [1, 7])
+
+
+def test_probe_thread_cpu_sees_a_busy_thread():
+    import threading
+    import time
+
+    probe = load("probe")
+    done = threading.Event()
+
+    def burn():
+        end = time.process_time() + 10
+        while not done.is_set() and time.process_time() < end:
+            sum(range(1000))
+
+    worker = threading.Thread(target=burn)
+    worker.start()
+    try:
+        before = probe.thread_cpu()
+        key = next(k for k in before if k.endswith(f":{worker.native_id}"))
+        deadline = time.time() + 20
+        while probe.thread_cpu()[key] - before[key] < 0.2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert probe.thread_cpu()[key] - before[key] >= 0.2
+    finally:
+        done.set()
+        worker.join()
+
+
+def test_step_cpu_splits_wall_and_cpu_per_step(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    events = [
+        {"event": "on_step_end", "step": 1, "t": 100.0, "thread_cpu_s": {"python:1": 5.0, "python:2": 4.0}},
+        {"event": "fwd_bwd", "step": 0, "seconds": 9.0},
+        {"event": "fwd_bwd", "step": 1, "seconds": 8.0},
+        {"event": "on_step_end", "step": 2, "t": 110.0, "thread_cpu_s": {"python:1": 9.0, "python:2": 8.0, "pt:3": 1.0}},
+        {"event": "fwd_bwd", "step": 2, "seconds": 9.5},
+        {"event": "on_step_end", "step": 3, "t": 120.0, "thread_cpu_s": {"python:1": 14.0, "python:2": 12.0, "pt:3": 1.0}},
+    ]
+    (runs / "r0-b-x-matched.probe.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    subprocess.run([sys.executable, str(ROOT / "bench/peers/step_cpu.py"), str(tmp_path)], check=True, capture_output=True)
+    (row,) = json.loads((tmp_path / "step_cpu.json").read_text())
+    assert row["steps"] == 2 and row["wall_s"] == 10.0
+    assert row["fwd_bwd_s"] == (8.0 + 9.5) / 2 and row["rest_s"] == 10.0 - 8.75
+    assert row["cpu_s"] == (9.0 + 9.0) / 2  # step 2: 4 + 4 + 1; step 3: 5 + 4 + 0
+    assert row["busy_threads"] == 3
