@@ -229,7 +229,7 @@ def summarize(results: list[dict]) -> dict:
         ok = [r for r in runs if r.get("ok")]
         row = {"shape": shape, "tool": tool, "variant": variant, "runs": len(runs), "ok_runs": len(ok)}
         if ok:
-            med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
+            med = lambda k, ok=ok: statistics.median(r[k] for r in ok)  # noqa: E731
             row.update(
                 real_tokens_per_s=med("real_tokens_per_s"),
                 real_tokens_per_s_each=[round(r["real_tokens_per_s"], 1) for r in ok],
