@@ -258,7 +258,10 @@ def run_bench(common: list[str], variants: list, steps: int, warmup: int, workdi
     args += ["--out", str(workdir)]
     for name, overrides in variants:
         args += ["--variant", name, *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     print("command: " + " ".join(args[2:]), flush=True)
     proc = subprocess.run(args, env=env, timeout=timeout, text=True, capture_output=True)
     sys.stdout.write(proc.stdout[-6000:])

@@ -34,10 +34,16 @@ def write_base(workdir: Path, shard_size: str) -> None:
 
     start = time.perf_counter()
     shards = save_random_checkpoint(
-        preset_config(PRESETS["mistral_7b_en"]), workdir / "base", seed=0, dtype=torch.bfloat16, max_shard_size=shard_size
+        preset_config(PRESETS["mistral_7b_en"]),
+        workdir / "base",
+        seed=0,
+        dtype=torch.bfloat16,
+        max_shard_size=shard_size,
     )
     size = sum(p.stat().st_size for p in (workdir / "base").glob("*.safetensors"))
-    print(json.dumps({"step": "base", "shards": shards, "bytes": size, "seconds": round(time.perf_counter() - start, 1)}))
+    print(
+        json.dumps({"step": "base", "shards": shards, "bytes": size, "seconds": round(time.perf_counter() - start, 1)})
+    )
 
 
 def write_adapter(workdir: Path, rank: int) -> None:
@@ -72,7 +78,9 @@ def write_adapter(workdir: Path, rank: int) -> None:
     out = workdir / "adapter"
     LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(MODULES), task_type="CAUSAL_LM").save_pretrained(out)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    print(json.dumps({"step": "adapter", "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())}))
+    print(
+        json.dumps({"step": "adapter", "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())})
+    )
 
 
 def check(workdir: Path) -> None:
@@ -93,7 +101,11 @@ def check(workdir: Path) -> None:
     cfg = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
     scale = cfg["lora_alpha"] / cfg["r"]
     worst = 0.0
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.31.mlp.down_proj", "model.layers.17.self_attn.v_proj"):
+    for name in (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.31.mlp.down_proj",
+        "model.layers.17.self_attn.v_proj",
+    ):
         w = find(workdir / "base", f"{name}.weight").float()
         a = find(workdir / "adapter", f"base_model.model.{name}.lora_A.weight").float()
         b = find(workdir / "adapter", f"base_model.model.{name}.lora_B.weight").float()

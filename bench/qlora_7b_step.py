@@ -122,7 +122,9 @@ def main() -> None:
     r["measured_bytes"], r["estimated_bytes"] = measured, estimated
     r["measured_gib"] = {k: round(v / GiB, 3) for k, v in measured.items()}
     r["estimated_gib"] = {k: round(v / GiB, 3) for k, v in estimated.items() if v is not None}
-    r["estimate_over_measured_peak_above_baseline"] = round(estimate["peak_memory_bytes"] / measured["peak above baseline"], 3)
+    r["estimate_over_measured_peak_above_baseline"] = round(
+        estimate["peak_memory_bytes"] / measured["peak above baseline"], 3
+    )
     text = json.dumps(r, indent=1)
     print(text)
     if args.out:

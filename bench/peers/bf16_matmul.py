@@ -28,8 +28,10 @@ def main() -> None:
     for _ in range(3):
         f32 = best(x, w)
         bf16 = best(x.bfloat16(), w.bfloat16())
-        print(f"fp32 {f32 * 1e3:.0f} ms ({flops / f32 / 1e9:.0f} GFLOP/s)  bf16 {bf16 * 1e3:.0f} ms "
-              f"({flops / bf16 / 1e9:.0f} GFLOP/s)  fp32/bf16 {f32 / bf16:.2f}x")
+        print(
+            f"fp32 {f32 * 1e3:.0f} ms ({flops / f32 / 1e9:.0f} GFLOP/s)  bf16 {bf16 * 1e3:.0f} ms "
+            f"({flops / bf16 / 1e9:.0f} GFLOP/s)  fp32/bf16 {f32 / bf16:.2f}x"
+        )
     print("oneDNN bf16 supported:", torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -27,4 +27,6 @@ def step(**kw) -> float:
 for r in range(2):
     ones = step(attention_mask=torch.ones_like(ids))
     packed = step(position_ids=positions)
-    print(f"round {r}: all-ones 2-D mask {ones:.1f} s  restarting position_ids {packed:.1f} s  ratio {packed / ones:.2f}")
+    print(
+        f"round {r}: all-ones 2-D mask {ones:.1f} s  restarting position_ids {packed:.1f} s  ratio {packed / ones:.2f}"
+    )

@@ -92,7 +92,9 @@ def main() -> int:
         return 2
     data_dir = args.work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    keep = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in rows[: args.rows]]
+    keep = [
+        {"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in rows[: args.rows]
+    ]
     (data_dir / "alpaca.json").write_text(json.dumps(keep))
     # LLaMA-Factory's registry of local data sets (its Alpaca format: instruction/input/output columns).
     (data_dir / "dataset_info.json").write_text(
@@ -105,8 +107,10 @@ def main() -> int:
 
     fb = flops_split(AutoConfig.from_pretrained(args.work / "models" / "b"), args.seq_b)
     info["b"]["flops"] = fb
-    print(f"shape b: {info['b']['parameters'] / 1e6:.1f}M parameters; LM head {fb['lm_head_share']:.1%} of LoRA "
-          f"training FLOPs per token at seq {args.seq_b} ({fb['total_flops_per_token'] / 1e9:.2f} GFLOP/token)")
+    print(
+        f"shape b: {info['b']['parameters'] / 1e6:.1f}M parameters; LM head {fb['lm_head_share']:.1%} of LoRA "
+        f"training FLOPs per token at seq {args.seq_b} ({fb['total_flops_per_token'] / 1e9:.2f} GFLOP/token)"
+    )
     if fb["lm_head_share"] >= 0.20:
         print("error: shape b's LM head is not under 20% of the FLOPs", file=sys.stderr)
         return 1

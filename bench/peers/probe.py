@@ -137,7 +137,11 @@ def install():
     orig_log = CallbackHandler.on_log
 
     def on_log(self, args, state, control, logs=None, *a, **k):
-        emit(event="log", step=state.global_step, logs={k2: v for k2, v in (logs or {}).items() if isinstance(v, (int, float))})
+        emit(
+            event="log",
+            step=state.global_step,
+            logs={k2: v for k2, v in (logs or {}).items() if isinstance(v, (int, float))},
+        )
         return orig_log(self, args, state, control, logs, *a, **k)
 
     CallbackHandler.on_log = on_log

@@ -95,10 +95,19 @@ def cmd_llamafactory(variant, shape, work, run_dir):
     }  # fmt: skip
     if variant == "matched":
         cfg.update({"disable_gradient_checkpointing": True, "packing": s["packing"]})
-    path = run_dir.parent / f"{run_dir.name}.llamafactory.yaml"  # JSON is YAML; LLaMA-Factory 0.9.5 fails reading a .json config
+    path = (
+        run_dir.parent / f"{run_dir.name}.llamafactory.yaml"
+    )  # JSON is YAML; LLaMA-Factory 0.9.5 fails reading a .json config
     path.write_text(json.dumps(cfg, indent=1))
     env = {"DISABLE_VERSION_CHECK": "1", "FORCE_TORCHRUN": "0"}
-    return [str(LF_VENV / "bin/python"), str(HERE / "probe.py"), "{probe}", str(LF_VENV / "bin/llamafactory-cli"), "train", str(path)], env
+    return [
+        str(LF_VENV / "bin/python"),
+        str(HERE / "probe.py"),
+        "{probe}",
+        str(LF_VENV / "bin/llamafactory-cli"),
+        "train",
+        str(path),
+    ], env
 
 
 def cmd_axolotl(variant, shape, work, run_dir):
@@ -302,7 +311,16 @@ def main() -> int:
         if not DATA.exists():
             print(f"skipped: {DATA} not found (set ALPACA_JSON=/path/to/alpaca_5000.json)")
             return 0
-        prep = [PROJECT_PY, str(HERE / "prepare.py"), "--work", str(args.work), "--data", str(DATA), "--rows", str(args.rows)]
+        prep = [
+            PROJECT_PY,
+            str(HERE / "prepare.py"),
+            "--work",
+            str(args.work),
+            "--data",
+            str(DATA),
+            "--rows",
+            str(args.rows),
+        ]
         print("$", " ".join(prep), flush=True)
         subprocess.run(prep, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         tools = args.tools.split(",")

@@ -36,8 +36,11 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 load_s = time.perf_counter() - t0
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
 model.train()
-print(f"torch {torch.__version__} transformers {transformers.__version__} threads {torch.get_num_threads()} "
-      f"load {load_s:.1f} s; weights resident from .safetensors mappings: {mapped_from_files() / 2**20:.0f} MiB", flush=True)
+print(
+    f"torch {torch.__version__} transformers {transformers.__version__} threads {torch.get_num_threads()} "
+    f"load {load_s:.1f} s; weights resident from .safetensors mappings: {mapped_from_files() / 2**20:.0f} MiB",
+    flush=True,
+)
 torch.manual_seed(0)
 ids = torch.randint(3, model.config.vocab_size, (1, 1024))
 positions = torch.cat([torch.arange(n) for n in [90] * 11 + [34]]).unsqueeze(0)
@@ -51,9 +54,15 @@ for i in range(steps):
     dt = time.perf_counter() - t
     if profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
-        print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=30, max_shapes_column_width=70))
+        print(
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=30, max_shapes_column_width=70
+            )
+        )
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"step {i}: {dt:.1f} s, minor faults {r1.ru_minflt - r0.ru_minflt}, major {r1.ru_majflt - r0.ru_majflt}, "
-          f"sys {r1.ru_stime - r0.ru_stime:.1f} s, user {r1.ru_utime - r0.ru_utime:.1f} s; "
-          f".safetensors-backed RSS {mapped_from_files() / 2**20:.0f} MiB", flush=True)
+    print(
+        f"step {i}: {dt:.1f} s, minor faults {r1.ru_minflt - r0.ru_minflt}, major {r1.ru_majflt - r0.ru_majflt}, "
+        f"sys {r1.ru_stime - r0.ru_stime:.1f} s, user {r1.ru_utime - r0.ru_utime:.1f} s; "
+        f".safetensors-backed RSS {mapped_from_files() / 2**20:.0f} MiB",
+        flush=True,
+    )

@@ -30,9 +30,14 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     rows = json.load(open(args.data))
+
     def render(r):
         user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
-        return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": r["output"]}]}
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": r["output"]}],
+        }
+
     dataset = Dataset.from_list([render(r) for r in rows])
     extra = {}
     if args.gradient_checkpointing is not None:

@@ -122,9 +122,7 @@ def quantized_modules(model: Any) -> list[str]:
             names.append(base_module_name(name))
         elif is_experts4bit(module):
             base = base_module_name(name)
-            names.extend(
-                expert_checkpoint_name(base, e, p) for e in range(module.num_experts) for p in PROJECTIONS
-            )
+            names.extend(expert_checkpoint_name(base, e, p) for e in range(module.num_experts) for p in PROJECTIONS)
     return names
 
 

@@ -196,7 +196,9 @@ def _build_model(model_cfg: Any, source: ModelSource, *, seed: int, quantization
     )
 
 
-def load_random_quantized(config: Any, auto_class: Any, seed: int, dtype: Any, attn: str, quantization_config: Any, model_cfg: Any):
+def load_random_quantized(
+    config: Any, auto_class: Any, seed: int, dtype: Any, attn: str, quantization_config: Any, model_cfg: Any
+):
     """A random-init base loaded in 4-bit, through a checkpoint written tensor by tensor
     (``random_init.save_random_checkpoint``); None when the architecture's init is not replayed there."""
     import tempfile

@@ -161,4 +161,3 @@ def save_random_checkpoint(
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     return shards
-

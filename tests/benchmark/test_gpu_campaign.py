@@ -65,7 +65,9 @@ def test_cpu_self_check_runs_the_campaign_code_on_a_tiny_model(tmp_path):
     assert packing["status"] == "ok" and packing["goal_met"] is True
     assert min(packing["example_lengths"]) > packing["sliding_window"] and sum(packing["example_lengths"]) == 256
     rows = packing["backends"]
-    assert {(r["attn"], r["dtype"]) for r in rows} == {(a, d) for a in ("sdpa", "eager") for d in ("float32", "bfloat16")}
+    assert {(r["attn"], r["dtype"]) for r in rows} == {
+        (a, d) for a in ("sdpa", "eager") for d in ("float32", "bfloat16")
+    }
     for r in rows:
         assert r["equal"] and r["control_differs"], r
         assert abs(r["packed_loss"] - r["unpacked_loss"]) <= r["tolerance"] * abs(r["unpacked_loss"])

@@ -84,12 +84,24 @@ def test_step_cpu_splits_wall_and_cpu_per_step(tmp_path):
         {"event": "on_step_end", "step": 1, "t": 100.0, "thread_cpu_s": {"python:1": 5.0, "python:2": 4.0}},
         {"event": "fwd_bwd", "step": 0, "seconds": 9.0},
         {"event": "fwd_bwd", "step": 1, "seconds": 8.0},
-        {"event": "on_step_end", "step": 2, "t": 110.0, "thread_cpu_s": {"python:1": 9.0, "python:2": 8.0, "pt:3": 1.0}},
+        {
+            "event": "on_step_end",
+            "step": 2,
+            "t": 110.0,
+            "thread_cpu_s": {"python:1": 9.0, "python:2": 8.0, "pt:3": 1.0},
+        },
         {"event": "fwd_bwd", "step": 2, "seconds": 9.5},
-        {"event": "on_step_end", "step": 3, "t": 120.0, "thread_cpu_s": {"python:1": 14.0, "python:2": 12.0, "pt:3": 1.0}},
+        {
+            "event": "on_step_end",
+            "step": 3,
+            "t": 120.0,
+            "thread_cpu_s": {"python:1": 14.0, "python:2": 12.0, "pt:3": 1.0},
+        },
     ]
     (runs / "r0-b-x-matched.probe.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    subprocess.run([sys.executable, str(ROOT / "bench/peers/step_cpu.py"), str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench/peers/step_cpu.py"), str(tmp_path)], check=True, capture_output=True
+    )
     (row,) = json.loads((tmp_path / "step_cpu.json").read_text())
     assert row["steps"] == 2 and row["wall_s"] == 10.0
     assert row["fwd_bwd_s"] == (8.0 + 9.5) / 2 and row["rest_s"] == 10.0 - 8.75

@@ -77,9 +77,12 @@ def test_linear4bit_settings_and_matmul_4bit(layer):
             self.proj = quant
 
     settings, compute_dtype = compat.linear4bit_settings(Holder())
-    assert settings == {"quant_type": "nf4", "blocksize": 64, "compress_statistics": True, "quant_storage": torch.uint8}, (
-        broken("bitsandbytes", "Params4bit", f"settings read back as {settings}")
-    )
+    assert settings == {
+        "quant_type": "nf4",
+        "blocksize": 64,
+        "compress_statistics": True,
+        "quant_storage": torch.uint8,
+    }, broken("bitsandbytes", "Params4bit", f"settings read back as {settings}")
     assert compute_dtype == torch.float32
     assert compat.linear4bit_settings(torch.nn.Linear(2, 2)) == (None, None)
     again = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, **settings).to("cpu")

@@ -45,7 +45,9 @@ def test_streamed_random_checkpoint_equals_from_config_and_save(tmp_path, preset
     # another seed gives other weights: the comparison above can fail
     save_random_checkpoint(load_config(source), tmp_path / "seed8", seed=8, dtype=getattr(torch, dtype))
     other = tensors(tmp_path / "seed8")
-    assert not torch.equal(other["model.layers.0.self_attn.q_proj.weight"], ref["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        other["model.layers.0.self_attn.q_proj.weight"], ref["model.layers.0.self_attn.q_proj.weight"]
+    )
     if dtype != "float32":
         return  # a bf16 model cast in memory keeps bf16 rotary buffers, a loaded one fp32: logits differ a little
     # and transformers loads the streamed directory as the same model

@@ -407,7 +407,9 @@ def test_qlora_record_lists_each_experts_checkpoint_tensors(tmp_path):
     from mistral_tune.models.sources import resolve_source
 
     base_dir = tmp_path / "base"
-    plain = models.load_model(compose("sft_lora", ["model=mixtral_tiny"]).model, resolve_source("mixtral_tiny"), seed=42)
+    plain = models.load_model(
+        compose("sft_lora", ["model=mixtral_tiny"]).model, resolve_source("mixtral_tiny"), seed=42
+    )
     plain.save_pretrained(base_dir)  # the hub's layout: one w1/w2/w3 tensor per expert
     model, cfg = mixtral_tiny_4bit()
     peft_model = apply_adapter(model, cfg.adapter)
