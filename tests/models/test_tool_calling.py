@@ -17,6 +17,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCToken
 
 from mistral_tune.models.tokenizer import MistralTokenizer, tokenizer_file
 from tests.helpers import tiny_tekken_file
+from tests.models.test_tokenizer_exact import masked_spans
 
 V7_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"]
 V7_SPECIALS += ["[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]"]
@@ -106,16 +107,6 @@ def loaded(request, tmp_path_factory):
     return ours, path, AutoTokenizer.from_pretrained(str(directory))
 
 
-def masked_segments(ids, mask):
-    spans, current = [], []
-    for i, m in zip(ids, mask):
-        if m:
-            current.append(i)
-        elif current:
-            spans, current = [*spans, current], []
-    return spans + ([current] if current else [])
-
-
 def test_ids_equal_mistral_common_and_the_exported_template(loaded):
     ours, path, hf = loaded
     assert ours.supports_tools
@@ -140,14 +131,14 @@ def test_mask_covers_trained_assistant_turns_and_their_calls(loaded):
         [tool_calls, *ours.encode(json.dumps([{"name": "get_weather", "arguments": {"city": "Köln"},
                                               "id": "k0LnK0lnK"}], ensure_ascii=False), add_bos=False), eos],
     ]  # fmt: skip
-    assert masked_segments(ids, mask) == expected
+    assert masked_spans(ids, mask) == expected
     # nothing of the tool list, the user turns or the tool results is trained
     for piece in ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[INST]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"):
         at = [i for i, t in enumerate(ids) if t == ours.control_id(piece)]
         assert at and not any(mask[i] for i in at), piece
     # the same conversation without weights trains the first call too
     unweighted = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
-    assert len(masked_segments(*ours.encode_chat(unweighted, tools=tools))) == 3
+    assert len(masked_spans(*ours.encode_chat(unweighted, tools=tools))) == 3
 
 
 def test_tool_list_sits_before_the_last_user_turn(loaded):

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from mistral_tune.config.compose import compose
 from mistral_tune.pipeline.run import run
 from mistral_tune.train import checkpoints
 from mistral_tune.train.signals import TrainingInterrupted
 from tests.helpers import read_metrics, read_summary
+from tests.pipeline.test_resilience import SignalAtStep
 
 REPO = Path(__file__).resolve().parents[2]
 MIX = "data.path='data/sft_sample.jsonl:3,data/text_sample.jsonl:1'"
@@ -60,15 +60,6 @@ def test_two_source_mixture_trains_through_the_cli_with_per_source_counts(tmp_pa
     assert summary["data_format"] == "messages" and summary["steps"] == 6
     printed = f"source       data/text_sample.jsonl (weight 1): {text['examples_seen']} examples"
     assert printed in log  # the end-of-run summary names each source
-
-
-class SignalAtStep(TrainerCallback):
-    def __init__(self, step: int, signum: int):
-        self.step, self.signum = step, signum
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
 
 
 @pytest.mark.slow
