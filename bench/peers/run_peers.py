@@ -13,7 +13,9 @@ v_proj, fp32, learning rate 1e-4 with a cosine schedule and no warm-up, seed 42,
 Variants per tool: `default` (the tool's own defaults for gradient checkpointing, packing, loss and what
 happens after training) and `matched` (gradient checkpointing off, packing on for shape b and off for
 shape a, the model's plain cross-entropy, only the adapter saved at the end). mistral-tune also runs
-`matched_chunked`: matched, but with its default chunked loss (the one lever the others lack).
+`matched_chunked`: matched, but with its default chunked loss (the one lever the others lack). `*_bf16`:
+the same with the frozen weights loaded in bf16, the adapter in fp32 and bf16 autocast (on this CPU:
+AVX512_BF16), for every tool that can run it on a CPU (not axolotl 0.19.0: see TOOLS).
 Round r runs every variant of shape a then of shape b, A B C D ... in the same order each round.
 
     python bench/peers/run_peers.py --rounds 2 --out bench/results/peers-DATE
@@ -62,8 +64,10 @@ def cmd_mistral_tune(variant, shape, work, run_dir):
     ]  # fmt: skip
     if variant.startswith("matched"):
         args += ["train.gradient_checkpointing=false", f"trainer.packing={str(s['packing']).lower()}", "export=none"]
-        if variant == "matched":
+        if not variant.startswith("matched_chunked"):
             args += ["trainer.loss=plain"]
+    if variant.endswith("_bf16"):  # frozen weights in bf16, the adapter in fp32, bf16 autocast
+        args += ["model.dtype=bfloat16", "train.bf16=true"]
     env = {"PYTHONPATH": str(ROOT)}
     return [PROJECT_PY, str(HERE / "probe.py"), "{probe}", "-m", "mistral_tune", *args], env
 
@@ -75,8 +79,10 @@ def cmd_trl(variant, shape, work, run_dir):
         "--output-dir", str(run_dir), "--max-length", str(s["seq"]), "--batch", str(s["batch"]),
         "--lr", str(LR), "--steps", str(s["steps"]),
     ]  # fmt: skip
-    if variant == "matched":
+    if variant.startswith("matched"):
         args += ["--gradient-checkpointing", "false", "--packing", str(s["packing"]).lower()]
+    if variant.endswith("_bf16"):
+        args += ["--bf16", "true"]
     return [PROJECT_PY, str(HERE / "probe.py"), "{probe}", str(HERE / "trl_sft.py"), *args], {}
 
 
@@ -93,8 +99,10 @@ def cmd_llamafactory(variant, shape, work, run_dir):
         "learning_rate": LR, "lr_scheduler_type": "cosine", "warmup_steps": 0, "max_steps": s["steps"],
         "bf16": False, "fp16": False, "seed": 42, "plot_loss": False,
     }  # fmt: skip
-    if variant == "matched":
+    if variant.startswith("matched"):
         cfg.update({"disable_gradient_checkpointing": True, "packing": s["packing"]})
+    if variant.endswith("_bf16"):  # LLaMA-Factory then loads the model in bf16 and keeps the adapter in fp32
+        cfg.update({"bf16": True, "use_cpu": True})  # transformers refuses bf16 without a GPU unless use_cpu
     path = (
         run_dir.parent / f"{run_dir.name}.llamafactory.yaml"
     )  # JSON is YAML; LLaMA-Factory 0.9.5 fails reading a .json config
@@ -123,7 +131,7 @@ def cmd_axolotl(variant, shape, work, run_dir):
         "output_dir": str(run_dir), "logging_steps": 1, "save_strategy": "no", "val_set_size": 0,
         "dataset_prepared_path": str(run_dir / "prepared"),
     }  # fmt: skip
-    if variant == "matched":
+    if variant.startswith("matched"):
         cfg.update({"gradient_checkpointing": False, "sample_packing": s["packing"]})
     path = run_dir.parent / f"{run_dir.name}.axolotl.yaml"
     path.write_text(json.dumps(cfg, indent=1))
@@ -132,10 +140,14 @@ def cmd_axolotl(variant, shape, work, run_dir):
 
 
 TOOLS = {
-    "mistral-tune": (cmd_mistral_tune, ["default", "matched", "matched_chunked"]),
-    "llamafactory": (cmd_llamafactory, ["default", "matched"]),
+    "mistral-tune": (
+        cmd_mistral_tune,
+        ["default", "matched", "matched_chunked", "matched_bf16", "matched_chunked_bf16"],
+    ),
+    "llamafactory": (cmd_llamafactory, ["default", "matched", "matched_bf16"]),
+    # no matched_bf16: axolotl 0.19.0 has no `use_cpu`, and transformers refuses bf16 without a GPU unless it is set
     "axolotl": (cmd_axolotl, ["default", "matched"]),
-    "trl": (cmd_trl, ["default", "matched"]),
+    "trl": (cmd_trl, ["default", "matched", "matched_bf16"]),
 }
 
 

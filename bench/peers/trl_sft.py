@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--scheduler", default="cosine")
     ap.add_argument("--gradient-checkpointing", choices=["true", "false"], default=None)  # None: TRL's default
     ap.add_argument("--packing", choices=["true", "false"], default=None)
+    ap.add_argument("--bf16", choices=["true", "false"], default="false")  # true: bf16 weights and autocast
     args = ap.parse_args()
 
     import torch
@@ -55,12 +56,14 @@ def main() -> None:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        bf16=False,
+        bf16=args.bf16 == "true",
         use_cpu=True,
         seed=args.seed,
         **extra,
     )
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.bfloat16 if args.bf16 == "true" else torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)

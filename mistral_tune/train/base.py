@@ -19,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from mistral_tune.core.errors import UserError
+
 
 def get_trainer(name: str) -> ModuleType:
     """The trainer module for ``trainer.name``, from the registry (imported on demand: each one pulls in TRL)."""
@@ -59,8 +61,29 @@ def common_args(cfg: Any, run_dir: Path, has_eval: bool = False) -> dict[str, An
         report_to=report_to(cfg.tracking),
         run_name=redact_text(cfg.tracking.run_name or run_dir.name),  # trackers store it
         disable_tqdm=not sys.stderr.isatty(),
-        use_cpu=False,
+        use_cpu=bf16_on_cpu(train),
     )
+
+
+def bf16_on_cpu(train: dict[str, Any]) -> bool:
+    """True when ``train.bf16`` asks for bf16 autocast and there is no GPU: the CPU runs it.
+
+    transformers refuses ``bf16=True`` without a bf16 GPU unless ``use_cpu`` is set; on a machine with no
+    GPU that flag changes nothing else. A GPU without bf16 (V100, T4) gets one clear error instead of a
+    silent fall-back to the CPU.
+    """
+    import torch
+
+    if not (train.get("bf16") or train.get("bf16_full_eval")):
+        return False
+    if not torch.cuda.is_available():
+        return True
+    if not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"train.bf16=true, but this GPU ({torch.cuda.get_device_name(0)}) has no bf16 support; "
+            "use train.fp16=true instead."
+        )
+    return False
 
 
 class RunStateMixin:

@@ -55,3 +55,55 @@ def test_mixtral_router_loss_is_in_the_training_loss_for_every_loss_implementati
     assert chunked == pytest.approx(plain, abs=1e-5) and aux_chunked == pytest.approx(aux, abs=1e-6)
     without, _ = loss_of("chunked", coef=0.0)
     assert aux > 1.0 and chunked - without == pytest.approx(0.02 * aux, rel=1e-3)  # mixtral_tiny's coefficient
+
+
+@pytest.mark.slow
+def test_bf16_on_a_cpu_trains_bf16_weights_with_an_fp32_adapter_and_exports(tmp_path, compose):
+    """model.dtype=bfloat16 train.bf16=true on a machine without a GPU: autocast on the CPU (transformers
+    alone refuses bf16 there unless use_cpu is set), frozen weights in bf16, the LoRA weights in fp32."""
+    import json
+
+    import torch
+    from transformers import TrainerCallback
+
+    from mistral_tune.pipeline.run import run
+
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            params = dict(model.named_parameters())
+            seen["use_cpu"], seen["bf16"] = args.use_cpu, args.bf16
+            seen["frozen"] = {p.dtype for p in params.values() if not p.requires_grad}
+            seen["trained"] = {p.dtype for p in params.values() if p.requires_grad}
+
+    run_dir = tmp_path / "run"
+    overrides = ["model.dtype=bfloat16", "train.bf16=true", "train.max_steps=2", "train.logging_steps=1",
+                 "export.num_samples=0", f"output_dir={run_dir}"]  # fmt: skip
+    run(compose("sft_lora", overrides), callbacks=[Probe()])
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: autocast runs there, not on the CPU")
+    assert seen == {"use_cpu": True, "bf16": True, "frozen": {torch.bfloat16}, "trained": {torch.float32}}
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]  # fmt: skip
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["merged"]["verified"] and summary["merged"]["dtype"] == "bfloat16"
+
+
+def test_bf16_on_a_gpu_without_bf16_is_one_clear_error(monkeypatch):
+    """A GPU without bf16 (a V100, say) must not fall back to the CPU silently."""
+    import torch
+
+    from mistral_tune.core.errors import UserError
+    from mistral_tune.train.base import bf16_on_cpu
+
+    assert bf16_on_cpu({"bf16": False}) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: the one thing mocked
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    with pytest.raises(UserError, match="V100.*train.fp16=true"):
+        bf16_on_cpu({"bf16": True})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert bf16_on_cpu({"bf16": True}) is False
