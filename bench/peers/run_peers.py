@@ -66,8 +66,10 @@ def cmd_mistral_tune(variant, shape, work, run_dir):
         args += ["train.gradient_checkpointing=false", f"trainer.packing={str(s['packing']).lower()}", "export=none"]
         if not variant.startswith("matched_chunked"):
             args += ["trainer.loss=plain"]
-    if variant.endswith("_bf16"):  # frozen weights in bf16, the adapter in fp32, bf16 autocast
+    if "_bf16" in variant:  # frozen weights in bf16, the adapter in fp32, bf16 autocast
         args += ["model.dtype=bfloat16", "train.bf16=true"]
+    if variant.endswith("_sdpa"):  # transformers' sdpa (one block-diagonal mask a row) instead of sdpa_packed
+        args += ["model.attn_implementation=sdpa"]
     env = {"PYTHONPATH": str(ROOT)}
     return [PROJECT_PY, str(HERE / "probe.py"), "{probe}", "-m", "mistral_tune", *args], env
 

@@ -79,6 +79,27 @@ def attn_implementation(config: Any) -> str | None:
     return getattr(config, ATTN_IMPLEMENTATION)
 
 
+# --- attention backends ----------------------------------------------------------------------------
+
+
+def register_attention(name: str, function: Any, mask: str = "sdpa") -> None:
+    """Register an attention backend under ``name`` (transformers' documented ``AttentionInterface``), with the
+    attention-mask builder of the existing backend ``mask`` (``AttentionMaskInterface``), so that
+    ``from_pretrained(attn_implementation=name)`` runs ``function`` on the masks ``mask`` would get."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
+
+
+def sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+    """transformers' own ``sdpa`` attention function (``integrations.sdpa_attention.sdpa_attention_forward``)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 # Set by from_pretrained(quantization_config=...) in older transformers; 5.24 no longer sets it (hasattr guards).
 PRE_QUANTIZATION_DTYPE = "_pre_quantization_dtype"
 

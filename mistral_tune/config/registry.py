@@ -40,8 +40,8 @@ TRACKERS: dict[str, Optional[str]] = {
     "tensorboard": "mistral_tune.tracking.trackers:start_tensorboard",
 }
 
-# model.attn_implementation: "auto" = flash_attention_2 when flash-attn + CUDA, else sdpa (models/attention.py).
-ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+# model.attn_implementation: "auto" = flash_attention_2 when flash-attn + CUDA, else sdpa_packed (models/attention.py).
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa_packed", "sdpa", "eager")
 
 # trainer.loss (sft): how the cross-entropy meets the vocabulary (train/lm_head_loss.py).
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "liger", "plain")

@@ -23,7 +23,7 @@ class ModelConfig:
     path: Optional[str] = None  # local directory or hub repo id; overrides the preset's source
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = bf16 on a bf16 GPU, fp32 on CPU
-    attn_implementation: str = "auto"  # auto | flash_attention_2 | flex_attention | sdpa | eager
+    attn_implementation: str = "auto"  # auto | flash_attention_2 | flex_attention | sdpa_packed | sdpa | eager
     load_weights: bool = True  # false: architecture only, random init
     trust_remote_code: bool = False  # never on unless you set it
     allow_pickle: bool = False  # refuse .bin/.pt weights unless set

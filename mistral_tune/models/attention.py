@@ -1,5 +1,6 @@
 """The attention backend: ``auto`` picks flash-attention 2 when it can run (CUDA, flash-attn >= 2.3),
-else sdpa. Every backend applies Mistral's sliding window.
+else ``sdpa_packed`` (transformers' sdpa, but each packed example attends on its own:
+mistral_tune.models.packed_attention). Every backend applies Mistral's sliding window.
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from mistral_tune.config.registry import ATTN_IMPLEMENTATIONS
 from mistral_tune.core.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def register_packed() -> str:
+    from mistral_tune.models.packed_attention import register
+
+    return register()
 
 
 def pick_attn_implementation(requested: str) -> str:
@@ -33,14 +40,16 @@ def pick_attn_implementation(requested: str) -> str:
         except ImportError:
             pass
     if requested == "auto":
-        choice = "flash_attention_2" if flash_ok else "sdpa"
+        choice = "flash_attention_2" if flash_ok else register_packed()
         log.info("attention backend: %s (auto; flash-attn %s)", choice, "found" if flash_ok else "not usable")
         return choice
+    if requested == "sdpa_packed":
+        register_packed()
     if requested == "flash_attention_2" and not flash_ok:
         raise UserError(
             "model.attn_implementation=flash_attention_2 needs a CUDA GPU and flash-attn >= 2.3 "
             f"(CUDA available: {has_cuda}). Install it with `pip install .[flash]` on a GPU machine, "
-            "or use model.attn_implementation=sdpa (also sliding-window correct)."
+            "or use model.attn_implementation=sdpa_packed (also sliding-window correct)."
         )
     if requested == "flex_attention":
         try:

@@ -65,7 +65,7 @@ def run_shape(cfg: Any) -> estimate.RunShape:
         lora_dropout=cfg.adapter.lora_dropout,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         compute_bytes=4 if cfg.model.dtype == "float32" else 2,
-        attn="sdpa" if attn in ("auto", "flex_attention") else attn,
+        attn="sdpa" if attn in ("auto", "flex_attention", "sdpa_packed") else attn,
         optim=cfg.train.optim,
         loss="plain" if cfg.trainer.get("loss") == "plain" else "chunked",  # sft's key; dpo/reward: chunked
     )

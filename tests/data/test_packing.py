@@ -12,6 +12,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 import mistral_tune.train.lm_head_loss as losses
 from mistral_tune.benchmark import flops
 from mistral_tune.data.packing import PackedRowsCollator, batch_token_count, pack_examples
+from mistral_tune.models.attention import pick_attn_implementation
 from tests.helpers import tiny_lora_model
 
 # mistral_tiny has sliding_window=32: 70 and 100 tokens run past it, 5 and 20 do not.
@@ -30,6 +31,8 @@ def _examples(lengths=LENGTHS, seed=0):
 
 @functools.cache
 def _model(attn: str, sliding_window=32):
+    if attn == "sdpa_packed":
+        pick_attn_implementation(attn)  # registers it with transformers
     return tiny_lora_model(attn, sliding_window=sliding_window)
 
 
@@ -69,7 +72,9 @@ def test_example_lengths_of_padded_and_packed_batches():
     assert batch_token_count(packed) == 10 and batch_token_count(padded) == 8
 
 
-@pytest.mark.parametrize("attn, layout", [("sdpa", "rows"), ("eager", "rows"), ("sdpa", "flat")])
+@pytest.mark.parametrize(
+    "attn, layout", [("sdpa_packed", "rows"), ("sdpa", "rows"), ("eager", "rows"), ("sdpa", "flat")]
+)
 def test_packed_equals_unpacked_loss_and_gradients(attn, layout):
     examples = _examples()
     model = _model(attn)
@@ -87,9 +92,10 @@ def test_packed_equals_unpacked_loss_and_gradients(attn, layout):
             assert torch.allclose(g, ref_grads[name], atol=1e-5, rtol=1e-4), (attn, chunked, name)
 
 
-def test_the_check_can_fail_without_document_separation():
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
+def test_the_check_can_fail_without_document_separation(attn):
     examples = _examples()
-    model = _model("sdpa")
+    model = _model(attn)
     packed, _ = _packed_batch(examples)
     ref_loss, _ = _loss_and_grads(model, _padded_batch(examples))
     leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}
@@ -97,11 +103,12 @@ def test_the_check_can_fail_without_document_separation():
     assert not torch.allclose(loss, ref_loss, atol=1e-3)  # attending across examples changes the loss
 
 
-def test_sliding_window_still_applies_inside_each_packed_example():
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
+def test_sliding_window_still_applies_inside_each_packed_example(attn):
     examples = _examples()
     packed, _ = _packed_batch(examples)
-    windowed, _ = _loss_and_grads(_model("sdpa", sliding_window=32), packed)
-    full, _ = _loss_and_grads(_model("sdpa", sliding_window=None), packed)
+    windowed, _ = _loss_and_grads(_model(attn, sliding_window=32), packed)
+    full, _ = _loss_and_grads(_model(attn, sliding_window=None), packed)
     per_example, _ = _loss_and_grads(_model("sdpa", sliding_window=32), _padded_batch(examples))
     assert torch.allclose(windowed, per_example, atol=1e-5)
     assert not torch.allclose(windowed, full, atol=1e-4)  # same weights; only the window differs

@@ -207,9 +207,9 @@ def test_cached_generation_matches_uncached_past_the_window(models, backend):
 @pytest.mark.usefixtures("single_thread")
 def test_pick_attn_implementation_logs_and_errors(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="mistral_tune.models.attention"):
-        assert pick_attn_implementation("auto") == "sdpa"  # no CUDA here
+        assert pick_attn_implementation("auto") == "sdpa_packed"  # no CUDA here
         assert pick_attn_implementation("eager") == "eager"
-    assert "attention backend: sdpa (auto; flash-attn not usable)" in caplog.text
+    assert "attention backend: sdpa_packed (auto; flash-attn not usable)" in caplog.text
     assert "attention backend: eager (requested)" in caplog.text
     with caplog.at_level(logging.WARNING, logger="mistral_tune.models.attention"):
         assert pick_attn_implementation("flex_attention") == "flex_attention"
@@ -225,7 +225,7 @@ def test_pick_attn_implementation_logs_and_errors(caplog, monkeypatch):
     assert pick_attn_implementation("auto") == "flash_attention_2"
     assert pick_attn_implementation("flash_attention_2") == "flash_attention_2"
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(__version__="2.1.0"))  # no windows yet
-    assert pick_attn_implementation("auto") == "sdpa"
+    assert pick_attn_implementation("auto") == "sdpa_packed"
     with pytest.raises(UserError, match="CUDA available: True"):
         pick_attn_implementation("flash_attention_2")
 
