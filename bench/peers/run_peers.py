@@ -15,7 +15,9 @@ happens after training) and `matched` (gradient checkpointing off, packing on fo
 shape a, the model's plain cross-entropy, only the adapter saved at the end). mistral-tune also runs
 `matched_chunked`: matched, but with its default chunked loss (the one lever the others lack). `*_bf16`:
 the same with the frozen weights loaded in bf16, the adapter in fp32 and bf16 autocast (on this CPU:
-AVX512_BF16), for every tool that can run it on a CPU (not axolotl 0.19.0: see TOOLS).
+AVX512_BF16), for every tool that can run it on a CPU (not axolotl 0.19.0: see TOOLS). mistral-tune's
+`*_sdpa` variants run transformers' `sdpa` instead of its default `sdpa_packed` (one attention call per
+packed example), to measure that lever on its own.
 Round r runs every variant of shape a then of shape b, A B C D ... in the same order each round.
 
     python bench/peers/run_peers.py --rounds 2 --out bench/results/peers-DATE

@@ -16,6 +16,9 @@ each example, with every backend mistral-tune offers:
   The batch keeps one row per packed row (``PackedRowsCollator``), so attention costs
   rows x length^2, not (rows x length)^2 as one flattened sequence with a dense mask would.
   (flex_attention trains on GPUs only: PyTorch has no flex-attention backward on CPU.)
+- ``sdpa_packed`` (the default without flash-attn): the same rows, but each example gets its own
+  causal SDPA call (mistral_tune.models.packed_attention), so attention costs the sum of the
+  examples' squared lengths instead of rows x length^2, and no mask is built for the kernel.
 - ``flash_attention_2``: its varlen kernel only reads packed sequences from a batch of one row,
   so TRL's padding-free collator flattens the batch and passes ``cu_seq_lens_q/k``.
 

@@ -107,3 +107,23 @@ def test_step_cpu_splits_wall_and_cpu_per_step(tmp_path):
     assert row["fwd_bwd_s"] == (8.0 + 9.5) / 2 and row["rest_s"] == 10.0 - 8.75
     assert row["cpu_s"] == (9.0 + 9.0) / 2  # step 2: 4 + 4 + 1; step 3: 5 + 4 + 0
     assert row["busy_threads"] == 3
+
+
+def test_bf16_and_sdpa_variants_reach_every_tool(tmp_path):
+    """*_bf16 turns bf16 on in each tool the way its users would (LLaMA-Factory also needs use_cpu on a
+    CPU); *_sdpa puts mistral-tune back on transformers' sdpa; axolotl has no bf16 variant (no use_cpu)."""
+    import json
+
+    peers = load("run_peers")
+    run_dir = tmp_path / "run"
+    argv, _ = peers.cmd_mistral_tune("matched_chunked_bf16_sdpa", "b", tmp_path, run_dir)
+    assert {"model.dtype=bfloat16", "train.bf16=true", "model.attn_implementation=sdpa"} <= set(argv)
+    assert "trainer.loss=plain" not in argv and "trainer.packing=true" in argv
+    argv, _ = peers.cmd_mistral_tune("matched", "b", tmp_path, run_dir)
+    assert "trainer.loss=plain" in argv and not any(a.startswith(("model.dtype", "model.attn", "train.bf16")) for a in argv)
+    argv, _ = peers.cmd_trl("matched_bf16", "b", tmp_path, run_dir)
+    assert argv[argv.index("--bf16") + 1] == "true" and argv[argv.index("--packing") + 1] == "true"
+    argv, _ = peers.cmd_llamafactory("matched_bf16", "b", tmp_path, run_dir)
+    cfg = json.loads(Path(argv[-1]).read_text())
+    assert cfg["bf16"] is True and cfg["use_cpu"] is True and cfg["packing"] is True
+    assert "matched_bf16" not in peers.TOOLS["axolotl"][1]
