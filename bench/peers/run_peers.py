@@ -146,7 +146,15 @@ def cmd_axolotl(variant, shape, work, run_dir):
 TOOLS = {
     "mistral-tune": (
         cmd_mistral_tune,
-        ["default", "matched", "matched_chunked", "matched_bf16", "matched_chunked_bf16"],
+        [
+            "default",
+            "matched",
+            "matched_sdpa",
+            "matched_chunked",
+            "matched_bf16",
+            "matched_chunked_bf16",
+            "matched_chunked_bf16_sdpa",
+        ],  # fmt: skip
     ),
     "llamafactory": (cmd_llamafactory, ["default", "matched", "matched_bf16"]),
     # no matched_bf16: axolotl 0.19.0 has no `use_cpu`, and transformers refuses bf16 without a GPU unless it is set

@@ -127,3 +127,4 @@ def test_bf16_and_sdpa_variants_reach_every_tool(tmp_path):
     cfg = json.loads(Path(argv[-1]).read_text())
     assert cfg["bf16"] is True and cfg["use_cpu"] is True and cfg["packing"] is True
     assert "matched_bf16" not in peers.TOOLS["axolotl"][1]
+    assert {"matched_sdpa", "matched_chunked_bf16_sdpa"} <= set(peers.TOOLS["mistral-tune"][1])
