@@ -120,7 +120,9 @@ def test_bf16_and_sdpa_variants_reach_every_tool(tmp_path):
     assert {"model.dtype=bfloat16", "train.bf16=true", "model.attn_implementation=sdpa"} <= set(argv)
     assert "trainer.loss=plain" not in argv and "trainer.packing=true" in argv
     argv, _ = peers.cmd_mistral_tune("matched", "b", tmp_path, run_dir)
-    assert "trainer.loss=plain" in argv and not any(a.startswith(("model.dtype", "model.attn", "train.bf16")) for a in argv)
+    assert "trainer.loss=plain" in argv and not any(
+        a.startswith(("model.dtype", "model.attn", "train.bf16")) for a in argv
+    )
     argv, _ = peers.cmd_trl("matched_bf16", "b", tmp_path, run_dir)
     assert argv[argv.index("--bf16") + 1] == "true" and argv[argv.index("--packing") + 1] == "true"
     argv, _ = peers.cmd_llamafactory("matched_bf16", "b", tmp_path, run_dir)
