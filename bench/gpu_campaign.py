@@ -11,12 +11,13 @@ Sections, each recorded as it finishes (a timeout still leaves the ones before i
    every example runs past it: the preset's own window, 4096, is longer than the 2,048-token batch),
    one packed row of 2,048 tokens made of three examples of 758, 676 and 614 tokens, against the
    same examples padded in a batch. The loss must be equal: fp32 to 1e-5 relative, bf16 to 2e-3
-   (bf16 rounds differently in a packed row), per attention backend (sdpa, flex_attention, eager,
-   flash_attention_2 when installed). A control with positions not reset per example must differ
+   (bf16 rounds differently in a packed row), per attention backend (sdpa_packed, sdpa, flex_attention,
+   eager, flash_attention_2 when installed). A control with positions not reset per example must differ
    by more than 10x the packed-vs-unpacked difference (random weights move the loss only a little).
 2. ``lora``: ``mistral-tune bench`` of LoRA r=16 on q_proj/v_proj, bf16, seq 2,048, packing on
    (synthetic examples of 1,024 tokens, two per row), batch 1: tokens/s and MFU per attention
-   backend (sdpa, flex_attention, flash_attention_2 when installed) x loss (chunked, liger).
+   backend (sdpa, flex_attention, flash_attention_2 when installed) x loss (chunked, liger), plus
+   mistral-tune's default without flash-attn, sdpa_packed (one SDPA call per packed example), with chunked.
 3. ``qlora``: the same LoRA (r=16 on q/v) with the base in NF4 (``adapter.name=qlora``), gradient
    checkpointing, batch 1 x 2,048 tokens: peak ``torch.cuda.max_memory_allocated`` of the training
    steps, beside the dry run's estimate for exactly that config.
@@ -139,6 +140,7 @@ def packing_check(device: str, tiny: bool) -> dict:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from mistral_tune.data.packing import PackedRowsCollator, pack_examples
+    from mistral_tune.models.attention import register_packed
     from mistral_tune.models.loading import preset_config
     from mistral_tune.models.presets import PRESETS
 
@@ -160,7 +162,7 @@ def packing_check(device: str, tiny: bool) -> dict:
     with on:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.eval()
-    backends = ["sdpa", "flex_attention", "eager"]
+    backends = [register_packed(), "sdpa", "flex_attention", "eager"]  # sdpa_packed: one SDPA call per example
     fa2 = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
     rows, skipped = [], {}
     if device != "cuda":
@@ -243,6 +245,8 @@ def bench_variants(device: str, tiny: bool) -> tuple[list[str], list[tuple[str, 
                 skipped[name] = "liger-kernel is not installed" if cuda else "the liger loss needs CUDA"
                 continue
             variants.append((name, [f"model.attn_implementation={attn}", f"trainer.loss={loss}"]))
+    # mistral-tune's default without flash-attn: one SDPA call per packed example (2 a row here)
+    variants.insert(1, ("lora_sdpa_packed_chunked", ["model.attn_implementation=sdpa_packed", "trainer.loss=chunked"]))
     # The QLoRA anchor (6.48 GiB from the estimator): the LoRA settings above (r=16 on q/v)
     # with the base in NF4, gradient checkpointing, AdamW; a full 2,048-token row.
     qlora = [

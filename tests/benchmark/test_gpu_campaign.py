@@ -26,7 +26,8 @@ def test_gpu_plan_times_every_backend_and_loss_and_qlora_with_the_issue_settings
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # flash-attn, liger "installed"
     common, variants, skipped = campaign.bench_variants("cuda", tiny=False)
     names = [n for n, _ in variants]
-    assert names == [f"lora_{b}_{loss}" for b in ("sdpa", "flex", "fa2") for loss in ("chunked", "liger")] + ["qlora"]
+    grid = [f"lora_{b}_{loss}" for b in ("sdpa", "flex", "fa2") for loss in ("chunked", "liger")]
+    assert names == grid[:1] + ["lora_sdpa_packed_chunked"] + grid[1:] + ["qlora"]
     assert not skipped
     for item in ("model=mistral_7b_en", "model.load_weights=false", "model.dtype=bfloat16", "trainer.max_length=2048",
                  "trainer.packing=true", "adapter.r=16", "train.per_device_train_batch_size=1"):  # fmt: skip
@@ -39,7 +40,7 @@ def test_gpu_plan_times_every_backend_and_loss_and_qlora_with_the_issue_settings
 def test_cpu_plan_says_why_each_gpu_variant_is_left_out():
     campaign = campaign_module()
     _, variants, skipped = campaign.bench_variants("cpu", tiny=True)
-    assert [n for n, _ in variants] == ["lora_sdpa_chunked", "qlora"]
+    assert [n for n, _ in variants] == ["lora_sdpa_chunked", "lora_sdpa_packed_chunked", "qlora"]
     assert set(skipped) == {"lora_sdpa_liger", "lora_flex_*", "lora_fa2_*"}
     assert all(skipped.values())
 
@@ -66,7 +67,7 @@ def test_cpu_self_check_runs_the_campaign_code_on_a_tiny_model(tmp_path):
     assert min(packing["example_lengths"]) > packing["sliding_window"] and sum(packing["example_lengths"]) == 256
     rows = packing["backends"]
     assert {(r["attn"], r["dtype"]) for r in rows} == {
-        (a, d) for a in ("sdpa", "eager") for d in ("float32", "bfloat16")
+        (a, d) for a in ("sdpa_packed", "sdpa", "eager") for d in ("float32", "bfloat16")
     }
     for r in rows:
         assert r["equal"] and r["control_differs"], r
@@ -76,4 +77,6 @@ def test_cpu_self_check_runs_the_campaign_code_on_a_tiny_model(tmp_path):
     row = lora["variants"]["lora_sdpa_chunked"]
     assert row["tokens_per_second"] > 0 and row["attn"] == "sdpa" and row["loss"] == "chunked"
     assert row["tokens_per_step"] == 256  # two 128-token examples packed into one row
+    packed = lora["variants"]["lora_sdpa_packed_chunked"]
+    assert packed["tokens_per_second"] > 0 and packed["attn"] == "sdpa_packed" and packed["tokens_per_step"] == 256
     assert "qlora" not in sections
