@@ -66,24 +66,28 @@ def common_args(cfg: Any, run_dir: Path, has_eval: bool = False) -> dict[str, An
 
 
 def bf16_on_cpu(train: dict[str, Any]) -> bool:
-    """True when ``train.bf16`` asks for bf16 autocast and there is no GPU: the CPU runs it.
+    """True when ``train.bf16`` asks for bf16 autocast and there is no accelerator: the CPU runs it.
 
-    transformers refuses ``bf16=True`` without a bf16 GPU unless ``use_cpu`` is set; on a machine with no
-    GPU that flag changes nothing else. A GPU without bf16 (V100, T4) gets one clear error instead of a
-    silent fall-back to the CPU.
+    transformers refuses ``bf16=True`` without a bf16-capable accelerator unless ``use_cpu`` is set; on a
+    machine without one that flag changes nothing else. An accelerator without bf16 (a V100 or T4, say)
+    gets one clear error instead of a silent fall-back to the CPU.
     """
     import torch
+    from transformers.utils import is_torch_bf16_gpu_available
 
     if not (train.get("bf16") or train.get("bf16_full_eval")):
         return False
-    if not torch.cuda.is_available():
-        return True
-    if not torch.cuda.is_bf16_supported():
+    if is_torch_bf16_gpu_available():
+        return False  # the GPU (or other accelerator) runs it
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        device = torch.accelerator.current_accelerator()
+    else:
+        device = torch.device("cuda") if torch.cuda.is_available() else None
+    if device is not None:
         raise UserError(
-            f"train.bf16=true, but this GPU ({torch.cuda.get_device_name(0)}) has no bf16 support; "
-            "use train.fp16=true instead."
+            f"train.bf16=true, but this {device.type} device has no bf16 support; use train.fp16=true instead."
         )
-    return False
+    return True
 
 
 class RunStateMixin:

@@ -95,15 +95,18 @@ def test_bf16_on_a_cpu_trains_bf16_weights_with_an_fp32_adapter_and_exports(tmp_
 def test_bf16_on_a_gpu_without_bf16_is_one_clear_error(monkeypatch):
     """A GPU without bf16 (a V100, say) must not fall back to the CPU silently."""
     import torch
+    import transformers.utils
 
     from mistral_tune.core.errors import UserError
     from mistral_tune.train.base import bf16_on_cpu
 
     assert bf16_on_cpu({"bf16": False}) is False
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: the one thing mocked
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
-    with pytest.raises(UserError, match="V100.*train.fp16=true"):
+    if not torch.cuda.is_available():
+        assert bf16_on_cpu({"bf16": True}) is True  # this machine: no accelerator, the CPU runs bf16
+    # No GPU here: the one thing mocked is what the device reports.
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+    monkeypatch.setattr(transformers.utils, "is_torch_bf16_gpu_available", lambda: False)
+    with pytest.raises(UserError, match="cuda device has no bf16.*train.fp16=true"):
         bf16_on_cpu({"bf16": True})
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(transformers.utils, "is_torch_bf16_gpu_available", lambda: True)
     assert bf16_on_cpu({"bf16": True}) is False
