@@ -114,6 +114,9 @@ def sdpa_packed_attention(
     segments = None
     if getattr(module, "is_causal", True):
         segments = packed_segments(kwargs.get("position_ids"), query.shape[2], key.shape[2])
+    if segments is not None and len(segments) != query.shape[0]:
+        # one row of positions for a whole batch (transformers broadcasts them), else nothing to split by
+        segments = segments * query.shape[0] if len(segments) == 1 else None
     if segments is None:
         return sdpa_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

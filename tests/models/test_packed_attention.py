@@ -79,3 +79,13 @@ def test_packed_rows_run_one_attention_per_example(models, monkeypatch):
     layers = models["sdpa"].get_base_model().config.num_hidden_layers
     assert calls == lengths * layers
     assert (out - ref).abs().max() < 1e-4
+
+
+def test_one_row_of_positions_for_a_batch_splits_every_row(models):
+    """Positions of shape (1, length) with a batch of 2 rows: both rows are split the same way."""
+    positions = torch.cat([torch.arange(12), torch.arange(20)])[None]
+    ids = torch.randint(3, 32000, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = models["sdpa_packed"](input_ids=ids, position_ids=positions, use_cache=False).logits
+        ref = models["sdpa"](input_ids=ids, position_ids=positions.expand(2, -1), use_cache=False).logits
+    assert out.shape == ref.shape and (out - ref).abs().max() < 1e-4
