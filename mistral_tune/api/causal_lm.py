@@ -97,7 +97,7 @@ class MistralCausalLM(torch.nn.Module):
                 and downloads no weights. Inside ``with torch.device("meta"):`` nothing is allocated.
             dtype: auto (bf16 on a bf16 GPU, else fp32) | float32 | bfloat16 | float16, or the
                 ``torch.dtype`` itself (``torch.bfloat16``).
-            attn_implementation: auto | flash_attention_2 | flex_attention | sdpa | eager.
+            attn_implementation: auto | flash_attention_2 | flex_attention | sdpa_packed | sdpa | eager.
             revision: hub branch, tag or commit.
             allow_pickle: accept .bin/.pt weights (they can run code on load).
             sequence_length: the preprocessor's ``sequence_length`` (default 1024), which is also
