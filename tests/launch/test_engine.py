@@ -148,8 +148,11 @@ started = time.monotonic()
 try:
     dist.all_reduce(torch.ones(1))
 except Exception as exc:
-    print(f"gave up after {time.monotonic() - started:.1f} s: {type(exc).__name__}")
-    sys.exit(3)
+    print(f"gave up after {time.monotonic() - started:.1f} s: {type(exc).__name__}", flush=True)
+    # Leave without the interpreter's teardown: with the peer still hung, gloo's threads can abort it
+    # ("terminate called without an active exception", SIGABRT) about one time in three on a quiet machine.
+    # That is teardown after the timeout, not the timeout this test checks.
+    __import__("os")._exit(3)
 """
 
 
