@@ -4,14 +4,8 @@
 set -euo pipefail
 VENV=${1:-/work/venvs/peer-llamafactory}
 LLAMAFACTORY_VERSION=0.9.5
-TORCH_PIN=torch==2.13.0          # the CPU wheel; an unpinned torch would pull multi-GB CUDA wheels
-PY=${PYTHON:-python3.11}
-$PY -m venv "$VENV"
-PIP="$VENV/bin/pip install --disable-pip-version-check"
-CONSTRAINTS="$VENV/constraints.txt"
-echo "$TORCH_PIN" > "$CONSTRAINTS"
-$PIP "$TORCH_PIN"
-$PIP -c "$CONSTRAINTS" "llamafactory==$LLAMAFACTORY_VERSION"
+source "$(dirname "$0")/peer_venv.sh"
+install_peer "llamafactory==$LLAMAFACTORY_VERSION"
 # llamafactory pulls torchvision/torchaudio builds compiled against another torch; under torch 2.13 importing
 # them fails (undefined symbols / mismatched ops). LLaMA-Factory's text-only SFT path does not need them:
 # torchvision is removed, and torchaudio (imported unconditionally by transformers' audio utilities through
